@@ -1,0 +1,1 @@
+"""kvmesh engine tier: continuous batching over a paged KV cache, served over gRPC."""
