@@ -33,3 +33,30 @@ class SampledToken:
     token_id: int
     logprob: float | None = None  # log-softmax of the processed logits at token_id, when asked
     top_logprobs: list[tuple[int, float]] | None = None  # (id, logprob), best first, when asked
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What the loaded model tells the engine. Returned by ModelRunner.load_model()."""
+
+    name: str  # served model name (directory name, or "kvmesh-demo")
+    vocab_size: int  # ids outside [0, vocab_size) are rejected before they reach the model
+    model_max_len: int  # the model's own context limit (max_position_embeddings, or the config's)
+    eos_token_ids: list[int]  # every EOS id of config.json and generation_config.json, deduplicated
+    bos_token_id: int | None
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+# The model runner (engine_svc/model_runner.py) offers exactly this surface to the engine loop:
+#
+#   runner = ModelRunner(config: EngineConfig)
+#   info: ModelInfo = runner.load_model(on_progress: Callable[[float], None] | None = None)
+#   num_blocks: int = runner.determine_num_blocks()   # profiling pass; honours kv_cache_memory,
+#                                                      # gpu_memory_utilization, num_gpu_blocks_override
+#   runner.allocate_kv_cache(num_blocks)
+#   runner.warmup()                                    # compile kernels, capture CUDA graphs
+#   results: list[SampledToken | None] = runner.execute(seqs: list[ScheduledSeq])
+#                                                      # aligned with seqs; None where sample=False

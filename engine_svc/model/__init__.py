@@ -1,0 +1,1 @@
+"""kvmesh engine_svc/model."""
