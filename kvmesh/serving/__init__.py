@@ -1,0 +1,1 @@
+"""Plumbing every kvmesh service shares: server bootstrap, error mapping, channels, config."""

@@ -1,0 +1,186 @@
+"""Typed service errors and the one interceptor that maps exceptions to gRPC statuses.
+
+Three kinds of error (STYLE.md point 15): `assert` for internal invariants; a ServiceError subclass
+for anything the caller did or must know (it becomes its status code, with `google.rpc` details
+where they help); everything else becomes INTERNAL with a generic message and the trace id, never
+the exception text and never the default UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with a definite gRPC status. Raise it anywhere below a servicer method."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+    def to_status(self) -> grpc.Status:
+        packed = []
+        for detail in self.details:
+            any_msg = any_pb2.Any()
+            any_msg.Pack(detail)
+            packed.append(any_msg)
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return rpc_status.to_status(proto)
+
+
+class InvalidArgument(ServiceError):
+    """Bad input. `field` names the offending request field; it also goes into a BadRequest detail."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        super().__init__(f"{field}: {message}", details=[error_details_pb2.BadRequest(field_violations=[violation])])
+        self.field = field
+
+
+class ResourceExhausted(ServiceError):
+    """Too large, or overloaded. With `retry_after_s`, a RetryInfo detail tells the client when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        details = []
+        if retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(retry_after_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def current_trace_id() -> str:
+    """The active OpenTelemetry trace id as 32 hex digits, or "" when there is none."""
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - opentelemetry is a dependency
+        return ""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def internal_error(method: str, exc: BaseException) -> ServiceError:
+    """Log an unexpected exception with its stack and return the generic INTERNAL error for the caller."""
+    trace_id = current_trace_id()
+    log.error("unexpected error in %s (trace %s)", method, trace_id or "-", exc_info=exc)
+    suffix = f" (trace id {trace_id})" if trace_id else ""
+    return ServiceError(f"internal error in {method}{suffix}")
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: ServiceError) -> None:
+    await context.abort_with_status(err.to_status())
+
+
+class ExceptionMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping a servicer method to gRPC statuses, for all four RPC shapes."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.response_streaming:
+            behavior = handler.unary_stream or handler.stream_stream
+            wrapped = _wrap_stream(method, behavior)
+            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream \
+                else grpc.stream_stream_rpc_method_handler
+        else:
+            behavior = handler.unary_unary or handler.stream_unary
+            wrapped = _wrap_unary(method, behavior)
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
+                else grpc.stream_unary_rpc_method_handler
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+async def _handle(method: str, context, exc: BaseException) -> None:
+    if isinstance(exc, ServiceError):
+        await _abort(context, exc)
+    await _abort(context, internal_error(method, exc))
+
+
+def _passthrough(exc: BaseException) -> bool:
+    # context.abort() raises AbortError; cancellation must propagate untouched (STYLE.md point 12).
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit))
+
+
+def _wrap_unary(method, behavior):
+    async def wrapper(request, context):
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except BaseException as exc:  # noqa: BLE001 - mapped below, or re-raised
+            if _passthrough(exc) or not isinstance(exc, Exception):
+                raise
+            await _handle(method, context, exc)
+    return wrapper
+
+
+def _wrap_stream(method, behavior):
+    async def wrapper(request, context):
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a coroutine that writes with context.write()
+                await result
+        except BaseException as exc:  # noqa: BLE001 - mapped below, or re-raised
+            if _passthrough(exc) or not isinstance(exc, Exception):
+                raise
+            await _handle(method, context, exc)
+    return wrapper
+
+
+__all__ = [
+    "ServiceError", "InvalidArgument", "ResourceExhausted", "AlreadyExists", "NotFound", "Unavailable",
+    "Unauthenticated", "FailedPrecondition", "Cancelled", "DeadlineExceeded",
+    "ExceptionMappingInterceptor", "internal_error", "current_trace_id",
+]

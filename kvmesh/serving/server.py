@@ -1,0 +1,134 @@
+"""Server bootstrap shared by the three services: health, reflection, error mapping, size limits,
+graceful stop.
+
+Shutdown order (graceful): health goes NOT_SERVING first, so that load balancers and the router
+stop sending new work, then `server.stop(grace)` lets in-flight RPCs finish for up to `grace`
+seconds before cancelling them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvmesh.serving.errors import ExceptionMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments for a kvmesh server: size limits and keepalive tolerance."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Clients (the router) ping idle connections; accept that instead of answering GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server and the handles needed to drain and stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Set every registered service (and the overall "" service) SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Graceful stop: NOT_SERVING first, then let in-flight RPCs finish for up to grace_s."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    *,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    serving: bool = True,
+) -> RunningServer:
+    """Build, bind and start a grpc.aio server.
+
+    Args:
+        register: adds the service's servicers to the server.
+        service_names: full names ("kvmesh.v1.Engine") for health and reflection.
+        host, port: where to listen; port 0 picks a free port (read it from the result).
+        serving: initial health; engines start NOT_SERVING and flip once warmed up.
+    Returns:
+        The RunningServer, already started.
+    Raises:
+        RuntimeError when the address cannot be bound.
+    """
+    server = grpc.aio.server(
+        interceptors=[*interceptors, ExceptionMappingInterceptor()],
+        options=server_options(max_message_bytes),
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"could not bind {address}")
+    await server.start()
+    running = RunningServer(server=server, health=health_servicer, port=bound,
+                            service_names=list(service_names))
+    await running.set_serving(serving)
+    log.info("listening on %s:%d (%s)", host, bound, ", ".join(service_names))
+    return running
+
+
+def write_port_file(path: str | None, port: int) -> None:
+    """Write the bound port atomically, so a launcher polling the file never reads half a number."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`; the service's main coroutine then drains and exits."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def wait_for_stop(running: RunningServer, stop: asyncio.Event, grace_s: float,
+                        before_stop: Callable[[], object] | None = None) -> None:
+    """Block until `stop` is set, then drain: NOT_SERVING, optional hook, graceful stop."""
+    await stop.wait()
+    log.info("draining (grace %.1fs)", grace_s)
+    await running.set_serving(False)
+    if before_stop is not None:
+        result = before_stop()
+        if asyncio.iscoroutine(result):
+            await result
+    await running.server.stop(grace_s)

@@ -1,0 +1,122 @@
+from kvmesh.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AbortResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ABORT_RESULT_UNSPECIFIED: _ClassVar[AbortResult]
+    ABORT_RESULT_ABORTED: _ClassVar[AbortResult]
+    ABORT_RESULT_ALREADY_FINISHED: _ClassVar[AbortResult]
+    ABORT_RESULT_NOT_FOUND: _ClassVar[AbortResult]
+
+class EnginePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENGINE_PHASE_UNSPECIFIED: _ClassVar[EnginePhase]
+    ENGINE_PHASE_LOADING_WEIGHTS: _ClassVar[EnginePhase]
+    ENGINE_PHASE_ALLOCATING_KV: _ClassVar[EnginePhase]
+    ENGINE_PHASE_COMPILING: _ClassVar[EnginePhase]
+    ENGINE_PHASE_WARMING_UP: _ClassVar[EnginePhase]
+    ENGINE_PHASE_READY: _ClassVar[EnginePhase]
+    ENGINE_PHASE_DRAINING: _ClassVar[EnginePhase]
+    ENGINE_PHASE_FAILED: _ClassVar[EnginePhase]
+ABORT_RESULT_UNSPECIFIED: AbortResult
+ABORT_RESULT_ABORTED: AbortResult
+ABORT_RESULT_ALREADY_FINISHED: AbortResult
+ABORT_RESULT_NOT_FOUND: AbortResult
+ENGINE_PHASE_UNSPECIFIED: EnginePhase
+ENGINE_PHASE_LOADING_WEIGHTS: EnginePhase
+ENGINE_PHASE_ALLOCATING_KV: EnginePhase
+ENGINE_PHASE_COMPILING: EnginePhase
+ENGINE_PHASE_WARMING_UP: EnginePhase
+ENGINE_PHASE_READY: EnginePhase
+ENGINE_PHASE_DRAINING: EnginePhase
+ENGINE_PHASE_FAILED: EnginePhase
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "include_load")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_LOAD_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    priority: int
+    include_load: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., include_load: _Optional[bool] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "tokens", "finish_reason", "matched_stop_token_id", "usage", "error", "load", "num_cached_prompt_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tokens: _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]
+    finish_reason: _common_pb2.FinishReason
+    matched_stop_token_id: int
+    usage: _common_pb2.Usage
+    error: _common_pb2.StreamError
+    load: _common_pb2.LoadReport
+    num_cached_prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[_common_pb2.Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., matched_stop_token_id: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.LoadReport, _Mapping]] = ..., num_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class AbortResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: AbortResult
+    def __init__(self, result: _Optional[_Union[AbortResult, str]] = ...) -> None: ...
+
+class WatchLoadRequest(_message.Message):
+    __slots__ = ("min_interval_ms", "heartbeat_ms")
+    MIN_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    min_interval_ms: int
+    heartbeat_ms: int
+    def __init__(self, min_interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EngineStatus(_message.Message):
+    __slots__ = ("phase", "progress", "detail", "uptime_s", "phase_seconds")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    phase: EnginePhase
+    progress: float
+    detail: str
+    uptime_s: float
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, phase: _Optional[_Union[EnginePhase, str]] = ..., progress: _Optional[float] = ..., detail: _Optional[str] = ..., uptime_s: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...

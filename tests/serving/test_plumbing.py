@@ -1,0 +1,96 @@
+"""The shared server plumbing: error mapping for every RPC shape, health, graceful stop, env flags."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from kvmesh.serving.channels import create_channel
+from kvmesh.serving.config import EnvArgumentParser, add_server_flags
+from kvmesh.serving.errors import InvalidArgument, ResourceExhausted
+from kvmesh.serving.server import start_server
+from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+
+
+class _Servicer(engine_pb2_grpc.EngineServicer):
+    """Raises a different kind of error from each RPC shape."""
+
+    async def GetLoad(self, request, context):
+        raise InvalidArgument("request_id", "must not be empty")
+
+    async def GetInfo(self, request, context):
+        raise RuntimeError("secret detail that must not leak")
+
+    async def GetStatus(self, request, context):
+        raise ResourceExhausted("busy", retry_after_s=1.5)
+
+    async def Generate(self, request, context):
+        yield engine_pb2.GenerateResponse(request_id="a")
+        raise KeyError("also secret")
+
+
+@pytest.fixture
+async def server():
+    running = await start_server(
+        register=lambda s: engine_pb2_grpc.add_EngineServicer_to_server(_Servicer(), s),
+        service_names=["kvmesh.v1.Engine"], port=0)
+    yield running
+    await running.stop(0)
+
+
+async def test_errors_map_to_precise_statuses(server):
+    async with create_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = engine_pb2_grpc.EngineStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetLoad(engine_pb2.GetLoadRequest())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "request_id: must not be empty"
+        status = rpc_status.from_call(err.value)
+        bad = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad) and bad.field_violations[0].field == "request_id"
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetInfo(common_pb2.GetInfoRequest())
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in err.value.details() and "internal error" in err.value.details()
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetStatus(engine_pb2.GetStatusRequest())
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = error_details_pb2.RetryInfo()
+        assert rpc_status.from_call(err.value).details[0].Unpack(retry)
+        assert retry.retry_delay.ToNanoseconds() == 1_500_000_000
+
+        call = stub.Generate(engine_pb2.GenerateRequest())
+        first = await call.read()
+        assert first.request_id == "a"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
+
+
+async def test_health_serving_then_not_serving_on_stop(server):
+    async with create_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "kvmesh.v1.Engine"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        await server.set_serving(False)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Engine"))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_env_defaults_and_flag_precedence(monkeypatch):
+    monkeypatch.setenv("KVMESH_PORT", "6123")
+    monkeypatch.setenv("KVMESH_GRACE", "2.5")
+    parser = EnvArgumentParser()
+    add_server_flags(parser, default_port=50051)
+    args = parser.parse_args([])
+    assert (args.port, args.grace) == (6123, 2.5)
+    assert parser.parse_args(["--port", "7000"]).port == 7000
+    monkeypatch.setenv("KVMESH_PORT", "not-a-number")
+    with pytest.raises(SystemExit):
+        add_server_flags(EnvArgumentParser(), default_port=1)
