@@ -205,8 +205,8 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _plan(device, head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len,
-          max_seq_len, num_splits):
+def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
+          num_sms, interpret):
     """Tile sizes, launch options and the number of KV splits.
 
     Tiles: decode-like batches (max_query_len * QPK small) use BLOCK_M = 16 rows (the smallest tile
@@ -219,7 +219,6 @@ def _plan(device, head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_que
     at most max_seq_len / (4 * TILE_N). Because the split count depends on max_seq_len, CUDA-graph
     capture should pass a fixed num_splits.
     """
-    interpret = device.type != "cuda"
     if max_query_len * qpk <= 64:
         block_m = max(16, next_pow2(qpk))
         tile_n = 32 if interpret else (64 if head_dim_pad <= 128 else 32)
@@ -236,7 +235,7 @@ def _plan(device, head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_que
         num_splits = 1
         # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
         programs = max(num_seqs, math.ceil(num_tokens / block_q)) * num_kv_heads
-        target = 2 * _num_sms(device)
+        target = 2 * num_sms
         if not interpret and max_query_len <= 16 and programs < target:
             by_len = max_seq_len // (4 * tile_n)
             num_splits = max(1, min(MAX_SPLITS, math.ceil(target / programs), by_len))
@@ -313,8 +312,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
 
     qpk = num_heads // num_kv_heads
     head_dim_pad = max(16, next_pow2(head_dim))
-    plan = _plan(dev, head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len,
-                 max_seq_len, num_splits)
+    plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
+                 _num_sms(dev), interpret=dev.type != "cuda")
     split = plan["num_splits"] > 1
     if split:
         part_acc = torch.empty(num_tokens, num_heads, plan["num_splits"], head_dim_pad, dtype=torch.float32,

@@ -1,0 +1,1 @@
+"""The `kvmesh` command: client (generate) and local-cluster (up) subcommands."""

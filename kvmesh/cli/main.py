@@ -1,0 +1,34 @@
+"""`kvmesh` entry point. Each subcommand lives in its own module with `add_parser` and `run`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from kvmesh.serving.config import EnvArgumentParser
+
+# subcommand -> module (kept lazy: `kvmesh generate` must not import torch)
+SUBCOMMANDS = {
+    "generate": "kvmesh.cli.generate",
+    "up": "kvmesh.cli.up",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = EnvArgumentParser(prog="kvmesh", description="kvmesh client and local-cluster commands")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # not built yet
+        modules[name].add_parser(subparsers)
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
