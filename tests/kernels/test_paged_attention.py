@@ -1,0 +1,178 @@
+"""paged_attention against paged_attention_reference: CPU (interpreter, small) and GPU (real sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import DEVICE, assert_close, make_batch
+
+from kernels.paged_attention import _plan, paged_attention, paged_attention_reference
+
+BS = 16  # block size for the CPU cases
+
+
+def check(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
+          num_splits=None, device=DEVICE):
+    b = make_batch(seqs, num_kv_heads=num_kv_heads, qpk=qpk, head_dim=head_dim, block_size=block_size,
+                   dtype=dtype, device=device)
+    scale = head_dim ** -0.5
+    out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
+    got = paged_attention(*b.args(), scale, window, out=out, num_splits=num_splits)
+    assert got is out
+    ref = paged_attention_reference(*b.args(), scale, window)
+    assert_close(out, ref, dtype)
+
+
+# decode: every length class around the block size, incl. 1 and the cache's last block (make_batch)
+DECODE_LENS = [1, BS - 1, BS, BS + 1, 2 * BS + 3, 77]
+
+
+@pytest.mark.parametrize("qpk", [1, 2, 4])
+def test_decode_lengths(qpk):
+    check([(n - 1, 1) for n in DECODE_LENS], qpk=qpk)
+
+
+# mixed: fresh prefill, decode, prefix-cached chunks (context not a block multiple), tiny sequences
+MIXED = [(0, 19), (BS - 1, 1), (21, 9), (0, 1), (BS + 1, 1), (2 * BS, BS), (5, 40)]
+
+
+@pytest.mark.parametrize("qpk,num_kv_heads", [(1, 3), (2, 2), (4, 1)])
+def test_mixed_prefill_decode(qpk, num_kv_heads):
+    check(MIXED, qpk=qpk, num_kv_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 128, 256])
+def test_head_dims(head_dim):
+    check([(3, 5), (BS + 1, 1), (0, 2)], head_dim=head_dim, num_kv_heads=1)
+
+
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_block_sizes(block_size):
+    # 8: a KV tile spans several blocks; 64: several tiles per block
+    check([(block_size - 1, 1), (block_size + 1, 3), (0, block_size + 2)], block_size=block_size)
+
+
+@pytest.mark.parametrize("window", [1, 5, BS + 3])
+def test_sliding_window(window):
+    # (30 + window, 1): the window starts at position 31, just before a KV tile boundary (32 here)
+    check(MIXED + [(30 + window, 1), (40, 1)], window=window)
+
+
+@pytest.mark.parametrize("num_splits,window", [(2, None), (3, None), (7, 6), (64, None)])
+def test_split_kv(num_splits, window):
+    # 64 splits exceed the tiles of short sequences: empty splits must merge to nothing
+    check([(90, 1), (0, 1), (BS, 1), (40, 6), (3, 30)], num_splits=num_splits, window=window)
+
+
+def test_gqa_ratio_not_power_of_two():
+    check([(10, 3), (0, 1)], qpk=3, num_kv_heads=2)
+
+
+# Triton 3.9's interpreter computes bf16 tl.dot wrongly (a bare 16x16 bf16 dot is off by 1e10), so
+# bf16 runs only compiled; the GPU tests below cover it at real sizes.
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_dtypes(dtype):
+    check([(20, 1), (5, 7)], dtype=dtype)
+
+
+def test_empty_query_is_a_noop():
+    b = make_batch([(4, 1)], num_kv_heads=1, qpk=1, head_dim=64, block_size=BS, device=DEVICE)
+    q = b.query[:0]
+    qsl = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, b.k_cache, b.v_cache, b.block_tables[:0], qsl, b.seq_lens[:0], 1, 1, 1.0)
+    assert out.shape == q.shape
+
+
+def test_plan_heuristic():
+    # B=1 decode at 32k over 8 KV heads: 8 programs, far under 2 per SM -> split
+    p = _plan(128, 4, 1, 1, 8, 1, 32768, None, num_sms=132, interpret=False)
+    assert p["num_splits"] == 33 and p["seg_len"] % p["tile_n"] == 0
+    assert p["seg_len"] * p["num_splits"] >= 32768
+    # B=64 at 4k: 512 programs fill 132 SMs -> one pass
+    assert _plan(128, 4, 64, 64, 8, 1, 4096, None, num_sms=132, interpret=False)["num_splits"] == 1
+    # short context: never more splits than 4 tiles each allow
+    assert _plan(128, 4, 1, 1, 8, 1, 512, None, num_sms=132, interpret=False)["num_splits"] == 2
+    # prefill never splits by heuristic
+    assert _plan(128, 4, 2000, 1, 8, 2000, 2000, None, num_sms=132, interpret=False)["num_splits"] == 1
+    # decode tiles pack a token's QPK heads into 16 rows; prefill uses 128-row tiles
+    p = _plan(128, 4, 64, 64, 8, 1, 4096, None, num_sms=132, interpret=False)
+    assert (p["block_m"], p["block_q"]) == (16, 4)
+    p = _plan(128, 4, 4096, 1, 8, 4096, 4096, None, num_sms=132, interpret=False)
+    assert (p["block_m"], p["block_q"]) == (128, 32)
+
+
+def _valid_args():
+    b = make_batch([(3, 2)], num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, device=DEVICE)
+    return b, list(b.args()) + [0.125]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.__setitem__(0, a[0].half()), "k_cache: dtype float32 not supported; use float16"),
+    (lambda a: a.__setitem__(0, a[0][:, :3]), "not a multiple of num_kv_heads"),
+    (lambda a: a.__setitem__(0, a[0].transpose(0, 2).contiguous().transpose(0, 2)), "last dim must have stride 1"),
+    (lambda a: a.__setitem__(3, a[3].long()), "block_tables: dtype int64 not supported"),
+    (lambda a: a.__setitem__(4, a[4][:1]), "query_start_loc: expected shape [2]"),
+    (lambda a: a.__setitem__(7, 10_000), "cannot hold max_seq_len=10000"),
+    (lambda a: a.__setitem__(6, 0), "need 1 <= max_query_len"),
+    (lambda a: a.__setitem__(2, a[2][:, :, :1]), "v_cache: expected shape"),
+])
+def test_launcher_rejects(mutate, message):
+    _, args = _valid_args()
+    mutate(args)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        paged_attention(*args)
+
+
+def test_launcher_rejects_bad_window_and_out():
+    b, args = _valid_args()
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        paged_attention(*args, sliding_window=0)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        paged_attention(*args, out=b.query[:1].clone())
+
+
+# ---- GPU, real sizes ---------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_gpu_mixed_head_dims(dtype, head_dim):
+    seqs = [(0, 300), (1000, 1), (15, 1), (4000, 1), (517, 129), (0, 1), (2047, 1)]
+    check(seqs, num_kv_heads=8, qpk=4, head_dim=head_dim, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 16])
+@pytest.mark.parametrize("ctx", [4095, 32767])
+def test_gpu_long_decode(ctx, num_splits):
+    check([(ctx, 1), (ctx // 3, 1), (17, 1)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16,
+          num_splits=num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qpk,num_kv_heads", [(1, 32), (4, 8), (8, 1)])
+def test_gpu_long_prefill_chunk(qpk, num_kv_heads):
+    # a 512-token chunk after a 31.7k cached prefix, plus decodes
+    check([(32768 - 512, 512), (100, 1), (8000, 1)], num_kv_heads=num_kv_heads, qpk=qpk, head_dim=128,
+          dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [256, 4096])
+@pytest.mark.parametrize("num_splits", [None, 8])
+def test_gpu_sliding_window(window, num_splits):
+    check([(9000, 1), (6000, 200), (100, 1)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16,
+          window=window, num_splits=num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_gpu_fp32_block_sizes(block_size):
+    check([(3000, 1), (700, 300), (block_size - 1, 1)], num_kv_heads=4, qpk=2, head_dim=64, block_size=block_size,
+          dtype=torch.float32, device="cuda")
