@@ -109,6 +109,7 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str,
     """Copy every needed tensor into the model; raise WeightsError naming missing/misshapen tensors."""
     targets = model.weight_targets()
     done: set[str] = set()
+    unexpected: list[str] = []
     files = safetensors_files(model_dir)
     total = sum(len(v) for v in files.values())
     seen = 0
@@ -119,7 +120,11 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str,
                     seen += 1
                     target = targets.get(name)
                     if target is None:
-                        continue  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
+                        # rotary_emb.inv_freq buffers and a tied model's lm_head copy are harmless;
+                        # anything else means the config does not describe these weights.
+                        if not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
+                            unexpected.append(name)
+                        continue
                     param, offset = target
                     tensor = f.get_tensor(name)  # a view of the memory-mapped file
                     rows = tensor.shape[0]
@@ -131,6 +136,9 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str,
                     done.add(name)
                 if on_progress is not None:
                     on_progress(seen / max(total, 1))
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        raise WeightsError(f"{model_dir} has tensors its config.json does not describe: {shown}")
     missing = sorted(set(targets) - done)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
