@@ -1,0 +1,28 @@
+"""The CUDA attention backend: our Triton kernels (kernels/) over the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from engine_svc.attention.base import AttentionBackend, AttentionMetadata
+from kernels.kv_cache import write_kv_cache
+from kernels.paged_attention import paged_attention
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """write_kv_cache, then one paged_attention launch (plus a merge when it splits the KV).
+
+    Capturable in CUDA graphs: nothing reads device tensors on the host; the tile plan and the split
+    count depend only on the host ints of the metadata, so a graph captured with
+    ``max_seq_len = max_model_len`` serves every shorter batch of the same shape.
+    """
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                               meta.max_query_len, meta.max_seq_len, scale, sliding_window)
