@@ -102,23 +102,30 @@ class Sampler:
         if not needs_work:  # the common all-greedy case: one argmax, one host copy
             return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
 
+        logits, logprobs = self.process(logits, reqs, want_logprobs)
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            sampled = torch.argmax(logits + self._gumbel(reqs), dim=-1)
+            tokens = torch.where(torch.tensor(greedy, device=self.device), tokens, sampled)
+        return self._results(tokens, logprobs, params)
+
+    def process(self, logits: torch.Tensor, reqs: list[SampleRequest],
+                want_logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply everything but the draw (see the module docstring for the order).
+
+        Returns (truncated logits [N, V] with -inf for removed tokens, logprobs [N, V] or None).
+        Greedy rows are not truncated: truncation always keeps the argmax.
+        """
+        params = [r.params for r in reqs]
         logits = logits.float().clone()
         self._apply_penalties(logits, reqs)
         self._apply_min_tokens(logits, reqs)
-        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                             device=self.device)
-        logits.div_(temps[:, None])
+        temps = [1.0 if p.temperature == 0.0 else p.temperature for p in params]
+        logits.div_(torch.tensor(temps, device=self.device)[:, None])
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-
-        if not all(greedy):
+        if any(p.temperature != 0.0 for p in params):
             self._truncate(logits, params)
-            noise = self._gumbel(reqs)
-            sampled = torch.argmax(logits + noise, dim=-1)
-            is_greedy = torch.tensor(greedy, device=self.device)
-            tokens = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
-        else:
-            tokens = logits.argmax(dim=-1)
-        return self._results(tokens, logprobs, params)
+        return logits, logprobs
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
         V = self.vocab_size
