@@ -1,0 +1,226 @@
+"""Replica choice: the policy interface, the KV-aware policy and two baselines.
+
+A policy sees one `Candidate` per known engine (a snapshot of the router's view: last report, its
+age, the router's own unreflected reservations and in-flight count) and the request's size, and
+returns a `Decision` that names the engine and records every input and score, so that the choice can
+be explained afterwards (it becomes a span event; see `Decision.attributes`). Policies are pure:
+no I/O, no clock, randomness only through the `rng` they are given, so they are unit-tested exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Tiers of the KV-aware policy, best first: a fresh report that fits beats a stale one that fits,
+# which beats queueing on a fresh engine, which beats queueing on a stale one.
+TIER_FRESH_FITS = "fresh_fits"
+TIER_STALE_FITS = "stale_fits"
+TIER_FRESH_QUEUES = "fresh_queues"
+TIER_STALE_QUEUES = "stale_queues"
+TIER_FULL = "full"  # would overrun even the queueing allowance: never chosen
+TIERS = (TIER_FRESH_FITS, TIER_STALE_FITS, TIER_FRESH_QUEUES, TIER_STALE_QUEUES)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """The router's view of one admissible engine (healthy, not draining, not ejected)."""
+
+    address: str  # where the router reaches it; the key of the engine table
+    engine_id: str  # from its reports
+    block_size: int  # tokens per KV block
+    total_blocks: int
+    free_blocks: int  # as last reported
+    cached_blocks: int  # evictable prefix blocks, as last reported (reusable on demand)
+    reserved_blocks: int  # growth the engine already promised its running requests
+    waiting_tokens: int  # prompt tokens queued at the engine, not yet holding blocks
+    pending_blocks: int  # the router's reservations no report reflects yet
+    in_flight: int  # requests this router has open on the engine
+    report_age_s: float  # seconds since the last report arrived
+    stale: bool  # report_age_s beyond the staleness bound
+
+    def available_blocks(self) -> int:
+        """Blocks a new request could still claim: free, minus every promise the engine and the router made."""
+        waiting_blocks = -(-self.waiting_tokens // self.block_size)
+        return (self.free_blocks + self.cached_blocks - self.reserved_blocks - waiting_blocks
+                - self.pending_blocks)
+
+    def need_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
+        """Blocks the request holds at its largest: prompt plus growth to max_tokens."""
+        return -(-(num_prompt_tokens + max_tokens) // self.block_size)
+
+
+@dataclass(slots=True)
+class Scored:
+    """One candidate's inputs and result in a decision."""
+
+    candidate: Candidate
+    need_blocks: int
+    score: float  # higher is better; meaning depends on the policy
+    tier: str
+
+
+@dataclass
+class Decision:
+    """Why a request went where it went. `chosen` is None when no engine could take it."""
+
+    request_id: str
+    policy: str
+    num_prompt_tokens: int
+    max_tokens: int
+    scored: list[Scored] = field(default_factory=list)
+    chosen: str | None = None  # address of the chosen engine
+    reason: str = ""  # one line: the rule that picked it, or why none could
+    excluded: list[str] = field(default_factory=list)  # addresses skipped (failed earlier attempts)
+    attempt: int = 0  # 0 = first choice, 1 = first failover, ...
+
+    @property
+    def chosen_candidate(self) -> Candidate | None:
+        for s in self.scored:
+            if s.candidate.address == self.chosen:
+                return s.candidate
+        return None
+
+    def attributes(self) -> dict[str, object]:
+        """Flat, OpenTelemetry-compatible attributes (scalars and homogeneous lists) for a span event."""
+        cands = [s.candidate for s in self.scored]
+        return {
+            "kvmesh.route.request_id": self.request_id,
+            "kvmesh.route.policy": self.policy,
+            "kvmesh.route.attempt": self.attempt,
+            "kvmesh.route.chosen": self.chosen or "",
+            "kvmesh.route.reason": self.reason,
+            "kvmesh.route.prompt_tokens": self.num_prompt_tokens,
+            "kvmesh.route.max_tokens": self.max_tokens,
+            "kvmesh.route.excluded": list(self.excluded),
+            "kvmesh.route.candidates": [c.address for c in cands],
+            "kvmesh.route.engine_ids": [c.engine_id for c in cands],
+            "kvmesh.route.free_blocks": [c.free_blocks for c in cands],
+            "kvmesh.route.cached_blocks": [c.cached_blocks for c in cands],
+            "kvmesh.route.engine_reserved_blocks": [c.reserved_blocks for c in cands],
+            "kvmesh.route.waiting_tokens": [c.waiting_tokens for c in cands],
+            "kvmesh.route.pending_blocks": [c.pending_blocks for c in cands],
+            "kvmesh.route.in_flight": [c.in_flight for c in cands],
+            "kvmesh.route.report_age_s": [round(float(c.report_age_s), 4) for c in cands],
+            "kvmesh.route.need_blocks": [s.need_blocks for s in self.scored],
+            "kvmesh.route.scores": [float(s.score) for s in self.scored],
+            "kvmesh.route.tiers": [s.tier for s in self.scored],
+        }
+
+
+class Policy(Protocol):
+    """Chooses one engine for a request. Must not mutate the candidates."""
+
+    name: str
+
+    def choose(self, request_id: str, candidates: Sequence[Candidate], num_prompt_tokens: int,
+               max_tokens: int, rng: random.Random) -> Decision: ...
+
+
+def _pick_best(scored: list[Scored], rng: random.Random) -> Scored:
+    """The highest score; ties broken at random so that equal engines share a burst."""
+    best = max(s.score for s in scored)
+    return rng.choice([s for s in scored if s.score == best])
+
+
+@dataclass
+class KvAwarePolicy:
+    """Most free KV blocks after the router's unreflected reservations and this request's need.
+
+    score = available_blocks - need_blocks, where available_blocks = free + cached - the engine's
+    growth reservations - its queued prompt blocks - the router's unreflected reservations.
+    An engine "fits" with score >= 0. One with score >= -queue_ratio x total_blocks can still queue
+    the request; below that it is full. Stale engines are used only when no fresh engine fits.
+    """
+
+    queue_ratio: float = 1.0
+    name: str = "kv"
+
+    def choose(self, request_id, candidates, num_prompt_tokens, max_tokens, rng):
+        decision = Decision(request_id, self.name, num_prompt_tokens, max_tokens)
+        for c in candidates:
+            need = c.need_blocks(num_prompt_tokens, max_tokens)
+            score = c.available_blocks() - need
+            if need > c.total_blocks:
+                tier = TIER_FULL  # could never run there, however empty
+            elif score >= 0:
+                tier = TIER_STALE_FITS if c.stale else TIER_FRESH_FITS
+            elif score >= -self.queue_ratio * c.total_blocks:
+                tier = TIER_STALE_QUEUES if c.stale else TIER_FRESH_QUEUES
+            else:
+                tier = TIER_FULL
+            decision.scored.append(Scored(c, need, score, tier))
+        for tier in TIERS:
+            group = [s for s in decision.scored if s.tier == tier]
+            if group:
+                pick = _pick_best(group, rng)
+                decision.chosen = pick.candidate.address
+                decision.reason = f"{tier}: highest score {pick.score}"
+                return decision
+        decision.reason = "no engine can admit the request" if candidates else "no ready engine"
+        return decision
+
+
+@dataclass
+class RoundRobinPolicy:
+    """Baseline: engines in turn, ignoring load (still never where the request cannot fit at all)."""
+
+    name: str = "round_robin"
+    _counter: itertools.count = field(default_factory=itertools.count)
+
+    def choose(self, request_id, candidates, num_prompt_tokens, max_tokens, rng):
+        decision = Decision(request_id, self.name, num_prompt_tokens, max_tokens)
+        ordered = sorted(candidates, key=lambda c: c.address)
+        turn = next(self._counter)
+        for i, c in enumerate(ordered):
+            need = c.need_blocks(num_prompt_tokens, max_tokens)
+            fits = need <= c.total_blocks
+            decision.scored.append(Scored(c, need, float((i - turn) % len(ordered)) if fits else -math.inf,
+                                          TIER_FRESH_FITS if fits else TIER_FULL))
+        _choose_lowest(decision, rng, "next in turn")
+        return decision
+
+
+@dataclass
+class LeastRequestsPolicy:
+    """Baseline: fewest requests this router has open on the engine, ties at random."""
+
+    name: str = "least_requests"
+
+    def choose(self, request_id, candidates, num_prompt_tokens, max_tokens, rng):
+        decision = Decision(request_id, self.name, num_prompt_tokens, max_tokens)
+        for c in candidates:
+            need = c.need_blocks(num_prompt_tokens, max_tokens)
+            fits = need <= c.total_blocks
+            decision.scored.append(Scored(c, need, float(c.in_flight) if fits else -math.inf,
+                                          TIER_FRESH_FITS if fits else TIER_FULL))
+        _choose_lowest(decision, rng, "fewest in flight")
+        return decision
+
+
+def _choose_lowest(decision: Decision, rng: random.Random, rule: str) -> None:
+    """For the baselines, where a lower score is better; -inf marks 'cannot fit'."""
+    usable = [s for s in decision.scored if s.tier != TIER_FULL]
+    if not usable:
+        decision.reason = "no engine can admit the request" if decision.scored else "no ready engine"
+        return
+    best = min(s.score for s in usable)
+    pick = rng.choice([s for s in usable if s.score == best])
+    decision.chosen = pick.candidate.address
+    decision.reason = f"{rule}: score {pick.score}"
+
+
+POLICIES = {"kv": KvAwarePolicy, "round_robin": RoundRobinPolicy, "least_requests": LeastRequestsPolicy}
+
+
+def make_policy(name: str, *, queue_ratio: float = 1.0) -> Policy:
+    """Build a policy by its flag name (kv, round_robin, least_requests)."""
+    if name == "kv":
+        return KvAwarePolicy(queue_ratio=queue_ratio)
+    if name not in POLICIES:
+        raise ValueError(f"policy={name!r}: use one of {', '.join(POLICIES)}")
+    return POLICIES[name]()
