@@ -17,6 +17,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from kvmesh.telemetry.tracing import record_status
+
 log = logging.getLogger(__name__)
 
 
@@ -139,14 +141,19 @@ class ExceptionMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _handle(method: str, context, exc: BaseException) -> None:
-    if isinstance(exc, ServiceError):
-        await _abort(context, exc)
-    await _abort(context, internal_error(method, exc))
+    err = exc if isinstance(exc, ServiceError) else internal_error(method, exc)
+    record_status(err.code, err.message)  # error.type on the RPC's span
+    await _abort(context, err)
 
 
 def _passthrough(exc: BaseException) -> bool:
     # context.abort() raises AbortError; cancellation must propagate untouched (STYLE.md point 12).
     return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit))
+
+
+def _record_cancel(exc: BaseException) -> None:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away
+        record_status(grpc.StatusCode.CANCELLED)
 
 
 def _wrap_unary(method, behavior):
@@ -158,6 +165,7 @@ def _wrap_unary(method, behavior):
             return result
         except BaseException as exc:  # noqa: BLE001 - mapped below, or re-raised
             if _passthrough(exc) or not isinstance(exc, Exception):
+                _record_cancel(exc)
                 raise
             await _handle(method, context, exc)
     return wrapper
@@ -174,6 +182,7 @@ def _wrap_stream(method, behavior):
                 await result
         except BaseException as exc:  # noqa: BLE001 - mapped below, or re-raised
             if _passthrough(exc) or not isinstance(exc, Exception):
+                _record_cancel(exc)
                 raise
             await _handle(method, context, exc)
     return wrapper

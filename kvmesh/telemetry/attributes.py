@@ -1,0 +1,85 @@
+"""Span, event and attribute names used by every kvmesh service, in one place (vLLM `tracing.py`).
+
+The `gen_ai.*` names follow the OpenTelemetry GenAI semantic conventions; `error.type` and the
+`rpc.*` names follow the general and gRPC conventions; `kvmesh.*` names are our own. Services import
+these constants instead of writing strings, so a dashboard query and the code agree by construction.
+"""
+
+from __future__ import annotations
+
+# --- GenAI semantic conventions (request span attributes) ---
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "text_completion" or "chat"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"  # always PROVIDER below
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
+GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
+GEN_AI_REQUEST_STOP_SEQUENCES = "gen_ai.request.stop_sequences"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"  # the request id
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"  # tuple of FINISH_* values below
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+
+OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_CHAT = "chat"
+PROVIDER = "kvmesh"
+
+# gen_ai.response.finish_reasons values: kvmesh.v1.FinishReason without its prefix, lower case.
+FINISH_REASON_NAMES = {
+    1: "stop_token",
+    2: "stop_string",
+    3: "length",
+    4: "cancelled",
+    5: "error",
+}
+
+# --- general conventions ---
+ERROR_TYPE = "error.type"  # the gRPC status code name, e.g. "INVALID_ARGUMENT"
+RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+
+# --- kvmesh request attributes ---
+REQUEST_ID = "kvmesh.request.id"
+REQUEST_PRIORITY = "kvmesh.request.priority"
+ENGINE_ID = "kvmesh.engine.id"  # on the router span: the engine that served; on engine spans: itself
+NUM_CACHED_PROMPT_TOKENS = "kvmesh.usage.cached_prompt_tokens"
+NUM_PREEMPTIONS = "kvmesh.request.num_preemptions"
+
+# --- engine request span events (STYLE.md point 13: request spans carry events, steps get spans) ---
+EVENT_QUEUED = "kvmesh.queued"  # admitted into the waiting queue
+EVENT_SCHEDULED = "kvmesh.scheduled"  # first (or, after preemption, renewed) scheduling
+EVENT_PREFILL_CHUNK = "kvmesh.prefill_chunk"  # one chunk of prompt tokens computed
+EVENT_FIRST_TOKEN = "kvmesh.first_token"
+EVENT_PREEMPTED = "kvmesh.preempted"
+EVENT_ABORTED = "kvmesh.aborted"
+EVENT_FINISHED = "kvmesh.finished"
+
+# Event attributes.
+CHUNK_START = "kvmesh.chunk.start"  # position of the chunk's first token
+CHUNK_TOKENS = "kvmesh.chunk.num_tokens"
+STEP_INDEX = "kvmesh.step.index"  # on scheduled / prefill_chunk / first_token events: which step
+ABORT_REASON = "kvmesh.abort.reason"  # "cancelled", "deadline_exceeded", "abort_rpc", "draining", ...
+FINISH_REASON = "kvmesh.finish.reason"  # on the finished event: a FINISH_REASON_NAMES value
+
+# --- engine step spans (each linked to the request spans it served) ---
+STEP_SPAN_NAME = "kvmesh.engine.step"
+STEP_NUM_REQUESTS = "kvmesh.step.num_requests"
+STEP_NUM_PREFILL_TOKENS = "kvmesh.step.num_prefill_tokens"
+STEP_NUM_DECODE_TOKENS = "kvmesh.step.num_decode_tokens"
+
+# --- router ---
+EVENT_ROUTE_DECISION = "kvmesh.route.decision"
+ROUTE_CHOSEN = "kvmesh.route.chosen"  # the engine id picked
+ROUTE_NEEDED_BLOCKS = "kvmesh.route.needed_blocks"
+ROUTE_CANDIDATES = "kvmesh.route.candidates"  # engine ids, aligned with the arrays below
+ROUTE_FREE_BLOCKS = "kvmesh.route.free_blocks"
+ROUTE_INFLIGHT_BLOCKS = "kvmesh.route.inflight_blocks"
+ROUTE_SCORES = "kvmesh.route.scores"
+ROUTE_REPORT_AGES = "kvmesh.route.report_age_s"
+ROUTE_STALE = "kvmesh.route.stale"
+ROUTE_ATTEMPT = "kvmesh.route.attempt"  # 0 for the first choice, 1.. for failovers
+
+# --- tokenizer ---
+TOKENIZER_NUM_TOKENS = "kvmesh.tokenizer.num_tokens"

@@ -1,0 +1,182 @@
+"""Tracing setup shared by the three services, and W3C trace context in gRPC metadata.
+
+Configuration is the standard `OTEL_*` environment (no kvmesh flags):
+
+- `OTEL_SERVICE_NAME`: default per tier ("kvmesh-router", "kvmesh-tokenizer", "kvmesh-engine");
+  `OTEL_RESOURCE_ATTRIBUTES` adds resource attributes.
+- `OTEL_TRACES_EXPORTER`: `otlp` (default), `console`, `none`, or a comma-separated list. `none` (or
+  `OTEL_SDK_DISABLED=true`) installs no SDK at all: spans are the API's no-op ones, which cost nearly
+  nothing, and incoming trace context still passes through to downstream calls.
+- `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+  `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (`grpc` by default; `http/protobuf` needs the
+  opentelemetry-exporter-otlp-proto-http package), `OTEL_EXPORTER_OTLP_HEADERS`, ...: read by the
+  exporter itself.
+- `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_SCHEDULE_DELAY`, ...: read by the SDK.
+
+Context propagation and the per-RPC spans come from opentelemetry-instrumentation-grpc's grpc.aio
+interceptors (`server_interceptors()`, `client_interceptors()`), with health checks, reflection and
+the long-lived WatchLoad stream left out. A service's request span is the SERVER span of its RPC:
+handlers enrich `trace.get_current_span()` rather than opening a second span.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.trace import Status, StatusCode
+
+from kvmesh.telemetry import attributes as attrs
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("otlp", "console", "none")
+
+# RPCs that get no spans: probes and reflection (noise), and WatchLoad (one stream per router and
+# engine that lives as long as both processes: a span over it would never end).
+_UNTRACED = filters.any_of(
+    filters.service_name("grpc.health.v1.Health"),
+    filters.service_prefix("grpc.reflection."),
+    filters.method_name("WatchLoad"),
+)
+_TRACED = filters.negate(_UNTRACED)
+
+# Status codes that are the server's fault (OpenTelemetry gRPC conventions): only these mark a SERVER
+# span as failed; the others are the caller's doing and only set error.type.
+_SERVER_FAULTS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+
+_lock = threading.Lock()
+_provider = None  # the SDK TracerProvider this process installed, if any
+
+
+def setup_tracing(default_service_name: str):
+    """Install the SDK tracer provider described by the `OTEL_*` environment. Idempotent.
+
+    Args:
+        default_service_name: `service.name` when `OTEL_SERVICE_NAME` is not set.
+    Returns:
+        The SDK TracerProvider, or None when tracing is off (`none` exporter or `OTEL_SDK_DISABLED`).
+    Raises:
+        ValueError naming the variable and the accepted values when the configuration is invalid.
+    """
+    global _provider
+    with _lock:
+        if _provider is not None:
+            return _provider
+        names = _exporter_names()
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or names == ["none"]:
+            return None
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        service_name = os.environ.get("OTEL_SERVICE_NAME") or default_service_name
+        # The sampler comes from OTEL_TRACES_SAMPLER (parentbased_always_on by default).
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}),
+                                  shutdown_on_exit=False)  # bounded shutdown below instead
+        for name in names:
+            provider.add_span_processor(_span_processor(name))
+        trace.set_tracer_provider(provider)
+        _provider = provider
+        atexit.register(shutdown_tracing)
+        log.info("tracing: service %s, exporters %s", service_name, ",".join(names))
+        return provider
+
+
+def shutdown_tracing(timeout_s: float = 3.0) -> None:
+    """Export what is buffered and stop, waiting at most timeout_s (an absent collector must not
+    hold up a draining service: the SDK itself would retry for up to 30 s)."""
+    provider = _provider
+    if provider is None:
+        return
+    worker = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
+def tracing_enabled() -> bool:
+    """True when this process records spans: an SDK tracer provider is installed (by
+    setup_tracing, or by a test)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+def _exporter_names() -> list[str]:
+    raw = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()] or ["otlp"]
+    for name in names:
+        if name not in EXPORTERS:
+            raise ValueError(f"OTEL_TRACES_EXPORTER={raw!r}: {name!r} is not one of {', '.join(EXPORTERS)}")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={raw!r}: 'none' cannot be combined with other exporters")
+    return names
+
+
+def _span_processor(name: str):
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+    if name == "console":  # local use: print each span as it ends
+        return SimpleSpanProcessor(ConsoleSpanExporter())
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    elif protocol == "http/protobuf":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise ValueError("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf needs the "
+                             "opentelemetry-exporter-otlp-proto-http package; install it or use grpc") from exc
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+    return BatchSpanProcessor(OTLPSpanExporter())
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors for `start_server(interceptors=...)`: extract the caller's trace context from
+    the metadata and run each RPC inside a SERVER span."""
+    return [aio_server_interceptor(filter_=_TRACED)]
+
+
+def client_interceptors() -> list:
+    """Interceptors for `create_channel(interceptors=...)`: a CLIENT span per call, its context
+    injected into the metadata as W3C `traceparent` (unary and streaming calls alike)."""
+    return aio_client_interceptors(filter_=_TRACED)
+
+
+def record_status(code: grpc.StatusCode, message: str = "") -> None:
+    """Record a failed RPC on the current span: `error.type` and the gRPC status code always, and
+    ERROR status for codes that are the server's fault. Called where exceptions become statuses."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attribute(attrs.ERROR_TYPE, code.name)
+    span.set_attribute(attrs.RPC_GRPC_STATUS_CODE, code.value[0])
+    if code in _SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, message))
+
+
+def finish_reason_name(reason: int) -> str:
+    """kvmesh.v1.FinishReason value -> its `gen_ai.response.finish_reasons` name."""
+    return attrs.FINISH_REASON_NAMES.get(int(reason), "unspecified")
+
+
+def sampling_attributes(sampling) -> dict:
+    """GenAI request attributes of a kvmesh.v1.SamplingParams, only for the fields that are present."""
+    out = {}
+    for field, key in (("max_tokens", attrs.GEN_AI_REQUEST_MAX_TOKENS),
+                       ("temperature", attrs.GEN_AI_REQUEST_TEMPERATURE),
+                       ("top_p", attrs.GEN_AI_REQUEST_TOP_P),
+                       ("top_k", attrs.GEN_AI_REQUEST_TOP_K),
+                       ("seed", attrs.GEN_AI_REQUEST_SEED)):
+        if sampling.HasField(field):
+            out[key] = getattr(sampling, field)
+    return out
