@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
+
+# Services started by tests export no traces unless a test asks (tests/telemetry passes OTEL_* to its
+# children): with the spec's default (OTLP to localhost:4317) every child would retry a missing
+# collector and take seconds longer to exit.
+os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
