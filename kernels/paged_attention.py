@@ -247,7 +247,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
 
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
-                    num_splits: int | None = None):
+                    num_splits: int | None = None, plan_overrides: dict | None = None):
     """Causal attention of packed varlen queries over a paged KV cache.
 
     Args:
@@ -263,6 +263,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         sliding_window: keys at positions > query position - sliding_window only; None = full.
         out: optional ``[num_tokens, num_heads, head_dim]`` output, query's dtype, head_dim stride 1.
         num_splits: force the number of KV splits (1 = one-pass); None = heuristic in ``_plan``.
+        plan_overrides: for tuning (bench/kernels.py): replace entries of ``_plan``'s result
+            (block_m, tile_n, num_warps, num_stages); block_q and the grid are re-derived.
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -314,6 +316,11 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     head_dim_pad = max(16, next_pow2(head_dim))
     plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
                  _num_sms(dev), interpret=dev.type != "cuda")
+    if plan_overrides:
+        plan.update(plan_overrides)
+        plan["block_q"] = plan["block_m"] // qpk
+        plan["grid0"] = num_tokens // plan["block_q"] + num_seqs
+        plan["seg_len"] = math.ceil(math.ceil(max_seq_len / plan["num_splits"]) / plan["tile_n"]) * plan["tile_n"]
     split = plan["num_splits"] > 1
     if split:
         part_acc = torch.empty(num_tokens, num_heads, plan["num_splits"], head_dim_pad, dtype=torch.float32,
