@@ -1,0 +1,196 @@
+"""The synchronous engine core: requests in, one step at a time, outputs out. Imports no torch.
+
+EngineCore owns every request's state, the scheduler and the block manager, and drives a model
+runner (anything with ``execute(list[ScheduledSeq]) -> list[SampledToken | None]``). It is not
+thread-safe by design: exactly one thread (the engine loop, engine_svc/engine_loop.py) calls it.
+Benchmarks and tests may drive it directly.
+
+Stop conditions, checked after each sampled token, in this order:
+  1. the token is one of the request's stop_token_ids, or a model EOS id (unless ignore_eos), and
+     at least min_tokens tokens were generated before it      -> STOP_TOKEN (the token is included)
+  2. max_tokens tokens were generated                          -> LENGTH
+  3. the sequence reached max_model_len                        -> LENGTH
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine_svc.core.block_manager import BlockManager
+from engine_svc.core.hooks import EngineHooks, StepInfo
+from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput, RequestStatus
+from engine_svc.core.scheduler import Scheduler, SchedulerOutput
+from engine_svc.step import SampledToken, ScheduledSeq
+
+
+class Runner(Protocol):
+    def execute(self, seqs: list[ScheduledSeq]) -> list[SampledToken | None]: ...
+
+
+@dataclass(slots=True, frozen=True)
+class LoadSnapshot:
+    """The engine's load after a step or a command. Built on the engine thread, read by the service."""
+
+    version: int  # increases with every snapshot
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    cached_blocks: int
+    in_use_blocks: int
+    reserved_blocks: int  # growth the running requests still need to reach max_tokens
+    num_running_requests: int
+    num_waiting_requests: int
+    num_running_tokens: int
+    num_waiting_tokens: int
+
+    def counts(self) -> tuple:
+        """Everything but the version: equal counts mean "no change" for WatchLoad."""
+        return (self.free_blocks, self.cached_blocks, self.in_use_blocks, self.reserved_blocks,
+                self.num_running_requests, self.num_waiting_requests, self.num_running_tokens,
+                self.num_waiting_tokens)
+
+
+class EngineCore:
+    """Requests, scheduler, block manager and the step that ties them to the model runner.
+
+    Args:
+        runner: executes scheduled sequences (engine_svc.model_runner.ModelRunner, or any Runner).
+        num_blocks, block_size: the KV cache geometry the runner allocated.
+        eos_token_ids: the model's EOS ids (ModelInfo.eos_token_ids).
+        max_model_len: the longest sequence; requests are cut there with LENGTH.
+        max_num_batched_tokens, max_num_seqs, enable_chunked_prefill: scheduling limits.
+        hooks: tracing/metrics hook points (no-ops by default).
+    """
+
+    def __init__(self, runner: Runner, *, num_blocks: int, block_size: int, eos_token_ids: list[int],
+                 max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None):
+        self.runner = runner
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
+                                   enable_chunked_prefill)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.hooks = hooks or EngineHooks()
+        self.requests: dict[str, Request] = {}  # live requests (waiting or running)
+        self.num_steps = 0
+        self._load_version = 0
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- commands ----
+
+    def add(self, req: Request) -> None:
+        """Queue a validated request. Its id must not be live (the service checks before sending)."""
+        assert req.request_id not in self.requests, f"duplicate live request id {req.request_id!r}"
+        req.max_model_len = self.max_model_len
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        self.hooks.on_queued(req)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED,
+              error: str | None = None, error_kind: ErrorKind | None = None) -> RequestOutput | None:
+        """End a live request now (between steps): blocks freed. None if it is not live."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        req.error, req.error_kind = error, error_kind
+        return self._finish(req, reason, [])
+
+    def abort_all(self, reason: FinishReason, error: str | None = None,
+                  error_kind: ErrorKind | None = None) -> list[RequestOutput]:
+        """End every live request (engine failure, drain timeout)."""
+        return [self.abort(rid, reason, error, error_kind) for rid in list(self.requests)]
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute one model step, apply the sampled tokens, finish what stopped."""
+        start = time.monotonic()
+        sched = self.scheduler.schedule()
+        outputs = [self._finished_output(req, []) for req in sched.failed]
+        for req in sched.failed:
+            del self.requests[req.request_id]
+            self.hooks.on_finished(req)
+        for req in sched.preempted:
+            self.hooks.on_preempted(req)
+        for req in sched.admitted:
+            self.hooks.on_scheduled(req)
+        results = self.runner.execute(sched.seqs) if sched.seqs else []
+        num_decode = 0
+        for req, seq, result in zip(sched.requests, sched.seqs, results):
+            num_decode += self._advance(req, seq, result, outputs)
+        self.num_steps += 1
+        self.hooks.on_step(StepInfo(
+            step=self.num_steps, start_time=start, duration_s=time.monotonic() - start,
+            num_seqs=len(sched.seqs), num_batched_tokens=sched.num_batched_tokens,
+            num_decode_seqs=num_decode, num_preempted=len(sched.preempted),
+            num_finished=sum(o.finished for o in outputs), request_ids=[s.request_id for s in sched.seqs]))
+        return outputs
+
+    def _advance(self, req: Request, seq: ScheduledSeq, result: SampledToken | None,
+                 outputs: list[RequestOutput]) -> int:
+        """Apply one seq's result to its request; returns 1 for a decode seq, else 0."""
+        num_new = len(seq.new_token_ids)
+        is_decode = num_new == 1 and req.num_output_tokens > 0 and seq.sample
+        if not is_decode:
+            self.hooks.on_prefill_chunk(req, seq.start_pos, num_new)
+        req.num_computed_tokens += num_new
+        if result is None:
+            return int(is_decode)
+        index = req.num_output_tokens
+        req.output_token_ids.append(result.token_id)
+        if index == 0:
+            self.hooks.on_first_token(req)
+        reason = self._stop_reason(req, result.token_id)
+        if reason is None:
+            outputs.append(RequestOutput(req.request_id, [result], index))
+        else:
+            outputs.append(self._finish(req, reason, [result]))
+        return int(is_decode)
+
+    def _stop_reason(self, req: Request, token_id: int) -> FinishReason | None:
+        params = req.params
+        if req.num_output_tokens > params.min_tokens:
+            is_eos = token_id in self.eos_token_ids and not params.ignore_eos
+            if is_eos or token_id in params.stop_token_ids:
+                req.stop_token_id = token_id
+                return FinishReason.STOP_TOKEN
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason, tokens: list[SampledToken]) -> RequestOutput:
+        self.scheduler.finish(req, reason)
+        del self.requests[req.request_id]
+        self.hooks.on_finished(req)
+        return self._finished_output(req, tokens)
+
+    @staticmethod
+    def _finished_output(req: Request, tokens: list[SampledToken]) -> RequestOutput:
+        assert req.status is RequestStatus.FINISHED
+        return RequestOutput(
+            req.request_id, tokens, req.num_output_tokens - len(tokens), finished=True,
+            finish_reason=req.finish_reason, stop_token_id=req.stop_token_id,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            error=req.error, error_kind=req.error_kind)
+
+    # ---- load ----
+
+    def load(self) -> LoadSnapshot:
+        """The current load (O(running requests); taken once per step)."""
+        bm, sched = self.block_manager, self.scheduler
+        self._load_version += 1
+        return LoadSnapshot(
+            version=self._load_version, block_size=bm.block_size, total_blocks=bm.num_blocks,
+            free_blocks=bm.num_free_blocks, cached_blocks=bm.num_cached_blocks,
+            in_use_blocks=bm.num_in_use_blocks, reserved_blocks=sched.num_reserved_blocks(),
+            num_running_requests=len(sched.running), num_waiting_requests=len(sched.waiting),
+            num_running_tokens=sched.num_running_tokens(), num_waiting_tokens=sched.num_waiting_tokens())
+
+
+__all__ = ["EngineCore", "LoadSnapshot", "Runner", "SchedulerOutput"]

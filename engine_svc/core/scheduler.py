@@ -1,0 +1,232 @@
+"""The scheduler: which tokens of which requests run in the next step. Imports no torch.
+
+One rule (stated again at the top of ``schedule``): every request has ``num_tokens`` (prompt +
+generated) and ``num_computed_tokens`` (positions whose K/V are cached); a step gives requests
+tokens to compute, filling a budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs``
+sequences, running requests first, then waiting ones. Decode (one token), prefill, chunked prefill
+and recompute after preemption are all the same thing: computing the positions in between.
+
+The scheduler owns the waiting and running queues and talks to the block manager only through
+``allocate`` / ``free`` (it never sees the free list).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine_svc.core.block_manager import BlockManager
+from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestStatus
+from engine_svc.step import ScheduledSeq
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's decisions. Built by Scheduler.schedule(); read by the engine core."""
+
+    # The model runner's input, in batch order: running requests first (decodes, then prefill chunks),
+    # then newly admitted ones. ScheduledSeq.block_ids are live tables, valid until the next schedule().
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    # Aligned with seqs: the requests the engine core advances with the step's results.
+    requests: list[Request] = field(default_factory=list)
+    # Sum of len(seq.new_token_ids); never above max_num_batched_tokens.
+    num_batched_tokens: int = 0
+    # Requests admitted from the waiting queue this step (new, or resumed after a preemption).
+    # Tracing/metrics: the "scheduled" event, queue time.
+    admitted: list[Request] = field(default_factory=list)
+    # Requests preempted this step, newest first: blocks freed, requeued at the front of waiting.
+    # Tracing/metrics: the "preempted" event and counter.
+    preempted: list[Request] = field(default_factory=list)
+    # Requests that can never fit in the KV cache, even alone: the engine core finishes them with
+    # FinishReason.ERROR. The scheduler already removed them from its queues.
+    failed: list[Request] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Budget:
+    tokens: int
+    seqs: int
+
+
+class Scheduler:
+    """FCFS (with optional priority) continuous batching over a paged KV cache.
+
+    Args:
+        block_manager: the KV block pool (the scheduler allocates and frees through it only).
+        max_num_batched_tokens: the per-step token budget.
+        max_num_seqs: sequences per step at most (= running requests at most).
+        enable_chunked_prefill: split prompts across steps to fit the budget; when off, a prompt
+            runs whole in one step (EngineConfig.validate keeps max_model_len within the budget).
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 enable_chunked_prefill: bool = True):
+        self.bm = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Request] = []  # sorted by _waiting_key: priority, then FCFS; preempted first
+        self._waiting_keys: list[tuple[int, int]] = []
+        self.running: list[Request] = []  # in admission order: running[-1] is the newest
+        self._next_arrival = 0
+        self._next_front = -1  # keys below every arrival: requeued-at-the-front requests
+        self.num_preemptions = 0  # total since start (metrics)
+
+    # ---- queue changes (commands from the engine core) ----
+
+    def add(self, request: Request) -> None:
+        """Queue a new request (status WAITING). Its id must not be live (the service checks)."""
+        request.arrival = self._next_arrival
+        self._next_arrival += 1
+        request.status = RequestStatus.WAITING
+        self._enqueue(request, (request.priority, request.arrival))
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Remove a request from its queue for good and free its blocks."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            i = self.waiting.index(request)
+            del self.waiting[i], self._waiting_keys[i]
+        self.bm.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step decision ----
+
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step.
+
+        The rule: each request has num_computed_tokens and num_tokens; give each scheduled request
+        up to num_tokens - num_computed_tokens new tokens while the budget (max_num_batched_tokens
+        tokens, max_num_seqs sequences) lasts. Running requests come first, decodes before chunks
+        of ongoing prefills, so admitted work keeps moving; then waiting requests in priority/FCFS
+        order, admitted only when their whole known sequence fits in free blocks (never overcommit).
+        When a running request cannot get a block, the newest running request is preempted by
+        recompute (blocks freed, requeued at the front) until it can, or until it is the victim.
+        """
+        out = SchedulerOutput()
+        budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
+        self._schedule_running(out, budget)
+        if not out.preempted:  # a step that had to preempt admits nothing (it would thrash)
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> None:
+        order = [r for r in self.running if not r.is_prefill] + [r for r in self.running if r.is_prefill]
+        for req in order:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget.seqs == 0 or budget.tokens == 0:
+                break
+            num_new = self._chunk(req, budget)
+            if num_new == 0:
+                continue  # chunking off and the rest does not fit this step's budget
+            while self.bm.allocate(req.request_id, req.num_computed_tokens + num_new) is None:
+                victim = self.running[-1]
+                self._preempt(victim, out, budget)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                self._add_seq(out, budget, req, num_new)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
+        # Blocks already promised: what running prefills still need to hold their known tokens.
+        promised = sum(self.bm.num_blocks_needed(r.request_id, r.num_tokens) for r in self.running)
+        while self.waiting and budget.seqs > 0 and budget.tokens > 0 \
+                and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            need = self.bm.num_blocks_for(req.num_tokens)
+            if need > self.bm.num_blocks:
+                self._pop_waiting()
+                self.bm.free(req.request_id)
+                req.status = RequestStatus.FINISHED
+                req.finish_reason = FinishReason.ERROR
+                req.error_kind = ErrorKind.OUT_OF_KV_CACHE
+                req.error = (f"the sequence needs {need} KV blocks of {self.bm.block_size} tokens, "
+                             f"more than the cache holds ({self.bm.num_blocks})")
+                out.failed.append(req)
+                continue
+            if need > self.bm.num_free_blocks - promised:
+                break  # head of line waits: FCFS, and admission never overcommits
+            num_new = self._chunk(req, budget)
+            if num_new == 0:
+                break
+            allocation = self.bm.allocate(req.request_id, num_new)
+            assert allocation is not None, "admission checked the free blocks"
+            promised += need - allocation.num_blocks
+            self._pop_waiting()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.admitted.append(req)
+            self._add_seq(out, budget, req, num_new)
+
+    # ---- helpers ----
+
+    def _chunk(self, req: Request, budget: _Budget) -> int:
+        """Tokens this request computes this step (0 = it does not fit the budget)."""
+        remaining = req.num_remaining_tokens
+        if remaining <= budget.tokens:
+            return remaining
+        return budget.tokens if self.enable_chunked_prefill else 0
+
+    def _add_seq(self, out: SchedulerOutput, budget: _Budget, req: Request, num_new: int) -> None:
+        start = req.num_computed_tokens
+        out.seqs.append(ScheduledSeq(
+            request_id=req.request_id, new_token_ids=req.token_ids(start, start + num_new),
+            start_pos=start, block_ids=self.bm.block_table(req.request_id),
+            sample=start + num_new == req.num_tokens, params=req.params,
+            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids))
+        out.requests.append(req)
+        out.num_batched_tokens += num_new
+        budget.tokens -= num_new
+        budget.seqs -= 1
+
+    def _preempt(self, req: Request, out: SchedulerOutput, budget: _Budget) -> None:
+        """Preempt by recompute: free the blocks, forget the computed tokens, requeue at the front.
+
+        If the victim was already scheduled this step, it is taken out of the step again.
+        """
+        if req in out.requests:
+            i = out.requests.index(req)
+            num_new = len(out.seqs[i].new_token_ids)
+            del out.seqs[i], out.requests[i]
+            out.num_batched_tokens -= num_new
+            budget.tokens += num_new
+            budget.seqs += 1
+        self.running.remove(req)
+        self.bm.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        # Each preemption goes in front of the previous ones: the newest victim of a step is
+        # preempted first, so the oldest ends up first in line.
+        self._enqueue(req, (req.priority, self._next_front))
+        self._next_front -= 1
+        out.preempted.append(req)
+
+    def _enqueue(self, req: Request, key: tuple[int, int]) -> None:
+        i = bisect.bisect_left(self._waiting_keys, key)
+        self._waiting_keys.insert(i, key)
+        self.waiting.insert(i, req)
+
+    def _pop_waiting(self) -> Request:
+        del self._waiting_keys[0]
+        return self.waiting.pop(0)
+
+    # ---- load (read by the engine core for LoadReport) ----
+
+    def num_reserved_blocks(self) -> int:
+        """Blocks running requests still need to reach their max_tokens (or max_model_len)."""
+        return sum(self.bm.num_blocks_needed(r.request_id, r.max_num_tokens) for r in self.running)
+
+    def num_running_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.running)
+
+    def num_waiting_tokens(self) -> int:
+        return sum(r.num_prompt_tokens for r in self.waiting)

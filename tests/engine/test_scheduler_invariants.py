@@ -1,0 +1,110 @@
+"""The accounting invariant after every step of hypothesis-generated add/abort/finish sequences.
+
+Drives the real EngineCore (scheduler + block manager + stop conditions) with a runner that
+returns scripted tokens, so requests finish by EOS, stop ids and max_tokens at random points.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine_svc.core.engine_core import EngineCore
+from engine_svc.core.request import Request, RequestStatus
+from engine_svc.sampling_params import SamplingParams
+from engine_svc.step import SampledToken, ScheduledSeq
+
+EOS = 2
+BUDGET, MAX_SEQS = 12, 4
+
+
+class ScriptedRunner:
+    """Returns tokens from a script (cycled), checking what a model runner relies on."""
+
+    def __init__(self, tokens: list[int], block_size: int):
+        self.tokens, self.block_size, self.i = tokens, block_size, 0
+        self.steps: list[list[ScheduledSeq]] = []
+
+    def execute(self, seqs):
+        assert len(seqs) <= MAX_SEQS and sum(len(s.new_token_ids) for s in seqs) <= BUDGET
+        assert len({s.request_id for s in seqs}) == len(seqs)
+        out = []
+        for s in seqs:
+            end = s.start_pos + len(s.new_token_ids)
+            assert len(s.block_ids) * self.block_size >= end, "block table too short"
+            assert len(set(s.block_ids)) == len(s.block_ids)
+            if s.sample:
+                out.append(SampledToken(self.tokens[self.i % len(self.tokens)]))
+                self.i += 1
+            else:
+                out.append(None)
+        self.steps.append(seqs)
+        return out
+
+
+def check(core: EngineCore) -> None:
+    bm, sched = core.block_manager, core.scheduler
+    bm.check()
+    assert bm.num_free_blocks + bm.num_cached_blocks + bm.num_in_use_blocks == bm.num_blocks
+    held = sum(len(bm.block_table(r.request_id)) for r in sched.running)
+    assert held == bm.num_in_use_blocks  # nothing shared, nothing leaked
+    for r in sched.waiting:
+        assert r.status is RequestStatus.WAITING and bm.block_table(r.request_id) == []
+    for r in sched.running:
+        assert r.status is RequestStatus.RUNNING
+        assert len(bm.block_table(r.request_id)) * bm.block_size >= r.num_computed_tokens
+    assert set(core.requests) == {r.request_id for r in sched.waiting + sched.running}
+    if not core.requests:
+        assert bm.num_free_blocks == bm.num_blocks
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 20), st.integers(1, 12), st.integers(-1, 1)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, tokens=st.lists(st.sampled_from([5, 6, 7, EOS, 9]), min_size=1, max_size=8),
+       num_blocks=st.integers(5, 12), chunked=st.booleans(), block_size=st.sampled_from([2, 4]))
+def test_invariant_after_every_step(ops, tokens, num_blocks, chunked, block_size):
+    runner = ScriptedRunner(tokens, block_size)
+    core = EngineCore(runner, num_blocks=num_blocks, block_size=block_size, eos_token_ids=[EOS],
+                      max_model_len=BUDGET if not chunked else 40, max_num_batched_tokens=BUDGET,
+                      max_num_seqs=MAX_SEQS, enable_chunked_prefill=chunked)
+    added, finished = [], {}
+    for op in ops:
+        if op[0] == "add":
+            _, n, max_tokens, prio = op
+            rid = f"r{len(added)}"
+            n = min(n, core.max_model_len - 1)
+            max_tokens = min(max_tokens, core.max_model_len - n)
+            core.add(Request(rid, [3] * n, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                          stop_token_ids=[9]), priority=prio))
+            added.append(rid)
+        elif op[0] == "abort":
+            if added:
+                out = core.abort(added[op[1] % len(added)])
+                if out is not None:
+                    finished[out.request_id] = out
+        else:
+            for _ in range(op[1]):
+                for out in core.step():
+                    if out.finished:
+                        assert out.request_id not in finished
+                        finished[out.request_id] = out
+                check(core)
+        check(core)
+    for _ in range(500):  # everything finishes (no livelock), and every block comes back
+        if not core.has_work:
+            break
+        for out in core.step():
+            if out.finished:
+                finished[out.request_id] = out
+        check(core)
+    assert not core.has_work and set(finished) == set(added)
+    assert core.block_manager.num_free_blocks == num_blocks
+    for out in finished.values():
+        if out.finish_reason.value == "stop_token":
+            assert out.stop_token_id in (EOS, 9)
