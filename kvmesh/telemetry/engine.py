@@ -16,6 +16,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind
 
 from kvmesh.telemetry import attributes as attrs
+from kvmesh.telemetry.metrics import EngineMetrics
 from kvmesh.telemetry.tracing import sampling_attributes, tracing_enabled
 
 _EMPTY_CONTEXT = Context()  # step spans are roots of their own traces, never children of a request
@@ -25,12 +26,15 @@ class RequestTrace:
     """One engine request's span, captured in the Generate handler (the RPC's SERVER span) and
     carried on the request object so the step thread can add events to it."""
 
-    __slots__ = ("span", "context", "recording")
+    __slots__ = ("span", "context", "recording", "arrival", "last_token_time", "abort_reason")
 
     def __init__(self, span: trace.Span):
         self.span = span
         self.context = span.get_span_context()  # what step spans link to
         self.recording = span.is_recording()
+        self.arrival = 0.0  # time.monotonic() at admission (TelemetryHooks.register)
+        self.last_token_time: float | None = None
+        self.abort_reason = "cancelled"  # the handler says why before it aborts the request
 
     @classmethod
     def current(cls) -> "RequestTrace":
@@ -117,3 +121,115 @@ class StepTracer:
                         attrs.STEP_NUM_DECODE_TOKENS: num_decode_tokens,
                         attrs.ENGINE_ID: self._engine_id})
         span.end(end_time=end_ns)
+
+
+def _hooks_base():
+    # Imported here so that `kvmesh.telemetry` never imports the engine package; only engine
+    # processes construct TelemetryHooks.
+    from engine_svc.core.hooks import EngineHooks
+
+    return EngineHooks
+
+
+class TelemetryHooks(_hooks_base()):
+    """EngineHooks that put request events on each request's span, give each step a span linked to
+    the requests it served, and keep the engine's Prometheus metrics.
+
+    The Generate handler calls `register()` with the request's RequestTrace before adding the
+    request to the core, `output()` for each output it receives (inter-token latency and generated
+    tokens, measured where clients see them), and may set `RequestTrace.abort_reason` before it
+    aborts a request. Everything else runs on the engine loop thread, called by EngineCore.
+    """
+
+    def __init__(self, model_name: str, engine_id: str = ""):
+        self.traces: dict[str, RequestTrace] = {}  # live requests; dict ops are atomic under the GIL
+        self._ended: dict[str, RequestTrace] = {}  # finished during the current step: still linked
+        self.metrics = EngineMetrics(model_name)
+        self.steps = StepTracer(engine_id)
+        self._step = 1  # index of the step being run (EngineCore numbers them from 1)
+
+    # --- called by the service (event loop) ---
+
+    def register(self, request_id: str, request_trace: RequestTrace) -> None:
+        request_trace.arrival = time.monotonic()
+        self.traces[request_id] = request_trace
+
+    def output(self, request_trace: RequestTrace, num_new_tokens: int) -> None:
+        """A RequestOutput with num_new_tokens tokens reached the handler."""
+        if num_new_tokens <= 0:
+            return
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(num_new_tokens)
+        last = request_trace.last_token_time
+        if last is not None:
+            gap = (now - last) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self.metrics.itl.observe(gap)
+        request_trace.last_token_time = now
+
+    def update_load(self, snapshot) -> None:
+        """The load after a step (an EngineCore.LoadSnapshot or a LoadReport): the gauges."""
+        self.metrics.update_load(snapshot)
+
+    # --- EngineHooks (engine loop thread) ---
+
+    def on_queued(self, req) -> None:
+        t = self.traces.get(req.request_id)
+        if t is not None:
+            t.queued()
+
+    def on_scheduled(self, req) -> None:
+        t = self.traces.get(req.request_id)
+        if t is not None:
+            t.scheduled(self._step)
+
+    def on_prefill_chunk(self, req, start: int, num_tokens: int) -> None:
+        t = self.traces.get(req.request_id)
+        if t is not None:
+            t.prefill_chunk(self._step, start, num_tokens)
+
+    def on_first_token(self, req) -> None:
+        t = self.traces.get(req.request_id)
+        if t is not None:
+            t.first_token(self._step)
+            self.metrics.ttft.observe(time.monotonic() - t.arrival)
+
+    def on_preempted(self, req) -> None:
+        self.metrics.preemptions.inc()
+        t = self.traces.get(req.request_id)
+        if t is not None:
+            t.preempted(self._step)
+
+    def on_finished(self, req) -> None:
+        t = self.traces.pop(req.request_id, None)
+        if t is not None:
+            self._ended[req.request_id] = t
+        e2e = time.monotonic() - t.arrival if t is not None else 0.0
+        reason = req.finish_reason.value  # "stop_token", "length", "cancelled", "error"
+        if reason == "cancelled":
+            abort_reason = t.abort_reason if t is not None else "cancelled"
+            self.metrics.aborted(abort_reason, req.num_prompt_tokens, e2e)
+            if t is not None:
+                t.aborted(abort_reason, req.num_output_tokens)
+        else:
+            self.metrics.finished(reason, req.num_prompt_tokens, e2e)
+            if t is not None:
+                if reason == "error" and req.error_kind is not None:
+                    t.span.set_attribute(attrs.ERROR_TYPE, req.error_kind.value)
+                t.finished(reason, req.num_output_tokens)
+
+    def on_step(self, info) -> None:
+        self._step = info.step + 1
+        ended, self._ended = self._ended, {}
+        if not self.steps.enabled:
+            return
+        end = time.time_ns()
+        traces = self.traces
+        contexts = []
+        for rid in info.request_ids:
+            t = traces.get(rid) or ended.get(rid)
+            if t is not None:
+                contexts.append(t.context)
+        num_decode = info.num_decode_seqs
+        self.steps.record(info.step, end - int(info.duration_s * 1e9), end, contexts,
+                          info.num_batched_tokens - num_decode, num_decode)

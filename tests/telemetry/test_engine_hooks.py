@@ -1,0 +1,112 @@
+"""TelemetryHooks on the real EngineCore (fake model runner, CPU): request-span events for queueing,
+scheduling, each prefill chunk, first token, preemption, abort and finish; step spans linked to the
+requests they served; the engine's metrics."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+
+from engine_svc.core.engine_core import EngineCore
+from engine_svc.core.request import FinishReason, Request
+from engine_svc.sampling_params import SamplingParams
+from engine_svc.step import SampledToken
+from kvmesh.telemetry import attributes as attrs
+from kvmesh.telemetry.engine import RequestTrace, TelemetryHooks
+
+BLOCK = 4
+
+
+class _Runner:
+    """Samples token 7 for every sequence that asks."""
+
+    def execute(self, seqs):
+        return [SampledToken(7) if s.sample else None for s in seqs]
+
+
+def _core(hooks, num_blocks=64, budget=8):
+    return EngineCore(_Runner(), num_blocks=num_blocks, block_size=BLOCK, eos_token_ids=[2], max_model_len=128,
+                      max_num_batched_tokens=budget, max_num_seqs=8, hooks=hooks)
+
+
+def _add(core, hooks, rid, prompt_len, max_tokens):
+    span = trace.get_tracer("test").start_span(f"req-{rid}")
+    hooks.register(rid, RequestTrace(span))
+    core.add(Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(temperature=0, max_tokens=max_tokens)))
+    return span
+
+
+def _run(core):
+    outputs = []
+    while core.has_work:
+        outputs += core.step()
+    return outputs
+
+
+def _by_name(exporter, name):
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
+    hooks = TelemetryHooks("m", engine_id="e0")
+    core = _core(hooks, budget=8)
+    span = _add(core, hooks, "a", prompt_len=19, max_tokens=3)
+    outputs = _run(core)
+    span.end()
+    assert outputs[-1].finish_reason is FinishReason.LENGTH
+    (req,) = _by_name(memory_spans, "req-a")
+    names = [e.name for e in req.events]
+    assert names == [attrs.EVENT_QUEUED, attrs.EVENT_SCHEDULED, attrs.EVENT_PREFILL_CHUNK, attrs.EVENT_PREFILL_CHUNK,
+                     attrs.EVENT_PREFILL_CHUNK, attrs.EVENT_FIRST_TOKEN, attrs.EVENT_FINISHED]
+    chunks = [(e.attributes[attrs.STEP_INDEX], e.attributes[attrs.CHUNK_START], e.attributes[attrs.CHUNK_TOKENS])
+              for e in req.events if e.name == attrs.EVENT_PREFILL_CHUNK]
+    assert chunks == [(1, 0, 8), (2, 8, 8), (3, 16, 3)]
+    assert req.events[-1].attributes[attrs.FINISH_REASON] == "length"
+    assert req.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] == 3
+    assert req.attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("length",)
+    steps = sorted(_by_name(memory_spans, attrs.STEP_SPAN_NAME), key=lambda s: s.attributes[attrs.STEP_INDEX])
+    assert len(steps) == core.num_steps == 5  # 3 prefill chunks, then 2 decodes
+    for step in steps:  # every step, the last one included, links to the request it served
+        assert [link.context.span_id for link in step.links] == [span.get_span_context().span_id]
+        assert step.parent is None and step.context.trace_id != span.get_span_context().trace_id
+        assert step.start_time <= step.end_time
+    assert [s.attributes[attrs.STEP_NUM_PREFILL_TOKENS] for s in steps] == [8, 8, 3, 0, 0]
+    assert [s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps] == [0, 0, 0, 1, 1]
+    assert not hooks.traces  # nothing kept after the request ended
+
+
+def test_preemption_and_abort_are_recorded(memory_spans):
+    hooks = TelemetryHooks("m-preempt")
+    core = _core(hooks, num_blocks=4, budget=16)  # 16 token slots: two growing requests cannot both fit
+    a = _add(core, hooks, "a", prompt_len=6, max_tokens=8)
+    b = _add(core, hooks, "b", prompt_len=6, max_tokens=8)
+    for _ in range(6):
+        core.step()
+    assert core.scheduler.num_preemptions >= 1
+    hooks.traces["a"].abort_reason = "client_cancelled"
+    core.abort("a")
+    _run(core)
+    a.end(), b.end()
+    spans = {s.name: s for s in memory_spans.get_finished_spans()}
+    preempted = [e for s in ("req-a", "req-b") for e in spans[s].events if e.name == attrs.EVENT_PREEMPTED]
+    assert len(preempted) == core.scheduler.num_preemptions
+    aborted = [e for e in spans["req-a"].events if e.name == attrs.EVENT_ABORTED]
+    assert [e.attributes[attrs.ABORT_REASON] for e in aborted] == ["client_cancelled"]
+    assert spans["req-a"].attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("cancelled",)
+    assert spans["req-b"].events[-1].name == attrs.EVENT_FINISHED
+    metrics = hooks.metrics
+    assert metrics.preemptions._value.get() == core.scheduler.num_preemptions
+    hooks.update_load(core.load())
+    total = metrics.total._value.get()
+    assert total == 4
+    assert metrics.free._value.get() + metrics.cached._value.get() + metrics.in_use._value.get() == total
+
+
+def test_tracing_off_costs_no_spans_but_keeps_metrics():
+    hooks = TelemetryHooks("m-off")
+    hooks.steps.enabled = False  # as in a process whose OTEL_TRACES_EXPORTER is none
+    core = _core(hooks)
+    span = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    hooks.register("x", RequestTrace(span))
+    core.add(Request("x", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2)))
+    _run(core)
+    assert hooks.metrics.ttft._sum.get() > 0
