@@ -21,6 +21,7 @@ from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
 from engine_svc.model import loader
+from engine_svc.model.ops import get_layer_ops
 from engine_svc.sampler import SampleRequest, Sampler
 from engine_svc.step import ModelInfo, SampledToken, ScheduledSeq
 
@@ -34,8 +35,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 class ModelRunner:
     """Owns the model, the KV cache, the sampler and the CUDA graphs. Driven by the engine loop."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, attention_backend: str | None = None,
+                 layer_ops: str | None = None):
+        """attention_backend / layer_ops: None = the device's default ("triton" on CUDA, "torch"
+        elsewhere); tests name them to run the Triton path through Triton's CPU interpreter."""
         self.config = config.validate()
+        self.backend_name, self.ops_name = attention_backend, layer_ops
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = None
@@ -63,9 +68,9 @@ class ModelRunner:
                 f"{model_max_len} or lower")
         self.max_model_len = cfg.max_model_len or model_max_len
         loaded = loader.load(cfg.model, cfg.load_format, cfg.dtype, self.device, cfg.seed,
-                             self.max_model_len, on_progress)
+                             self.max_model_len, on_progress, get_layer_ops(self.device, self.ops_name))
         self.model, self.model_cfg, self.dtype = loaded.model, loaded.cfg, loaded.dtype
-        self.backend = get_attention_backend(self.device)
+        self.backend = get_attention_backend(self.device, self.backend_name)
         self.sampler = Sampler(loaded.cfg.vocab_size, self.device, loaded.eos_token_ids, cfg.seed)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self._alloc_buffers()

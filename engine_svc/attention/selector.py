@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine_svc.attention.base import AttentionBackend
@@ -22,8 +24,9 @@ def get_attention_backend(device: str | torch.device, name: str | None = None) -
         from engine_svc.attention.torch_backend import TorchAttentionBackend
         return TorchAttentionBackend()
     if name == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"attention backend 'triton' needs a CUDA device, got {device}: use 'torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"attention backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1), "
+                             f"got {device}: use 'torch'")
         # Imported lazily: Triton (and kernels/) are only needed on CUDA.
         from engine_svc.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_svc.attention.base import AttentionBackend, AttentionMetadata
+from engine_svc.model.ops import TorchOps
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -149,29 +150,24 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Holds the weight; the maths is ops.rms_norm (fused with the residual add where there is one)."""
+
+    def __init__(self, dim: int, eps: float, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the model dtype: transformers' order, so fp32 logits match it.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [T, heads, head_dim]; cos, sin: [T, head_dim // 2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, head_dim // 2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [..., dim]. Without residual -> normed x; with it -> (normed(x + residual), x + residual)."""
+        if residual is None:
+            shape = x.shape
+            return self.ops.rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps)[0].view(shape)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, sliding_window: int | None):
+    def __init__(self, cfg: LlamaConfig, sliding_window: int | None, ops):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -179,12 +175,13 @@ class Attention(nn.Module):
         # Fused q|k|v projection: one GEMM instead of three (the loader concatenates HF's q/k/v rows).
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.scale = cfg.head_dim ** -0.5
         self.sliding_window = sliding_window
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -194,49 +191,61 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.ops.rotary(q, k, positions, cos_sin)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H*D] -> [T, hidden]
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, ops):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
         # Fused gate|up projection (the loader concatenates HF's gate_proj and up_proj rows).
+        self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int, ops):
         super().__init__()
         window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, window, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                cos_sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (mlp output, residual stream before it); the next norm adds the two.
+
+        Deferring each residual add into the following norm lets ops fuse the add and the norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, positions, cos_sin, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    """Packed-token decoder. forward() -> final hidden states; compute_logits() on the rows to sample."""
+    """Packed-token decoder. forward() -> final hidden states; compute_logits() on the rows to sample.
 
-    def __init__(self, cfg: LlamaConfig, max_positions: int | None = None):
+    `ops` supplies rms_norm / rotary / silu_and_mul (engine_svc/model/ops.py): plain PyTorch by
+    default, fused Triton kernels on CUDA."""
+
+    def __init__(self, cfg: LlamaConfig, max_positions: int | None = None, ops=None):
         super().__init__()
+        ops = ops or TorchOps()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ops) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -245,58 +254,60 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def init_rope(self) -> None:
-        """Build the cos|sin table [max_positions, head_dim] (fp32 maths, then the model dtype).
+        """Build the fp32 cos|sin table [max_positions, head_dim] on the model's device.
 
-        Call after the module has its final device and dtype (it is a non-persistent buffer)."""
+        Call once the module has its final device (a non-persistent buffer). fp32 whatever the
+        model dtype: transformers also forms cos/sin in fp32 and rounds them only where used."""
         inv_freq = rope_inv_freq(self.cfg).to(self.embed_tokens.weight.device)
         pos = torch.arange(self.max_positions, device=inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2], the product transformers forms
-        self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(self.embed_tokens.weight.dtype)
+        self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [T] -> normed hidden states [T, hidden]."""
-        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)  # [T, D/2] each
         h = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, kv_cache, meta, backend)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, self.cos_sin, kv_cache, meta, backend)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
-    # ---- weights: HF tensor names -> (parameter, row offset in a fused parameter) ----
+    # ---- weights: HF tensor names -> (parameter, first row, number of rows) ----
 
-    def weight_targets(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """Every HF checkpoint tensor name this model needs, with its destination and row offset."""
-        targets: dict[str, tuple[torch.Tensor, int]] = {"model.embed_tokens.weight": (self.embed_tokens.weight, 0),
-                                                         "model.norm.weight": (self.norm.weight, 0)}
+    def weight_targets(self) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """Every HF checkpoint tensor name this model needs -> where its rows go (fused params take
+        several HF tensors: q|k|v rows in qkv_proj, gate|up rows in gate_up_proj)."""
+        def whole(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+            return p, 0, p.shape[0]
+
+        targets = {"model.embed_tokens.weight": whole(self.embed_tokens.weight),
+                   "model.norm.weight": whole(self.norm.weight)}
         if self.lm_head is not None:
-            targets["lm_head.weight"] = (self.lm_head.weight, 0)
+            targets["lm_head.weight"] = whole(self.lm_head.weight)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
-            offsets = {"q_proj": 0, "k_proj": attn.q_size, "v_proj": attn.q_size + attn.kv_size}
-            for name, off in offsets.items():
-                targets[f"{p}self_attn.{name}.weight"] = (attn.qkv_proj.weight, off)
-                if attn.qkv_proj.bias is not None:
-                    targets[f"{p}self_attn.{name}.bias"] = (attn.qkv_proj.bias, off)
-            targets[f"{p}self_attn.o_proj.weight"] = (attn.o_proj.weight, 0)
-            if attn.o_proj.bias is not None:
-                targets[f"{p}self_attn.o_proj.bias"] = (attn.o_proj.bias, 0)
+            qkv = {"q_proj": (0, attn.q_size), "k_proj": (attn.q_size, attn.kv_size),
+                   "v_proj": (attn.q_size + attn.kv_size, attn.kv_size)}
+            gate_up = {"gate_proj": (0, mlp.intermediate_size),
+                       "up_proj": (mlp.intermediate_size, mlp.intermediate_size)}
+            for prefix, fused, parts in ((f"{p}self_attn.", attn.qkv_proj, qkv), (f"{p}mlp.", mlp.gate_up_proj, gate_up)):
+                for name, (first, rows) in parts.items():
+                    targets[f"{prefix}{name}.weight"] = (fused.weight, first, rows)
+                    if fused.bias is not None:
+                        targets[f"{prefix}{name}.bias"] = (fused.bias, first, rows)
+            plain = {"self_attn.o_proj": attn.o_proj, "mlp.down_proj": mlp.down_proj,
+                     "input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
             if attn.q_norm is not None:
-                targets[f"{p}self_attn.q_norm.weight"] = (attn.q_norm.weight, 0)
-                targets[f"{p}self_attn.k_norm.weight"] = (attn.k_norm.weight, 0)
-            for name, off in (("gate_proj", 0), ("up_proj", mlp.intermediate_size)):
-                targets[f"{p}mlp.{name}.weight"] = (mlp.gate_up_proj.weight, off)
-                if mlp.gate_up_proj.bias is not None:
-                    targets[f"{p}mlp.{name}.bias"] = (mlp.gate_up_proj.bias, off)
-            targets[f"{p}mlp.down_proj.weight"] = (mlp.down_proj.weight, 0)
-            if mlp.down_proj.bias is not None:
-                targets[f"{p}mlp.down_proj.bias"] = (mlp.down_proj.bias, 0)
-            targets[f"{p}input_layernorm.weight"] = (layer.input_layernorm.weight, 0)
-            targets[f"{p}post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, 0)
+                plain.update({"self_attn.q_norm": attn.q_norm, "self_attn.k_norm": attn.k_norm})
+            for name, module in plain.items():
+                targets[f"{p}{name}.weight"] = whole(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    targets[f"{p}{name}.bias"] = whole(module.bias)
         return targets

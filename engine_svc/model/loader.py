@@ -125,10 +125,9 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: str,
                         if not (name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"):
                             unexpected.append(name)
                         continue
-                    param, offset = target
+                    param, first, rows = target
                     tensor = f.get_tensor(name)  # a view of the memory-mapped file
-                    rows = tensor.shape[0]
-                    dest = param[offset:offset + rows] if offset or rows != param.shape[0] else param
+                    dest = param.narrow(0, first, rows)
                     if tuple(dest.shape) != tuple(tensor.shape):
                         raise WeightsError(f"{name} in {path} has shape {tuple(tensor.shape)}, "
                                            f"the config implies {tuple(dest.shape)}")
@@ -166,10 +165,10 @@ def init_random(model: LlamaForCausalLM, seed: int, device: torch.device) -> Non
 
 
 def build_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int) -> LlamaForCausalLM:
+                max_positions: int, ops=None) -> LlamaForCausalLM:
     """Allocate the model on `device` without running nn.Module's (slow, useless) default init."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, ops)
     model = model.to_empty(device=device).to(dtype)
     model.init_rope()
     return model.eval().requires_grad_(False)
@@ -177,8 +176,10 @@ def build_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device,
 
 def load(model: str, load_format: str = "auto", dtype: str = "auto", device: str | torch.device = "cpu",
          seed: int = 0, max_positions: int | None = None,
-         on_progress: Callable[[float], None] | None = None) -> LoadedModel:
+         on_progress: Callable[[float], None] | None = None, ops=None) -> LoadedModel:
     """Build the model named by `model` (HF directory or "demo") with the requested weights.
+
+    ops: the model's pointwise layers (engine_svc/model/ops.py); None = plain PyTorch.
 
     Raises:
         UnsupportedModelError: the architecture / rope type is not implemented (named).
@@ -188,7 +189,7 @@ def load(model: str, load_format: str = "auto", dtype: str = "auto", device: str
     hf, gen = read_hf_config(model)
     cfg = LlamaConfig.from_hf(hf)
     torch_dtype = resolve_dtype(dtype, hf, device)
-    net = build_model(cfg, torch_dtype, device, max_positions or cfg.max_position_embeddings)
+    net = build_model(cfg, torch_dtype, device, max_positions or cfg.max_position_embeddings, ops)
     if model == "demo":
         # Generated on the CPU so the demo model is the same on every device.
         cpu = build_model(cfg, torch.float32, torch.device("cpu"), 1)

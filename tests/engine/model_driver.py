@@ -42,11 +42,13 @@ class Req:
 
 def generate(runner: ModelRunner, prompts: list[list[int]], max_new: int = 64,
              params: SamplingParams | list[SamplingParams] | None = None, chunk: int | None = None,
-             stagger: bool = False) -> list[list[int]]:
+             stagger: bool = False, preempt: dict[int, int] | None = None) -> list[list[int]]:
     """Run requests to max_new tokens each (no stop ids), in one batch.
 
     chunk: split prefills into chunks of at most this many tokens (chunked prefill).
     stagger: admit request i only at step i, so prefills mix with other requests' decodes.
+    preempt: {step: request index}: before that step, the request loses its blocks and its computed
+        tokens and is recomputed from prompt + output so far (preemption by recompute).
     Blocks come from a free list and go back when a request finishes, so tables are not contiguous.
     """
     plist = params if isinstance(params, list) else [params or SamplingParams(temperature=0.0)] * len(prompts)
@@ -55,6 +57,10 @@ def generate(runner: ModelRunner, prompts: list[list[int]], max_new: int = 64,
     bs = runner.block_size
     step = 0
     while not all(r.done for r in reqs):
+        if preempt and step in preempt:
+            victim = reqs[preempt[step]]
+            free.extend(victim.blocks)
+            victim.blocks, victim.num_computed = [], 0
         active = [r for i, r in enumerate(reqs) if not r.done and (not stagger or i <= step)]
         seqs = []
         for r in active:
