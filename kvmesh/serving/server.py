@@ -70,6 +70,7 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     serving: bool = True,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Build, bind and start a grpc.aio server.
 
@@ -78,6 +79,7 @@ async def start_server(
         service_names: full names ("kvmesh.v1.Engine") for health and reflection.
         host, port: where to listen; port 0 picks a free port (read it from the result).
         serving: initial health; engines start NOT_SERVING and flip once warmed up.
+        credentials: serve TLS (or mTLS) with these; None = plaintext.
     Returns:
         The RunningServer, already started.
     Raises:
@@ -93,7 +95,8 @@ async def start_server(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = server.add_secure_port(address, credentials) if credentials is not None \
+        else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {address}")
     await server.start()

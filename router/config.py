@@ -1,0 +1,120 @@
+"""Router configuration: one validated value object built from flags / KVMESH_* variables."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from router.discovery import Target, parse_targets
+from router.policy import POLICIES
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+@dataclass
+class RouterConfig:
+    tokenizer: str  # HOST:PORT (or any gRPC target) of tokenizer_svc
+    engines: list[Target]  # static addresses and dns:/// names
+    policy: str = "kv"  # kv | round_robin | least_requests
+    staleness_bound_s: float = 2.0  # a report older than this is stale
+    queue_ratio: float = 1.0  # kv policy: an engine may be asked to queue up to this x its blocks
+    dns_refresh_s: float = 5.0  # re-resolve dns:/// targets this often
+    heartbeat_ms: int = 500  # WatchLoad heartbeat asked of engines
+    min_report_interval_ms: int = 20  # WatchLoad change-driven report rate limit
+    default_max_tokens: int = 256  # when the request leaves max_tokens absent (clamped to the model)
+    max_tokens_limit: int = 4096  # largest max_tokens accepted
+    max_prompt_tokens: int | None = None  # None = the model's max_model_len
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+    max_concurrent_streams: int = 1024  # Generate streams open at once; beyond -> RESOURCE_EXHAUSTED
+    max_attempts: int = 3  # engines tried for one request before its first token (failover)
+    retry_after_s: float = 1.0  # RetryInfo delay when no engine can admit
+    auth_token: str | None = None  # bearer token clients must present (None = no auth)
+    tls_cert: str | None = None  # PEM server certificate chain (TLS when set with tls_key)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
+
+    def validate(self) -> "RouterConfig":
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r}: use one of {', '.join(POLICIES)}")
+        positive = {"staleness_bound_s": self.staleness_bound_s, "dns_refresh_s": self.dns_refresh_s,
+                    "heartbeat_ms": self.heartbeat_ms, "default_max_tokens": self.default_max_tokens,
+                    "max_tokens_limit": self.max_tokens_limit, "max_stop_strings": self.max_stop_strings,
+                    "max_stop_string_bytes": self.max_stop_string_bytes,
+                    "max_concurrent_streams": self.max_concurrent_streams, "max_attempts": self.max_attempts,
+                    "retry_after_s": self.retry_after_s}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name}={value}: must be > 0")
+        if self.queue_ratio < 0:
+            raise ConfigError(f"queue_ratio={self.queue_ratio}: must be >= 0 (0 = never queue at an engine)")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_limit="
+                              f"{self.max_tokens_limit}: lower the default or raise the limit")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: pass both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.auth_token is not None and not self.auth_token:
+            raise ConfigError("auth_token is empty: pass a token or leave the flag out")
+        return self
+
+
+def add_router_flags(parser: argparse.ArgumentParser) -> None:
+    """The router's own flags (beside add_server_flags)."""
+    d = RouterConfig.__dataclass_fields__
+    parser.add_argument("--tokenizer", required=True, help="tokenizer service HOST:PORT")
+    parser.add_argument("--engines", required=True,
+                        help="engine replicas: HOST:PORT[,HOST:PORT...] and/or dns:///NAME:PORT")
+    parser.add_argument("--policy", default=d["policy"].default, choices=sorted(POLICIES),
+                        type=lambda name: name.replace("-", "_"),
+                        help="replica choice: kv (free KV blocks), round_robin, least_requests")
+    parser.add_argument("--staleness-bound", type=float, default=d["staleness_bound_s"].default,
+                        help="seconds after which an engine's load report counts as stale")
+    parser.add_argument("--queue-ratio", type=float, default=d["queue_ratio"].default,
+                        help="kv policy: let an engine queue work up to this many times its KV blocks")
+    parser.add_argument("--dns-refresh", type=float, default=d["dns_refresh_s"].default,
+                        help="seconds between re-resolutions of dns:/// engine targets")
+    parser.add_argument("--heartbeat-ms", type=int, default=d["heartbeat_ms"].default,
+                        help="load-report heartbeat asked of each engine")
+    parser.add_argument("--default-max-tokens", type=int, default=d["default_max_tokens"].default,
+                        help="max_tokens when a request leaves it out")
+    parser.add_argument("--max-tokens-limit", type=int, default=d["max_tokens_limit"].default,
+                        help="largest max_tokens a request may ask for")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longest prompt in tokens (default: the model's max_model_len)")
+    parser.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default)
+    parser.add_argument("--max-stop-string-bytes", type=int, default=d["max_stop_string_bytes"].default)
+    parser.add_argument("--max-concurrent-streams", type=int, default=d["max_concurrent_streams"].default,
+                        help="Generate streams open at once; more get RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-attempts", type=int, default=d["max_attempts"].default,
+                        help="engines tried for a request before its first token")
+    parser.add_argument("--retry-after", type=float, default=d["retry_after_s"].default,
+                        help="retry delay (seconds) advertised when overloaded")
+    parser.add_argument("--auth-token", default=None,
+                        help="require 'authorization: Bearer TOKEN' (prefer the env variable)")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    try:
+        engines = parse_targets(args.engines)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return RouterConfig(
+        tokenizer=args.tokenizer, engines=engines, policy=args.policy,
+        staleness_bound_s=args.staleness_bound, queue_ratio=args.queue_ratio,
+        dns_refresh_s=args.dns_refresh, heartbeat_ms=args.heartbeat_ms,
+        default_max_tokens=args.default_max_tokens, max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens, max_stop_strings=args.max_stop_strings,
+        max_stop_string_bytes=args.max_stop_string_bytes,
+        max_concurrent_streams=args.max_concurrent_streams, max_attempts=args.max_attempts,
+        retry_after_s=args.retry_after, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+    ).validate()

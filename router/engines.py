@@ -1,0 +1,269 @@
+"""The engine table: one entry per engine address, kept fresh by one watcher task each.
+
+A watcher owns its engine's soft state. It checks health, reads GetInfo, then holds one long-lived
+WatchLoad stream and applies every report. An engine is admissible only while its health is SERVING,
+its stream is up and it is not draining; on any failure it is ejected at once and the watcher
+reconnects with exponential backoff (with jitter), re-admitting the engine on its first report after
+health says SERVING again. The request path may also eject an engine whose Generate failed with
+UNAVAILABLE; the watcher is the only one that re-admits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvmesh.serving.channels import create_channel
+from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from router.policy import Candidate
+from router.reservations import ReservationLedger
+
+log = logging.getLogger(__name__)
+
+ENGINE_SERVICE = "kvmesh.v1.Engine"
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter; reset after a success."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+    _next: float = 0.0
+
+    def delay(self) -> float:
+        self._next = min(self.max_s, max(self.initial_s, self._next * 2))
+        return random.uniform(self._next / 2, self._next)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+
+@dataclass
+class Engine:
+    """One engine replica as the router sees it. Mutated only on the router's event loop."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: engine_pb2_grpc.EngineStub
+    info: common_pb2.ServiceInfo | None = None
+    report: common_pb2.LoadReport | None = None
+    report_received_at: float = 0.0  # router monotonic clock
+    healthy: bool = False  # health SERVING, as last checked
+    stream_up: bool = False  # WatchLoad delivering
+    ejected_reason: str = "not yet connected"  # "" when admissible
+    in_flight: int = 0
+    ledger: ReservationLedger = field(default_factory=ReservationLedger)
+    removed: bool = False  # gone from discovery; closed once idle
+    num_ejections: int = 0
+    # Set by the request path on a failed call: the watcher drops its streams and re-checks health
+    # (with backoff) before re-admitting, instead of trusting the next load report.
+    recheck: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def admissible(self) -> bool:
+        return (not self.ejected_reason and not self.removed and self.healthy and self.stream_up
+                and self.info is not None and self.report is not None and not self.report.draining)
+
+    def apply_report(self, report: common_pb2.LoadReport) -> None:
+        """Take a report (pushed or attached to a Generate response) if it is newer than the one held."""
+        old = self.report
+        if old is not None and report.engine_id == old.engine_id and report.sequence <= old.sequence:
+            return  # out of order or duplicate
+        if old is not None and report.engine_id != old.engine_id:
+            log.info("engine %s restarted (id %s -> %s)", self.address, old.engine_id, report.engine_id)
+            self.ledger.reset()
+        self.report = report
+        self.report_received_at = time.monotonic()
+        self.ledger.on_report(report.sequence)
+
+    def eject(self, reason: str, *, recheck: bool = False) -> None:
+        if not self.ejected_reason:
+            log.warning("ejecting engine %s: %s", self.address, reason)
+            self.num_ejections += 1
+        self.ejected_reason = reason
+        if recheck:
+            self.recheck.set()
+
+    def candidate(self, staleness_bound_s: float, now: float) -> Candidate:
+        r = self.report
+        assert r is not None and self.info is not None
+        age = now - self.report_received_at
+        return Candidate(
+            address=self.address, engine_id=r.engine_id, block_size=r.block_size or self.info.kv_block_size,
+            total_blocks=r.total_blocks, free_blocks=r.free_blocks, cached_blocks=r.cached_blocks,
+            reserved_blocks=r.reserved_blocks, waiting_tokens=r.num_waiting_tokens,
+            pending_blocks=self.ledger.pending_blocks, in_flight=self.in_flight, report_age_s=age,
+            stale=age > staleness_bound_s)
+
+
+class EngineWatcher:
+    """Keeps one Engine's health, info and load fresh; ejects and re-admits it."""
+
+    def __init__(self, engine: Engine, *, min_interval_ms: int, heartbeat_ms: int,
+                 on_change=lambda: None):
+        self.engine = engine
+        self._min_interval_ms = min_interval_ms
+        self._heartbeat_ms = heartbeat_ms
+        self._on_change = on_change
+        self._backoff = Backoff()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"watch-{self.engine.address}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        e = self.engine
+        health = health_pb2_grpc.HealthStub(e.channel)
+        while True:
+            try:
+                await self._connect_once(health)
+                reason = "load stream ended"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except (_NotServing, _Recheck) as exc:
+                reason = e.ejected_reason or str(exc)
+            except Exception as exc:  # noqa: BLE001 - a watcher must survive anything and retry
+                log.exception("watcher for %s failed", e.address)
+                reason = f"watcher error: {type(exc).__name__}"
+            e.stream_up = False
+            e.healthy = False
+            e.eject(reason)
+            self._on_change()
+            await asyncio.sleep(self._backoff.delay())
+
+    async def _connect_once(self, health: health_pb2_grpc.HealthStub) -> None:
+        e = self.engine
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE), timeout=5.0)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise _NotServing()
+        e.info = await e.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+        e.healthy = True
+        call = e.stub.WatchLoad(engine_pb2.WatchLoadRequest(
+            min_interval_ms=self._min_interval_ms, heartbeat_ms=self._heartbeat_ms))
+        e.recheck.clear()
+        tasks = {asyncio.create_task(self._read_load(call)), asyncio.create_task(self._watch_health(health)),
+                 asyncio.create_task(self._wait_recheck())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the stream's error, or _NotServing
+        finally:
+            call.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_load(self, call) -> None:
+        e = self.engine
+        async for report in call:
+            e.apply_report(report)
+            if (not e.stream_up or e.ejected_reason) and not e.recheck.is_set():
+                e.stream_up = True
+                if e.healthy:
+                    if e.ejected_reason:
+                        log.info("admitting engine %s (%s)", e.address, report.engine_id)
+                    e.ejected_reason = ""
+                    self._backoff.reset()
+                self._on_change()
+
+    async def _wait_recheck(self) -> None:
+        await self.engine.recheck.wait()
+        raise _Recheck()
+
+    async def _watch_health(self, health: health_pb2_grpc.HealthStub) -> None:
+        """Returns (by raising _NotServing) as soon as health leaves SERVING."""
+        async for reply in health.Watch(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE)):
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                self.engine.healthy = False
+                raise _NotServing()
+        raise _NotServing()
+
+
+class _NotServing(Exception):
+    def __str__(self) -> str:
+        return "health is not SERVING"
+
+
+class _Recheck(Exception):
+    def __str__(self) -> str:
+        return "a request failed on it"
+
+
+class EnginePool:
+    """All known engines by address: membership (from discovery), watchers and candidate snapshots."""
+
+    def __init__(self, *, staleness_bound_s: float, max_message_bytes: int,
+                 min_interval_ms: int = 20, heartbeat_ms: int = 500, on_change=lambda: None):
+        self.staleness_bound_s = staleness_bound_s
+        self._max_message_bytes = max_message_bytes
+        self._min_interval_ms = min_interval_ms
+        self._heartbeat_ms = heartbeat_ms
+        self._on_change = on_change
+        self.engines: dict[str, Engine] = {}
+        self._watchers: dict[str, EngineWatcher] = {}
+
+    def set_addresses(self, addresses: set[str]) -> None:
+        """Start watching new addresses; retire vanished ones (closed once their requests end)."""
+        for addr in sorted(addresses - self.engines.keys()):
+            channel = create_channel(addr, max_message_bytes=self._max_message_bytes)
+            engine = Engine(addr, channel, engine_pb2_grpc.EngineStub(channel))
+            self.engines[addr] = engine
+            watcher = EngineWatcher(engine, min_interval_ms=self._min_interval_ms,
+                                    heartbeat_ms=self._heartbeat_ms, on_change=self._on_change)
+            self._watchers[addr] = watcher
+            watcher.start()
+            log.info("watching engine %s", addr)
+        for addr in sorted(self.engines.keys() - addresses):
+            log.info("engine %s left discovery", addr)
+            self.engines[addr].removed = True
+            asyncio.create_task(self._watchers.pop(addr).stop())
+            self._close_if_idle(addr)
+        self._on_change()
+
+    def _close_if_idle(self, address: str) -> None:
+        engine = self.engines.get(address)
+        if engine is not None and engine.removed and engine.in_flight == 0:
+            del self.engines[address]
+            asyncio.create_task(engine.channel.close())
+
+    def ready(self) -> list[Engine]:
+        return [e for e in self.engines.values() if e.admissible]
+
+    def candidates(self, exclude: set[str] = frozenset()) -> list[Candidate]:
+        now = time.monotonic()
+        return [e.candidate(self.staleness_bound_s, now) for e in self.ready() if e.address not in exclude]
+
+    def begin(self, address: str, request_id: str, num_blocks: int) -> Engine:
+        """Reserve blocks and count the request in flight on the chosen engine."""
+        engine = self.engines[address]
+        engine.ledger.reserve(request_id, num_blocks)
+        engine.in_flight += 1
+        return engine
+
+    def end(self, engine: Engine, request_id: str) -> None:
+        engine.ledger.release(request_id)
+        engine.in_flight -= 1
+        self._close_if_idle(engine.address)
+
+    async def close(self) -> None:
+        for watcher in list(self._watchers.values()):
+            await watcher.stop()
+        for engine in self.engines.values():
+            await engine.channel.close()

@@ -1,0 +1,319 @@
+"""One Generate request through the mesh: tokenize, choose an engine, stream, detokenize, stop.
+
+The rule, stated first: a request commits to an engine when that engine answers with its first
+response. Until then any engine failure is invisible to the client (the request is re-dispatched to
+another replica, at most `max_attempts` engines in all); after it, a failure ends the stream with
+one response carrying a StreamError, and nothing is resent.
+
+Every exit path (finish, stop string, client cancel, deadline, error) runs the same `finally`: the
+engine call is cancelled if still open (the engine aborts at its next step boundary and frees the
+request's blocks), the detokenize stream is cancelled, the reservation is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
+from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
+from router.config import RouterConfig
+from router.engines import Engine, EnginePool
+from router.policy import Decision, Policy
+from router.tokenizer_client import DetokenizeSession, TokenizerClient, downstream_error
+from router.validation import Limits, check_request, resolve_max_tokens
+
+log = logging.getLogger(__name__)
+
+# After a stop-string match: how long to wait for the aborted engine stream to report its final
+# token count before cancelling it outright.
+STOP_DRAIN_S = 2.0
+ABORT_TIMEOUT_S = 2.0
+# Engine statuses before the first response that mean "try another replica".
+_FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   grpc.StatusCode.UNKNOWN}
+
+
+def record_decision(decision: Decision) -> None:
+    """Default decision hook: a span event on the current span (a no-op without tracing) and a debug log."""
+    try:
+        from opentelemetry import trace
+        trace.get_current_span().add_event("kvmesh.route", decision.attributes())
+    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+        pass
+    log.debug("route %s -> %s (%s)", decision.request_id, decision.chosen, decision.reason)
+
+
+async def _start_detokenizer(detok: DetokenizeSession, prompt: list[int], req) -> grpc.aio.AioRpcError | None:
+    """Send the detokenizer its start message; the error, if any, is returned for the caller to raise."""
+    try:
+        await detok.start(prompt, req)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return None
+
+
+class _Deadline:
+    def __init__(self, remaining_s: float | None):
+        self._at = None if remaining_s is None else time.monotonic() + remaining_s
+
+    def remaining(self) -> float | None:
+        """Seconds left for downstream calls (None = no deadline)."""
+        return None if self._at is None else max(0.001, self._at - time.monotonic())
+
+
+class Orchestrator:
+    """Runs Generate requests. One per router process; request state lives in the request's coroutine."""
+
+    def __init__(self, *, config: RouterConfig, pool: EnginePool, policy: Policy, tokenizer: TokenizerClient,
+                 limits: Callable[[], Limits], on_decision: Callable[[Decision], None] = record_decision,
+                 rng: random.Random | None = None):
+        self._config = config
+        self._pool = pool
+        self._policy = policy
+        self._tokenizer = tokenizer
+        self._limits = limits
+        self.on_decision = on_decision  # the observability hook: gets every Decision, attempts included
+        self._rng = rng or random.Random()
+        self._live: set[str] = set()
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._live)
+
+    async def generate(self, req: router_pb2.RouterGenerateRequest,
+                       remaining_s: float | None) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """Stream the responses of one request. Raises ServiceError before the first response."""
+        request_id = req.request_id or uuid.uuid4().hex
+        if request_id in self._live:
+            raise AlreadyExists(f"request_id {request_id!r} is already live")
+        if len(self._live) >= self._config.max_concurrent_streams:
+            raise ResourceExhausted(f"{len(self._live)} streams open; at most {self._config.max_concurrent_streams}",
+                                    retry_after_s=self._config.retry_after_s)
+        self._live.add(request_id)
+        try:
+            async for out in self._generate(request_id, req, _Deadline(remaining_s)):
+                yield out
+        finally:
+            self._live.discard(request_id)
+
+    async def _generate(self, request_id, req, deadline):
+        limits = self._limits()
+        check_request(req, limits)
+        prompt = await self._tokenizer.prompt_ids(req, deadline.remaining())
+        max_tokens = resolve_max_tokens(req, len(prompt), limits)
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(req.sampling)
+        sampling.max_tokens = max_tokens
+        engine_req = engine_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                                sampling=sampling, include_load=True)
+        if req.HasField("priority"):
+            engine_req.priority = req.priority
+
+        detok = self._tokenizer.detokenizer(deadline.remaining())
+        engine = call = None
+        # The detokenizer's start travels while the engine prefills.
+        start = asyncio.ensure_future(_start_detokenizer(detok, prompt, req))
+        try:
+            engine, call, first = await self._dispatch(engine_req, len(prompt), max_tokens, deadline)
+            if (exc := await start) is not None:
+                raise downstream_error("tokenizer", exc)
+            stream = _Stream(self, req, request_id, len(prompt), engine, call, detok)
+            async for out in stream.run(first):
+                yield out
+        finally:
+            start.cancel()
+            detok.cancel()
+            if call is not None:
+                call.cancel()
+            if engine is not None:
+                self._pool.end(engine, request_id)
+
+    async def _dispatch(self, engine_req, num_prompt_tokens, max_tokens, deadline):
+        """Choose an engine and get its first response, failing over before that. Returns
+        (engine, call, first response); the caller owns the reservation from then on."""
+        excluded: list[str] = []
+        last_error = ""
+        for attempt in range(self._config.max_attempts):
+            candidates = self._pool.candidates(set(excluded))
+            decision = self._policy.choose(engine_req.request_id, candidates, num_prompt_tokens, max_tokens,
+                                           self._rng)
+            decision.attempt, decision.excluded = attempt, list(excluded)
+            self.on_decision(decision)
+            if decision.chosen is None:
+                if candidates:
+                    needs = sorted({s.need_blocks for s in decision.scored})
+                    raise ResourceExhausted(
+                        f"no engine can admit the request now ({len(candidates)} ready, request needs "
+                        f"{needs[0]} KV blocks)", retry_after_s=self._config.retry_after_s)
+                raise Unavailable("no ready engine" + (f" (last failure: {last_error})" if last_error else ""))
+            chosen = decision.chosen_candidate
+            engine = self._pool.begin(decision.chosen, engine_req.request_id,
+                                      chosen.need_blocks(num_prompt_tokens, max_tokens))
+            call = engine.stub.Generate(engine_req, timeout=deadline.remaining())
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                self._pool.end(engine, engine_req.request_id)
+                if exc.code() not in _FAILOVER_CODES:
+                    raise downstream_error("engine", exc) from None
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    engine.eject(f"Generate failed: {exc.code().name}: {exc.details()}", recheck=True)
+                last_error = f"{engine.address}: {exc.code().name}: {exc.details()}"
+                log.warning("request %s: engine %s failed before its first token, failing over: %s",
+                            engine_req.request_id, engine.address, last_error)
+                excluded.append(engine.address)
+                continue
+            except BaseException:
+                call.cancel()
+                self._pool.end(engine, engine_req.request_id)
+                raise
+            if first is grpc.aio.EOF:
+                self._pool.end(engine, engine_req.request_id)
+                last_error = f"{engine.address}: stream ended before any response"
+                excluded.append(engine.address)
+                continue
+            return engine, call, first
+        raise Unavailable(f"no engine answered after {self._config.max_attempts} attempts: {last_error}")
+
+
+class _Stream:
+    """The committed part of a request: engine responses -> detokenizer -> client responses."""
+
+    def __init__(self, orch: Orchestrator, req, request_id: str, num_prompt_tokens: int, engine: Engine,
+                 call, detok: DetokenizeSession):
+        self.req = req
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.engine = engine
+        self.call = call
+        self.detok = detok
+        self.num_tokens = 0  # generated tokens received from the engine
+
+    def _usage(self, completion: int | None = None) -> common_pb2.Usage:
+        return common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
+                                completion_tokens=self.num_tokens if completion is None else completion)
+
+    async def run(self, resp) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        e = self.engine
+        first = True
+        while True:
+            if resp.HasField("load"):
+                e.apply_report(resp.load)
+            if first:
+                e.ledger.ack(self.request_id, resp.load.sequence if resp.HasField("load") else None)
+            out = router_pb2.RouterGenerateResponse(request_id=self.request_id)
+            if first:
+                out.engine_id = e.report.engine_id if e.report is not None else e.address
+            try:
+                if resp.tokens:
+                    done = await self._tokens(resp, out)
+                    if done:
+                        yield out
+                        return
+                if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    await self._finish(resp, out)
+                    yield out
+                    return
+            except (grpc.aio.AioRpcError, ServiceError) as exc:
+                yield self._error(out, "tokenizer", exc)
+                return
+            if first or out.text or out.tokens:
+                yield out
+            first = False
+            try:
+                resp = await self.call.read()
+            except grpc.aio.AioRpcError as exc:
+                yield self._error(router_pb2.RouterGenerateResponse(request_id=self.request_id), "engine", exc)
+                return
+            if resp is grpc.aio.EOF:
+                yield self._lost("the engine ended the stream without a finish reason")
+                return
+
+    async def _tokens(self, resp, out) -> bool:
+        """Detokenize one engine batch into `out`. Returns True when a stop string matched (out is final)."""
+        tokens = list(resp.tokens)
+        self.num_tokens += len(tokens)
+        det = await self.detok.push([t.id for t in tokens])
+        out.text = det.text
+        match = det.stop_match if det.HasField("stop_match") else None
+        if self.req.return_tokens:
+            out.tokens.extend(t for t in tokens if match is None or t.index <= match.token_index)
+        if match is None:
+            return False
+        completion = await self._stop_engine()
+        out.finish_reason = common_pb2.FINISH_REASON_STOP_STRING
+        out.matched_stop_string = match.stop
+        out.usage.CopyFrom(self._usage(completion))
+        return True
+
+    async def _finish(self, resp, out) -> None:
+        if not self.detok.done:
+            tail = await self.detok.finish()
+            out.text += tail.text
+        out.finish_reason = resp.finish_reason
+        if resp.HasField("matched_stop_token_id"):
+            out.matched_stop_token_id = resp.matched_stop_token_id
+        if resp.HasField("error"):
+            out.error.CopyFrom(resp.error)
+        completion = resp.usage.completion_tokens if resp.HasField("usage") else None
+        out.usage.CopyFrom(self._usage(completion or self.num_tokens))
+
+    async def _stop_engine(self) -> int:
+        """Abort the engine request at once, then read its stream out to learn how many tokens it
+        generated in all (the contract lets it run at most one step past the match). Returns that count."""
+        abort = asyncio.ensure_future(self.engine.stub.Abort(
+            engine_pb2.AbortRequest(request_id=self.request_id), timeout=ABORT_TIMEOUT_S))
+        abort.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures only mean "already gone"
+        count = self.num_tokens
+        try:
+            async with asyncio.timeout(STOP_DRAIN_S):
+                while True:
+                    resp = await self.call.read()
+                    if resp is grpc.aio.EOF:
+                        break
+                    count += len(resp.tokens)
+                    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        if resp.HasField("usage") and resp.usage.completion_tokens:
+                            count = resp.usage.completion_tokens
+                        break
+        except (TimeoutError, grpc.aio.AioRpcError):
+            pass
+        self.call.cancel()
+        return count
+
+    def _error(self, out, where: str, exc: Exception) -> router_pb2.RouterGenerateResponse:
+        """The one terminal response for a failure after the first response."""
+        out.finish_reason = common_pb2.FINISH_REASON_ERROR
+        out.usage.CopyFrom(self._usage())
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+        details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            out.error.CopyFrom(common_pb2.StreamError(
+                code=code.value[0], reason=common_pb2.ERROR_REASON_DEADLINE_EXCEEDED,
+                message=f"deadline exceeded after {self.num_tokens} tokens"))
+        elif where == "engine":
+            self.engine.eject(f"Generate stream failed: {code.name}: {details}", recheck=True)
+            return self._lost(f"{code.name}: {details}", out)
+        else:
+            out.error.CopyFrom(common_pb2.StreamError(
+                code=grpc.StatusCode.UNAVAILABLE.value[0], reason=common_pb2.ERROR_REASON_INTERNAL,
+                message=f"{where} failed after {self.num_tokens} tokens: {code.name}: {details}"))
+        log.warning("request %s ended with an error: %s", self.request_id, out.error.message)
+        return out
+
+    def _lost(self, why: str, out=None) -> router_pb2.RouterGenerateResponse:
+        out = out or router_pb2.RouterGenerateResponse(request_id=self.request_id)
+        out.finish_reason = common_pb2.FINISH_REASON_ERROR
+        out.usage.CopyFrom(self._usage())
+        out.error.CopyFrom(common_pb2.StreamError(
+            code=grpc.StatusCode.UNAVAILABLE.value[0], reason=common_pb2.ERROR_REASON_ENGINE_LOST,
+            message=f"engine {self.engine.address} lost after {self.num_tokens} tokens: {why}"))
+        log.warning("request %s: %s", self.request_id, out.error.message)
+        return out

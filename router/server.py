@@ -1,0 +1,140 @@
+"""`python -m router.server`: the router process.
+
+Start order: reach the tokenizer (GetInfo, retried until it answers), start discovery and one watcher
+per engine, then serve. Health is SERVING while at least one engine is admissible, so `kvmesh up` and
+Kubernetes readiness wait for a router that can answer; it follows the engines from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import grpc
+
+from kvmesh.serving.channels import create_channel
+from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
+from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
+from kvmesh.v1 import common_pb2, router_pb2_grpc
+from router.auth import BearerTokenInterceptor
+from router.config import ConfigError, RouterConfig, add_router_flags, config_from_args
+from router.deployment import Deployment
+from router.discovery import Discovery
+from router.engines import Backoff, EnginePool
+from router.orchestrator import Orchestrator
+from router.policy import make_policy
+from router.servicer import RouterServicer
+from router.tokenizer_client import TokenizerClient
+
+log = logging.getLogger("router")
+
+SERVICE_NAME = "kvmesh.v1.Router"
+DEFAULT_PORT = 50051
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None:
+        return None
+    ca = _read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+class Router:
+    """The router's parts, wired. `start()` serves; `stop()` drains."""
+
+    def __init__(self, config: RouterConfig, *, host: str, port: int, max_message_bytes: int):
+        self.config = config
+        self._host, self._port, self._max_message_bytes = host, port, max_message_bytes
+        self.running: RunningServer | None = None
+        self.pool = EnginePool(staleness_bound_s=config.staleness_bound_s, max_message_bytes=max_message_bytes,
+                               min_interval_ms=config.min_report_interval_ms, heartbeat_ms=config.heartbeat_ms,
+                               on_change=self._on_pool_change)
+        self.deployment = Deployment(config, self.pool)
+        self._tokenizer_channel = create_channel(config.tokenizer, max_message_bytes=max_message_bytes)
+        self.orchestrator = Orchestrator(
+            config=config, pool=self.pool, policy=make_policy(config.policy, queue_ratio=config.queue_ratio),
+            tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)
+        self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
+        self._serving: bool | None = None
+
+    def _on_pool_change(self) -> None:
+        serving = self.deployment.tokenizer is not None and bool(self.pool.ready())
+        if self.running is not None and serving != self._serving:
+            self._serving = serving
+            log.info("health %s (%d ready engines)", "SERVING" if serving else "NOT_SERVING",
+                     len(self.pool.ready()))
+            asyncio.ensure_future(self.running.set_serving(serving))
+
+    async def _reach_tokenizer(self) -> None:
+        tokenizer = TokenizerClient(self._tokenizer_channel)
+        backoff = Backoff(max_s=2.0)
+        while True:
+            try:
+                self.deployment.tokenizer = await tokenizer.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.warning("tokenizer %s not reachable yet: %s", self.config.tokenizer, exc.code().name)
+                await asyncio.sleep(backoff.delay())
+
+    async def start(self) -> None:
+        servicer = RouterServicer(self.orchestrator, self.deployment)
+        interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
+        self.running = await start_server(
+            register=lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
+            service_names=[SERVICE_NAME], host=self._host, port=self._port,
+            max_message_bytes=self._max_message_bytes, interceptors=interceptors, serving=False,
+            credentials=server_credentials(self.config))
+        await self._reach_tokenizer()
+        await self.discovery.start()
+        self._on_pool_change()
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain (NOT_SERVING, in-flight streams get grace_s) and release everything."""
+        if self.running is not None:
+            await self.running.stop(grace_s)
+        await self.close()
+
+    async def close(self) -> None:
+        await self.discovery.stop()
+        await self.pool.close()
+        await self._tokenizer_channel.close()
+
+
+async def serve(args) -> None:
+    config = config_from_args(args)
+    router = Router(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await router.start()
+    write_port_file(args.port_file, router.running.port)
+    await wait_for_stop(router.running, stop, args.grace)
+    await router.close()
+
+
+def build_parser() -> EnvArgumentParser:
+    parser = EnvArgumentParser(prog="kvmesh-router", description="kvmesh router: the public endpoint")
+    add_server_flags(parser, default_port=DEFAULT_PORT)
+    add_router_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except ConfigError as exc:
+        print(f"kvmesh-router: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

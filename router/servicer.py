@@ -1,0 +1,23 @@
+"""kvmesh.v1.Router: the public gRPC surface. Thin: the work is in Orchestrator and Deployment."""
+
+from __future__ import annotations
+
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from router.deployment import Deployment
+from router.orchestrator import Orchestrator
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, orchestrator: Orchestrator, deployment: Deployment):
+        self._orch = orchestrator
+        self._deployment = deployment
+
+    async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
+        async for out in self._orch.generate(request, context.time_remaining()):
+            yield out
+
+    async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> common_pb2.ServiceInfo:
+        return self._deployment.service_info()
+
+    async def ListModels(self, request: router_pb2.ListModelsRequest, context) -> router_pb2.ListModelsResponse:
+        return self._deployment.list_models()

@@ -1,0 +1,90 @@
+"""The router's side of tokenizer_svc: prompt ids for each input kind, and one detokenize session per request."""
+
+from __future__ import annotations
+
+import grpc
+
+from kvmesh.serving.errors import ServiceError, Unavailable
+from kvmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+# Statuses from the tokenizer that describe the caller's input: passed to the client as they are.
+_CALLER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+def downstream_error(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
+    """A downstream failure as the error the router's client gets: caller errors keep their status
+    and message; anything else is UNAVAILABLE naming the tier."""
+    if exc.code() in _CALLER_CODES:
+        err = ServiceError(exc.details() or exc.code().name)
+        err.code = exc.code()
+        return err
+    return Unavailable(f"{service} unavailable: {exc.code().name}: {exc.details()}")
+
+
+class TokenizerClient:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+
+    async def prompt_ids(self, request: router_pb2.RouterGenerateRequest, timeout: float | None) -> list[int]:
+        """Token ids for the request's input (text, chat or ids). Raises ServiceError."""
+        kind = request.WhichOneof("input")
+        try:
+            if kind == "text":
+                reply = await self.stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=request.text),
+                                                 timeout=timeout)
+                return list(reply.token_ids)
+            if kind == "chat":
+                chat = request.chat
+                req = tokenizer_pb2.ApplyChatTemplateRequest(messages=chat.messages, tools_json=chat.tools_json,
+                                                             tokenize=True)
+                if chat.HasField("add_generation_prompt"):
+                    req.add_generation_prompt = chat.add_generation_prompt
+                if chat.HasField("template_kwargs_json"):
+                    req.template_kwargs_json = chat.template_kwargs_json
+                reply = await self.stub.ApplyChatTemplate(req, timeout=timeout)
+                return list(reply.token_ids)
+        except grpc.aio.AioRpcError as exc:
+            raise downstream_error("tokenizer", exc) from None
+        assert kind == "token_ids", kind
+        return list(request.token_ids.ids)
+
+    def detokenizer(self, timeout: float | None) -> "DetokenizeSession":
+        return DetokenizeSession(self.stub.DetokenizeStream(timeout=timeout))
+
+
+class DetokenizeSession:
+    """One DetokenizeStream: start, then one reply per batch of ids, then finish. Lockstep by contract."""
+
+    def __init__(self, call):
+        self._call = call
+        self.done = False
+
+    async def start(self, prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> None:
+        start = tokenizer_pb2.DetokenizeStreamStart(prompt_token_ids=prompt_ids, stop=request.stop)
+        if request.HasField("include_stop_string"):
+            start.include_stop_string = request.include_stop_string
+        if request.HasField("skip_special_tokens"):
+            start.skip_special_tokens = request.skip_special_tokens
+        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(start=start))
+
+    async def push(self, ids: list[int]) -> tokenizer_pb2.DetokenizeStreamResponse:
+        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=ids)))
+        return await self._read()
+
+    async def finish(self) -> tokenizer_pb2.DetokenizeStreamResponse:
+        """Flush text held back; the stream ends."""
+        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(finish=True))
+        return await self._read()
+
+    async def _read(self) -> tokenizer_pb2.DetokenizeStreamResponse:
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            raise Unavailable("tokenizer ended the detokenize stream early")
+        if reply.done:
+            self.done = True
+        return reply
+
+    def cancel(self) -> None:
+        self._call.cancel()

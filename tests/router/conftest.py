@@ -1,0 +1,86 @@
+"""Real processes on loopback for the router tier: one tokenizer and three engines of unequal KV
+capacity on stories260k, started once for the whole tests/router package, and routers started per
+module over any subset of the engines (a router is cheap to start; an engine is not).
+
+Logs of every child go to one temporary folder, printed when a process fails to start.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import pytest
+
+from kvmesh.procs import ServiceProcess
+
+# KV blocks per engine (block size 16): unequal on purpose; "b" and "c" are equal to each other.
+ENGINE_BLOCKS = {"a": 96, "b": 48, "c": 48}
+START_TIMEOUT_S = 180.0
+
+
+class Mesh:
+    """The shared tokenizer and engines, and a factory for routers over them."""
+
+    def __init__(self, model_dir: pathlib.Path, log_dir: pathlib.Path):
+        self.model_dir = model_dir
+        self.log_dir = log_dir
+        self.tokenizer: ServiceProcess | None = None
+        self.engines: dict[str, ServiceProcess] = {}
+        self.routers: list[ServiceProcess] = []
+
+    def _log(self, name: str) -> str:
+        return str(self.log_dir / f"{name}.log")
+
+    def engine_args(self, name: str) -> list[str]:
+        return ["--model", str(self.model_dir), "--num-gpu-blocks-override", str(ENGINE_BLOCKS[name])]
+
+    def start(self) -> "Mesh":
+        self.tokenizer = ServiceProcess("tokenizer", "tokenizer", ["--model", str(self.model_dir)],
+                                        log_path=self._log("tokenizer")).start()
+        for name in ENGINE_BLOCKS:
+            self.engines[name] = ServiceProcess("engine", f"engine-{name}", self.engine_args(name),
+                                                log_path=self._log(f"engine-{name}")).start()
+        for proc in [self.tokenizer, *self.engines.values()]:
+            proc.wait_healthy(START_TIMEOUT_S)
+        return self
+
+    def restart_engine(self, name: str) -> ServiceProcess:
+        """Start engine `name` again on its old port (after a kill), and wait until it is healthy."""
+        old = self.engines[name]
+        proc = ServiceProcess("engine", f"engine-{name}", [*self.engine_args(name), "--port", str(old.port)],
+                              log_path=self._log(f"engine-{name}")).start()
+        self.engines[name] = proc
+        proc.wait_healthy(START_TIMEOUT_S)
+        return proc
+
+    def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        """Start a router over the named engines and wait until it serves (an engine admitted)."""
+        targets = ",".join(self.engines[n].address for n in engines)
+        proc = ServiceProcess("router", f"router-{len(self.routers)}",
+                              ["--tokenizer", self.tokenizer.address, "--engines", targets,
+                               "--heartbeat-ms", "200", *flags],
+                              env=env or {}, log_path=self._log(f"router-{len(self.routers)}")).start()
+        self.routers.append(proc)
+        proc.wait_healthy(START_TIMEOUT_S)
+        return proc
+
+    def stop(self) -> None:
+        for proc in [*self.routers, *self.engines.values(), self.tokenizer]:
+            if proc is not None:
+                proc.stop(timeout_s=10)
+
+
+@pytest.fixture(scope="package")
+def mesh(stories260k_dir):
+    log_dir = pathlib.Path(tempfile.mkdtemp(prefix="kvmesh-router-tests-"))
+    m = Mesh(stories260k_dir, log_dir)
+    try:
+        m.start()
+    except Exception:
+        m.stop()
+        for log in sorted(log_dir.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-4000:]}")
+        raise
+    yield m
+    m.stop()
