@@ -8,6 +8,7 @@ port to a file (no racy free-port guessing); readiness is the standard gRPC heal
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,10 @@ class ServiceProcess:
     args: list[str]  # extra command-line flags
     env: dict[str, str] = field(default_factory=dict)
     log_path: str | None = None  # None = inherit the parent's stderr
+    # Linux: the child gets SIGTERM if this process dies (even by SIGKILL), so a killed launcher
+    # leaves no orphans. Call start() from the main thread: the signal fires when the *thread* that
+    # started the child exits.
+    die_with_parent: bool = False
     proc: subprocess.Popen | None = None
     port: int | None = None
     _port_file: str = ""
@@ -49,24 +54,46 @@ class ServiceProcess:
         os.unlink(self._port_file)  # the child creates it atomically once it is listening
         cmd = [sys.executable, "-m", SERVICE_MODULES[self.kind], "--host", "127.0.0.1", "--port", "0",
                "--port-file", self._port_file, *self.args]
+        if self.die_with_parent and shutil.which("setpriv"):
+            # setpriv (util-linux) sets PR_SET_PDEATHSIG and execs; a preexec_fn would do the same but
+            # is unsafe once grpc has started threads in this process.
+            cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=out, stderr=out,
                                      start_new_session=True)  # Ctrl-C reaches us, not every child
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def poll_port(self) -> int | None:
+        """The bound port once the child wrote its port file, else None (never blocks)."""
+        if self.port is None and os.path.exists(self._port_file):
+            with open(self._port_file) as f:
+                text = f.read().strip()
+            if text:
+                self.port = int(text)
+        return self.port
+
     def wait_listening(self, timeout_s: float) -> int:
         """Wait until the child wrote its port file; raise if it exited or the time ran out."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self._check_alive()
-            if os.path.exists(self._port_file):
-                with open(self._port_file) as f:
-                    text = f.read().strip()
-                if text:
-                    self.port = int(text)
-                    return self.port
+            self.check_alive()
+            if self.poll_port() is not None:
+                return self.port
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} did not start listening within {timeout_s:.0f}s")
+
+    def is_serving(self, channel: grpc.Channel, service: str = "", timeout_s: float = 1.0) -> bool:
+        """One grpc.health.v1 check over `channel` (to self.address); False on any RPC error."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def wait_healthy(self, timeout_s: float, service: str = "") -> None:
         """Wait until grpc.health.v1 says SERVING (engines say so only after warm-up)."""
@@ -74,34 +101,44 @@ class ServiceProcess:
         if self.port is None:
             self.wait_listening(timeout_s)
         with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                self._check_alive()
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
+                self.check_alive()
+                if self.is_serving(channel, service):
+                    return
                 time.sleep(0.1)
         raise TimeoutError(f"{self.name} was not SERVING within {timeout_s:.0f}s")
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise RuntimeError (naming the log file) if the child has exited."""
         if self.proc is not None and self.proc.poll() is not None:
             where = f"; see {self.log_path}" if self.log_path else ""
             raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}{where}")
 
+    def signal_stop(self) -> None:
+        """Send SIGTERM (the service drains) without waiting; see stop() and stop_all()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM (the service drains), then SIGKILL after timeout_s. Returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc is None:
+            return None
+        self.signal_stop()
+        return self._reap(time.monotonic() + timeout_s)
+
+    def _reap(self, deadline: float) -> int:
+        """Wait for the child until `deadline`, SIGKILL it past that, and clean up after it."""
         try:
-            return self.proc.wait(timeout_s)
+            return self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(5)
         finally:
+            # The child led its own session: kill anything it left behind in its process group.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             if os.path.exists(self._port_file):
                 os.unlink(self._port_file)
 
@@ -110,3 +147,15 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def stop_all(services: list[ServiceProcess], timeout_s: float = 15.0) -> dict[str, int | None]:
+    """Stop several children in parallel: SIGTERM to all, one shared deadline, SIGKILL stragglers.
+
+    Returns:
+        name -> exit code (None for a child that was never started).
+    """
+    for s in services:
+        s.signal_stop()
+    deadline = time.monotonic() + timeout_s
+    return {s.name: (None if s.proc is None else s._reap(deadline)) for s in services}
