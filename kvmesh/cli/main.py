@@ -11,6 +11,7 @@ from kvmesh.serving.config import EnvArgumentParser
 SUBCOMMANDS = {
     "generate": "kvmesh.cli.generate",
     "up": "kvmesh.cli.up",
+    "health": "kvmesh.cli.health",
 }
 
 
