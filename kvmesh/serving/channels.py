@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from kvmesh.serving.server import DEFAULT_MAX_MESSAGE_BYTES
+from kvmesh.telemetry.tracing import client_interceptors
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -24,6 +25,9 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 def create_channel(target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                    interceptors=None) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `target` ("host:port" or "dns:///name:port")."""
+    """An insecure grpc.aio channel to `target` ("host:port" or "dns:///name:port").
+
+    Every call carries the caller's trace context (W3C traceparent in the metadata) and gets a
+    CLIENT span; `interceptors` run inside that."""
     return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes),
-                                     interceptors=interceptors)
+                                     interceptors=[*client_interceptors(), *(interceptors or [])])

@@ -69,17 +69,29 @@ STEP_NUM_REQUESTS = "kvmesh.step.num_requests"
 STEP_NUM_PREFILL_TOKENS = "kvmesh.step.num_prefill_tokens"
 STEP_NUM_DECODE_TOKENS = "kvmesh.step.num_decode_tokens"
 
-# --- router ---
-EVENT_ROUTE_DECISION = "kvmesh.route.decision"
-ROUTE_CHOSEN = "kvmesh.route.chosen"  # the engine id picked
-ROUTE_NEEDED_BLOCKS = "kvmesh.route.needed_blocks"
-ROUTE_CANDIDATES = "kvmesh.route.candidates"  # engine ids, aligned with the arrays below
-ROUTE_FREE_BLOCKS = "kvmesh.route.free_blocks"
-ROUTE_INFLIGHT_BLOCKS = "kvmesh.route.inflight_blocks"
-ROUTE_SCORES = "kvmesh.route.scores"
-ROUTE_REPORT_AGES = "kvmesh.route.report_age_s"
-ROUTE_STALE = "kvmesh.route.stale"
+# --- router: the routing-decision event on the router's request span (router.policy.Decision) ---
+EVENT_ROUTE_DECISION = "kvmesh.route"
+ROUTE_REQUEST_ID = "kvmesh.route.request_id"
+ROUTE_POLICY = "kvmesh.route.policy"
 ROUTE_ATTEMPT = "kvmesh.route.attempt"  # 0 for the first choice, 1.. for failovers
+ROUTE_CHOSEN = "kvmesh.route.chosen"  # address of the engine picked ("" when none could admit)
+ROUTE_REASON = "kvmesh.route.reason"
+ROUTE_PROMPT_TOKENS = "kvmesh.route.prompt_tokens"
+ROUTE_MAX_TOKENS = "kvmesh.route.max_tokens"
+ROUTE_EXCLUDED = "kvmesh.route.excluded"
+# Per-candidate arrays, aligned with ROUTE_CANDIDATES:
+ROUTE_CANDIDATES = "kvmesh.route.candidates"  # addresses
+ROUTE_ENGINE_IDS = "kvmesh.route.engine_ids"
+ROUTE_FREE_BLOCKS = "kvmesh.route.free_blocks"
+ROUTE_CACHED_BLOCKS = "kvmesh.route.cached_blocks"
+ROUTE_ENGINE_RESERVED_BLOCKS = "kvmesh.route.engine_reserved_blocks"
+ROUTE_WAITING_TOKENS = "kvmesh.route.waiting_tokens"
+ROUTE_PENDING_BLOCKS = "kvmesh.route.pending_blocks"
+ROUTE_IN_FLIGHT = "kvmesh.route.in_flight"
+ROUTE_REPORT_AGES = "kvmesh.route.report_age_s"
+ROUTE_NEED_BLOCKS = "kvmesh.route.need_blocks"
+ROUTE_SCORES = "kvmesh.route.scores"
+ROUTE_TIERS = "kvmesh.route.tiers"
 
 # --- tokenizer ---
 TOKENIZER_NUM_TOKENS = "kvmesh.tokenizer.num_tokens"

@@ -37,8 +37,7 @@ class _Upstream(engine_pb2_grpc.EngineServicer):
     """Calls the downstream server from inside its own RPCs, as the router calls the tokenizer."""
 
     def __init__(self, downstream_port: int):
-        self.channel = create_channel(f"127.0.0.1:{downstream_port}",
-                                      interceptors=telemetry.client_interceptors())
+        self.channel = create_channel(f"127.0.0.1:{downstream_port}")
         self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
         self.started = asyncio.Event()
 
@@ -73,7 +72,7 @@ async def servers(memory_spans):
     up = await start_server(
         register=lambda s: engine_pb2_grpc.add_EngineServicer_to_server(upstream, s),
         service_names=["kvmesh.v1.Engine"], interceptors=telemetry.server_interceptors())
-    channel = create_channel(f"127.0.0.1:{up.port}", interceptors=telemetry.client_interceptors())
+    channel = create_channel(f"127.0.0.1:{up.port}")
     yield engine_pb2_grpc.EngineStub(channel), upstream, memory_spans
     await channel.close()
     await upstream.channel.close()
@@ -154,10 +153,13 @@ async def test_cancelled_stream_ends_both_spans(servers, how):
     await asyncio.wait_for(upstream.started.wait(), 5)
     if how == "cancel_task":  # the router's handler is cancelled while it reads the engine stream
         task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        call.cancel()  # its `finally` then cancels the engine call
     else:  # the router stops reading and cancels the call (a stop string matched)
         call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+        with pytest.raises(asyncio.CancelledError):
+            await task
     del call, task
     spans = await _wait_spans(exporter, lambda s: sum(x.name == "/kvmesh.v1.Engine/Generate" for x in s) == 2)
     server = _one(spans, "/kvmesh.v1.Engine/Generate", SpanKind.SERVER)
