@@ -23,6 +23,7 @@ from engine_svc.config import ConfigError, EngineConfig
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
 from engine_svc.sampler import SampleRequest, Sampler
+from engine_svc.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from engine_svc.step import ModelInfo, SampledToken, ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,10 @@ class ModelRunner:
             next_block += nb
         hidden = self._forward(seqs)
         rows = min(self.config.max_num_seqs, hidden.shape[0])
-        self.model.compute_logits(hidden[:rows])
+        # The sampler's worst case too: sort (top-p), penalties, noise and logprobs over every row.
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
+                                frequency_penalty=0.1, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
+        self.sampler(self.model.compute_logits(hidden[:rows]), [SampleRequest(params, [0], [0])] * rows)
         scratch = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
         self.kv_caches = []
         if self.device.type == "cuda":
@@ -232,7 +236,9 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(n), q_lens)
         positions = np.arange(num_tokens) - cu[:-1][seq_of_token] + starts[seq_of_token]
         nbt = max(len(s.block_ids) for s in seqs)
-        rows, width = (pad_to, self.max_blocks_per_seq) if pad_to else (n, nbt)
+        # Only the used columns travel; a graph keeps stale entries past them, which no sequence
+        # reads (a kernel reads the table only below ceil(seq_len / block_size)).
+        rows, width = (pad_to, nbt) if pad_to else (n, nbt)
         T = pad_to if pad_to else num_tokens
         h_bt = self.h_bt[:rows * width].view(rows, width)
         bt = h_bt.numpy()
@@ -268,7 +274,6 @@ class ModelRunner:
 
 
 def _dummy_seq(n: int, block_ids: list[int]) -> ScheduledSeq:
-    from engine_svc.sampling_params import SamplingParams
     return ScheduledSeq("profile", [0] * n, 0, block_ids, False, SamplingParams(), [], [])
 
 
@@ -306,7 +311,7 @@ class _DecodeGraph:
         self.pos.copy_(pos)
         self.meta.query_start_loc.copy_(meta.query_start_loc)
         self.meta.seq_lens.copy_(meta.seq_lens)
-        self.meta.block_tables.copy_(meta.block_tables)
+        self.meta.block_tables[:, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.meta.slot_mapping.copy_(meta.slot_mapping)
         self.graph.replay()
         return self.out

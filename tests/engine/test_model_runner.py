@@ -55,8 +55,7 @@ def test_prepare_pads_decode_batches_for_graphs(stories):
     assert meta.slot_mapping.tolist() == [11, 41, -1, -1]  # padding writes nowhere
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     assert meta.seq_lens.tolist() == [4, 10, 1, 1]
-    assert meta.block_tables.shape == (4, stories.max_blocks_per_seq) and meta.num_seqs == 4
-    assert meta.block_tables[:, :2].tolist() == [[1, 0], [2, 5], [0, 0], [0, 0]]
+    assert meta.block_tables.tolist() == [[1, 0], [2, 5], [0, 0], [0, 0]] and meta.num_seqs == 4
 
 
 def test_execute_aligns_results_and_skips_unsampled(stories):
