@@ -1,5 +1,5 @@
-"""Server bootstrap shared by the three services: health, reflection, error mapping, size limits,
-graceful stop.
+"""Server bootstrap shared by the three services: health, reflection, error mapping, tracing, size
+limits, graceful stop.
 
 Shutdown order (graceful): health goes NOT_SERVING first, so that load balancers and the router
 stop sending new work, then `server.stop(grace)` lets in-flight RPCs finish for up to `grace`
@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.serving.errors import ExceptionMappingInterceptor
+from kvmesh.telemetry.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ async def start_server(
         RuntimeError when the address cannot be bound.
     """
     server = grpc.aio.server(
-        interceptors=[*interceptors, ExceptionMappingInterceptor()],
+        # Tracing outermost: every RPC (auth failures included) runs in a SERVER span that continues
+        # the caller's trace; exceptions become statuses inside it.
+        interceptors=[*server_interceptors(), *interceptors, ExceptionMappingInterceptor()],
         options=server_options(max_message_bytes),
     )
     register(server)

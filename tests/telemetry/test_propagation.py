@@ -1,6 +1,6 @@
 """W3C trace context across two of our grpc.aio servers, for every RPC shape, with errors and
-cancellation: the wiring every kvmesh service uses (server_interceptors + client_interceptors +
-the error-mapping interceptor), checked without the real services."""
+cancellation: the wiring every kvmesh service gets from start_server and create_channel (tracing
+interceptors + the error-mapping interceptor), checked without the real services."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from kvmesh import telemetry
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.errors import InvalidArgument
 from kvmesh.serving.server import start_server
@@ -67,11 +66,11 @@ class _Upstream(engine_pb2_grpc.EngineServicer):
 async def servers(memory_spans):
     down = await start_server(
         register=lambda s: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(_Downstream(), s),
-        service_names=["kvmesh.v1.Tokenizer"], interceptors=telemetry.server_interceptors())
+        service_names=["kvmesh.v1.Tokenizer"])
     upstream = _Upstream(down.port)
     up = await start_server(
         register=lambda s: engine_pb2_grpc.add_EngineServicer_to_server(upstream, s),
-        service_names=["kvmesh.v1.Engine"], interceptors=telemetry.server_interceptors())
+        service_names=["kvmesh.v1.Engine"])
     channel = create_channel(f"127.0.0.1:{up.port}")
     yield engine_pb2_grpc.EngineStub(channel), upstream, memory_spans
     await channel.close()
