@@ -1,0 +1,180 @@
+"""`kvmesh-engine`: the engine gRPC server process.
+
+Startup: bind and listen at once (health NOT_SERVING, GetStatus answers), then on the engine thread
+load weights, size and allocate the KV cache, compile/capture; then run one real warm-up generation
+through the whole loop; only then READY and SERVING.
+Shutdown (SIGTERM/SIGINT): DRAINING, NOT_SERVING, new requests get UNAVAILABLE; in-flight requests
+finish within --grace, the rest end with a DRAINING error; then the server and the engine stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
+from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
+                                   wait_for_stop, write_port_file)
+from kvmesh.v1 import common_pb2, engine_pb2_grpc
+
+from engine_svc.config import ConfigError, EngineConfig
+from engine_svc.core.hooks import EngineHooks
+from engine_svc.core.request import ErrorKind, FinishReason, Request
+from engine_svc.engine_loop import EngineLoop
+from engine_svc.sampling_params import SamplingParams
+from engine_svc.service import SERVICE_NAME, EngineService
+from engine_svc.status import EngineStatusTracker, Phase
+
+log = logging.getLogger("engine_svc")
+
+DEFAULT_PORT = 50051
+WARMUP_REQUEST_ID = "kvmesh-warmup"
+
+
+class EngineServer:
+    """A listening engine server: ``await start()`` binds, ``await startup()`` makes it READY.
+
+    Tests run it in-process; ``serve()`` wraps it for the command line.
+    """
+
+    def __init__(self, config: EngineConfig, *, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, hooks: EngineHooks | None = None,
+                 engine_id: str | None = None):
+        self.config = config.validate()
+        self.host, self.port, self.max_message_bytes = host, port, max_message_bytes
+        self.status = EngineStatusTracker()
+        self.engine = EngineLoop(self.config, self.status, hooks=hooks)
+        self.service = EngineService(self.engine, engine_id)
+        self.running: RunningServer | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving RPCs (health NOT_SERVING). Returns the bound port."""
+        self.running = await start_server(
+            register=lambda s: engine_pb2_grpc.add_EngineServicer_to_server(self.service, s),
+            service_names=[SERVICE_NAME], host=self.host, port=self.port,
+            max_message_bytes=self.max_message_bytes, serving=False)
+        self.port = self.running.port
+        return self.port
+
+    async def startup(self) -> None:
+        """Load, size, compile (engine thread), warm up through the whole loop, then SERVING.
+
+        Raises the startup failure after recording it in the status (phase FAILED).
+        """
+        try:
+            await self.engine.start()
+            self.status.enter(Phase.ENGINE_PHASE_WARMING_UP, "one generation through the engine loop")
+            await self._warmup()
+        except BaseException as exc:
+            self.status.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        self.status.enter(Phase.ENGINE_PHASE_READY, "serving")
+        self.service.ready = True
+        await self.running.set_serving(True)
+        log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d; startup %s",
+                 self.engine.info.name, self.engine.num_blocks, self.config.block_size,
+                 self.engine.max_model_len, self.status.phase_seconds())
+
+    async def _warmup(self) -> None:
+        """A real generation: prefill and decode steps through add -> step -> deliver -> stream."""
+        info, max_len = self.engine.info, self.engine.max_model_len
+        prompt_len = max(1, min(16, max_len - 4))
+        prompt = [(7 * i + 1) % info.vocab_size for i in range(prompt_len)]
+        params = SamplingParams(temperature=0.0, max_tokens=min(4, max_len - prompt_len), ignore_eos=True)
+        req = Request(WARMUP_REQUEST_ID, prompt, params)
+        last = None
+        async for last in self.service.stream(req):
+            pass
+        if last is None or last.finish_reason != common_pb2.FINISH_REASON_LENGTH:
+            raise RuntimeError(f"warm-up generation did not complete: {last}")
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking requests; let in-flight ones finish for grace_s, end the rest, stop the engine."""
+        if self.status.phase == Phase.ENGINE_PHASE_READY:
+            self.status.enter(Phase.ENGINE_PHASE_DRAINING, f"finishing {self.engine.num_live} request(s)")
+        self.service.draining = True
+        if self.running is not None:
+            await self.running.set_serving(False)
+        if self.engine.load is not None and not await self.engine.wait_idle(grace_s):
+            log.warning("drain grace of %.1fs ran out: ending %d request(s)", grace_s, self.engine.num_live)
+            self.engine.abort_all(FinishReason.ERROR, "the engine is shutting down (drain grace ran out)",
+                                  ErrorKind.DRAINING)
+            await self.engine.wait_idle(5.0)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Drain, then stop the gRPC server and the engine thread."""
+        await self.drain(grace_s)
+        if self.running is not None:
+            await self.running.server.stop(1.0)
+        await self.engine.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = EnvArgumentParser(prog="kvmesh-engine", description="kvmesh engine: paged-KV continuous batching over gRPC")
+    add_server_flags(p, default_port=DEFAULT_PORT)
+    d = EngineConfig()
+    p.add_argument("--model", default=d.model, help="HF model directory (config.json + safetensors) or 'demo'")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="auto = safetensors from --model; dummy = random weights in config.json's shape")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds dummy weights and unseeded sampling")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per step at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens per step at most (the scheduler's token budget)")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=d.enable_chunked_prefill, help="split long prompts across steps")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU default 256 MiB)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of GPU memory for weights, activations and the KV cache")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA-graph capture")
+    p.add_argument("--engine-id", default=None, help="id in load reports (default: engine-<pid>-<random>)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+        block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, enforce_eager=args.enforce_eager).validate()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
+    server = EngineServer(config_from_args(args), host=args.host, port=args.port,
+                          max_message_bytes=args.max_message_bytes, engine_id=args.engine_id)
+    port = await server.start()
+    write_port_file(args.port_file, port)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    startup = asyncio.create_task(server.startup())
+    startup.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
+    await wait_for_stop(server.running, stop, args.grace, before_stop=lambda: server.drain(args.grace))
+    await server.engine.stop()
+    if startup.done() and not startup.cancelled() and startup.exception() is not None:
+        log.error("startup failed: %s", startup.exception())
+        return 1
+    startup.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        code = asyncio.run(serve(args))
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

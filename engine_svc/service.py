@@ -1,0 +1,216 @@
+"""kvmesh.v1.Engine over gRPC: validation at the boundary, the engine loop behind it.
+
+Every check that can fail runs before admission, so a bad request never reaches the model:
+empty prompt, ids outside the vocabulary, sampling values, prompt + max_tokens beyond max_model_len,
+a sequence larger than the whole KV cache, a live duplicate id, draining / not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+
+from kvmesh import __version__
+from kvmesh.serving.errors import AlreadyExists, InvalidArgument, Unavailable
+from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
+
+from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
+from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop
+from engine_svc.sampling_params import SamplingParams, SamplingParamsError
+
+SERVICE_NAME = "kvmesh.v1.Engine"
+DEFAULT_MAX_TOKENS = 256
+CAPABILITIES = ["logprobs", "top_logprobs", "seed", "stop_token_ids", "min_tokens", "ignore_eos",
+                "priority", "chunked_prefill", "abort", "watch_load"]
+
+_FINISH = {
+    FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+# ErrorKind -> (google.rpc code, kvmesh.v1.ErrorReason)
+_ERRORS = {
+    ErrorKind.INTERNAL: (13, common_pb2.ERROR_REASON_INTERNAL),
+    ErrorKind.OUT_OF_KV_CACHE: (8, common_pb2.ERROR_REASON_OUT_OF_KV_CACHE),
+    ErrorKind.DRAINING: (14, common_pb2.ERROR_REASON_DRAINING),
+}
+_ABORT = {
+    AbortResult.ABORTED: engine_pb2.ABORT_RESULT_ABORTED,
+    AbortResult.ALREADY_FINISHED: engine_pb2.ABORT_RESULT_ALREADY_FINISHED,
+    AbortResult.NOT_FOUND: engine_pb2.ABORT_RESULT_NOT_FOUND,
+}
+_SAMPLING_SCALARS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
+                     "top_logprobs")
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    """The servicer. ``ready`` flips after the warm-up generation; ``draining`` at shutdown."""
+
+    def __init__(self, engine: EngineLoop, engine_id: str | None = None):
+        self.engine = engine
+        self.engine_id = engine_id or f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.ready = False
+        self.draining = False
+        self._report_seq = itertools.count(1)
+
+    # ---- Generate ----
+
+    async def Generate(self, request: engine_pb2.GenerateRequest, context):
+        if self.draining:
+            raise Unavailable("the engine is draining (shutting down): send the request to another replica")
+        if not self.ready:
+            raise Unavailable("the engine is not ready yet (see GetStatus): retry shortly")
+        req = self.validate(request)
+        async for response in self.stream(req, request.include_load):
+            yield response
+
+    async def stream(self, req: Request, include_load: bool = False):
+        """Admit a validated request and yield its responses; abort it if the consumer goes away."""
+        try:
+            outputs = self.engine.add(req)
+        except DuplicateRequest:
+            raise AlreadyExists(f"request_id {req.request_id!r} is already live on this engine") from None
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield self._response(out, include_load)
+        finally:  # client cancel, deadline, or a closed generator: free the blocks at the next step
+            if not finished:
+                self.engine.abort(req.request_id)
+
+    def validate(self, request: engine_pb2.GenerateRequest) -> Request:
+        """Build a Request from the wire, or raise InvalidArgument naming the field and the limit."""
+        info, max_len = self.engine.info, self.engine.max_model_len
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise InvalidArgument("prompt_token_ids", "must not be empty")
+        top = max(prompt)
+        if top >= info.vocab_size:
+            raise InvalidArgument("prompt_token_ids", (
+                f"id {top} at index {prompt.index(top)} is outside the vocabulary [0, {info.vocab_size})"))
+        params = self._sampling(request.sampling, len(prompt), max_len)
+        if len(prompt) + params.max_tokens > max_len:
+            raise InvalidArgument("sampling.max_tokens", (
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(prompt) + params.max_tokens} exceeds max_model_len {max_len}: "
+                f"shorten the prompt or lower max_tokens"))
+        block_size = self.engine.config.block_size
+        need = -(-(len(prompt) + params.max_tokens) // block_size)
+        if need > self.engine.num_blocks:
+            raise InvalidArgument("sampling.max_tokens", (
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks "
+                f"of {block_size} tokens; this engine's cache holds {self.engine.num_blocks}: lower max_tokens"))
+        request_id = request.request_id or uuid.uuid4().hex
+        priority = request.priority if request.HasField("priority") else 0
+        return Request(request_id, prompt, params, priority=priority)
+
+    @staticmethod
+    def _sampling(wire: common_pb2.SamplingParams, prompt_len: int, max_len: int) -> SamplingParams:
+        values = {name: getattr(wire, name) for name in _SAMPLING_SCALARS if wire.HasField(name)}
+        if prompt_len >= max_len:
+            raise InvalidArgument("prompt_token_ids", (
+                f"prompt ({prompt_len} tokens) leaves no room below max_model_len {max_len}: shorten it"))
+        values.setdefault("max_tokens", min(DEFAULT_MAX_TOKENS, max_len - prompt_len))
+        params = SamplingParams(stop_token_ids=list(wire.stop_token_ids), **values)
+        try:
+            return params.validate()
+        except SamplingParamsError as err:
+            raise InvalidArgument(f"sampling.{err.field}", str(err).split(": ", 1)[-1]) from None
+
+    def _response(self, out: RequestOutput, include_load: bool) -> engine_pb2.GenerateResponse:
+        resp = engine_pb2.GenerateResponse(request_id=out.request_id)
+        for i, tok in enumerate(out.tokens):
+            record = resp.tokens.add(id=tok.token_id, index=out.first_index + i)
+            if tok.logprob is not None:
+                record.logprob = tok.logprob
+            for tid, lp in tok.top_logprobs or ():
+                record.top_logprobs.add(token_id=tid, logprob=lp)
+        if out.finished:
+            resp.finish_reason = _FINISH[out.finish_reason]
+            if out.stop_token_id is not None:
+                resp.matched_stop_token_id = out.stop_token_id
+            resp.usage.prompt_tokens = out.num_prompt_tokens
+            resp.usage.completion_tokens = out.num_output_tokens
+            if out.finish_reason is FinishReason.ERROR:
+                code, reason = _ERRORS[out.error_kind or ErrorKind.INTERNAL]
+                resp.error.CopyFrom(common_pb2.StreamError(code=code, message=out.error or "", reason=reason))
+        if include_load:
+            resp.load.CopyFrom(self.load_report())
+        return resp
+
+    # ---- Abort / load / info / status ----
+
+    async def Abort(self, request: engine_pb2.AbortRequest, context) -> engine_pb2.AbortResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id", "must not be empty")
+        return engine_pb2.AbortResponse(result=_ABORT[self.engine.abort(request.request_id)])
+
+    def load_report(self) -> common_pb2.LoadReport:
+        """A new report (its own sequence number and clock) from the latest load snapshot."""
+        report = common_pb2.LoadReport(engine_id=self.engine_id, sequence=next(self._report_seq),
+                                       engine_time=time.monotonic(), draining=self.draining)
+        snap = self.engine.load
+        if snap is not None:
+            report.block_size = snap.block_size
+            report.total_blocks, report.free_blocks = snap.total_blocks, snap.free_blocks
+            report.cached_blocks, report.in_use_blocks = snap.cached_blocks, snap.in_use_blocks
+            report.reserved_blocks = snap.reserved_blocks
+            report.num_running_requests = snap.num_running_requests
+            report.num_waiting_requests = snap.num_waiting_requests
+            report.num_running_tokens = snap.num_running_tokens
+            report.num_waiting_tokens = snap.num_waiting_tokens
+        return report
+
+    async def GetLoad(self, request, context) -> common_pb2.LoadReport:
+        return self.load_report()
+
+    async def WatchLoad(self, request: engine_pb2.WatchLoadRequest, context):
+        """One report at once, then one per change (at most every min_interval), heartbeat otherwise."""
+        min_interval = (request.min_interval_ms if request.HasField("min_interval_ms") else 20) / 1000
+        heartbeat = max((request.heartbeat_ms if request.HasField("heartbeat_ms") else 1000) / 1000, 0.001)
+        loop = asyncio.get_running_loop()
+        sent_counts, sent_draining = self._counts(), self.draining
+        last_sent = loop.time()
+        yield self.load_report()
+        # A watcher holds no engine state, so a cancelled stream needs no cleanup.
+        while True:
+            await self.engine.wait_load_change(max(last_sent + heartbeat - loop.time(), 0))
+            changed = self._counts() != sent_counts or self.draining != sent_draining
+            if not changed and loop.time() < last_sent + heartbeat:
+                continue
+            wait = last_sent + min_interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # rate limit: coalesce the changes of several steps
+            sent_counts, sent_draining = self._counts(), self.draining
+            last_sent = loop.time()
+            yield self.load_report()
+
+    def _counts(self) -> tuple | None:
+        return self.engine.load.counts() if self.engine.load is not None else None
+
+    async def GetInfo(self, request, context) -> common_pb2.ServiceInfo:
+        info = common_pb2.ServiceInfo(name="kvmesh-engine", version=__version__,
+                                      schema_revision=SCHEMA_REVISION, pid=os.getpid(),
+                                      capabilities=CAPABILITIES, model=self._model_name())
+        mi = self.engine.info
+        if mi is not None:
+            info.max_model_len, info.vocab_size = self.engine.max_model_len, mi.vocab_size
+            info.eos_token_ids.extend(mi.eos_token_ids)
+            if mi.bos_token_id is not None:
+                info.bos_token_id = mi.bos_token_id
+            info.kv_block_size, info.kv_total_blocks = self.engine.config.block_size, self.engine.num_blocks
+        return info
+
+    def _model_name(self) -> str:
+        return self.engine.info.name if self.engine.info is not None else os.path.basename(
+            self.engine.config.model.rstrip("/"))
+
+    async def GetStatus(self, request, context) -> engine_pb2.EngineStatus:
+        return self.engine.status.to_proto()
