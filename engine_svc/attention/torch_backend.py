@@ -4,6 +4,9 @@ Same cache layout and metadata as the Triton backend (see base.py). Decode seque
 token) are handled together in one batched gather + matmul; sequences with several query tokens
 (prefill chunks) are handled one by one, since padding them to a common length would waste
 O(batch * longest chunk) work. Scores and softmax run in fp32 whatever the cache dtype.
+
+It gathers whole blocks and masks scores afterwards, so cache slots past a sequence's length must
+hold finite values (stale K/V or zeros: the runner zero-fills the cache; 0 * NaN would be NaN).
 """
 
 from __future__ import annotations
