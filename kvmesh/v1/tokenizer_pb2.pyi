@@ -102,7 +102,7 @@ class StopStringMatch(_message.Message):
     def __init__(self, stop: _Optional[str] = ..., token_index: _Optional[int] = ...) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("service", "vocab_size", "bos_token_id", "eos_token_ids", "pad_token_id", "max_length", "has_chat_template", "max_text_bytes", "max_stop_strings", "max_stop_string_bytes")
+    __slots__ = ("service", "vocab_size", "bos_token_id", "eos_token_ids", "pad_token_id", "max_length", "has_chat_template", "max_text_bytes", "max_stop_strings", "max_stop_string_bytes", "max_ids_per_request")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class TokenizerInfo(_message.Message):
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     service: _common_pb2.ServiceInfo
     vocab_size: int
     bos_token_id: int
@@ -123,4 +124,5 @@ class TokenizerInfo(_message.Message):
     max_text_bytes: int
     max_stop_strings: int
     max_stop_string_bytes: int
-    def __init__(self, service: _Optional[_Union[_common_pb2.ServiceInfo, _Mapping]] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., max_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_text_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ...) -> None: ...
+    max_ids_per_request: int
+    def __init__(self, service: _Optional[_Union[_common_pb2.ServiceInfo, _Mapping]] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., max_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_text_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ...) -> None: ...
