@@ -17,6 +17,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from kvmesh.serving.malformed import Malformed, tolerant
 from kvmesh.telemetry.tracing import record_status
 
 log = logging.getLogger(__name__)
@@ -126,17 +127,19 @@ class ExceptionMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        streaming_in = handler.request_streaming
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
-            wrapped = _wrap_stream(method, behavior)
+            wrapped = _wrap_stream(method, behavior, streaming_in)
             factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream \
                 else grpc.stream_stream_rpc_method_handler
         else:
             behavior = handler.unary_unary or handler.stream_unary
-            wrapped = _wrap_unary(method, behavior)
+            wrapped = _wrap_unary(method, behavior, streaming_in)
             factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
                 else grpc.stream_unary_rpc_method_handler
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
+        # A request that fails to parse arrives as a Malformed marker and becomes INVALID_ARGUMENT.
+        return factory(wrapped, request_deserializer=tolerant(handler.request_deserializer),
                        response_serializer=handler.response_serializer)
 
 
@@ -156,10 +159,25 @@ def _record_cancel(exc: BaseException) -> None:
         record_status(grpc.StatusCode.CANCELLED)
 
 
-def _wrap_unary(method, behavior):
+def _checked(request, streaming_in: bool):
+    """Raise InvalidArgument for a Malformed request; for a request stream, when one arrives."""
+    if not streaming_in:
+        if isinstance(request, Malformed):
+            raise InvalidArgument(request.field, request.reason)
+        return request
+
+    async def messages():
+        async for message in request:
+            if isinstance(message, Malformed):
+                raise InvalidArgument(message.field, message.reason)
+            yield message
+    return messages()
+
+
+def _wrap_unary(method, behavior, streaming_in=False):
     async def wrapper(request, context):
         try:
-            result = behavior(request, context)
+            result = behavior(_checked(request, streaming_in), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -171,10 +189,10 @@ def _wrap_unary(method, behavior):
     return wrapper
 
 
-def _wrap_stream(method, behavior):
+def _wrap_stream(method, behavior, streaming_in=False):
     async def wrapper(request, context):
         try:
-            result = behavior(request, context)
+            result = behavior(_checked(request, streaming_in), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
