@@ -1,0 +1,103 @@
+"""Incremental detokenization: token ids in, text deltas out, never half a UTF-8 character.
+
+The technique is vLLM's and TGI's prefix-offset / read-offset window. Decoding a token on its own
+is wrong for most tokenizers (SentencePiece drops a leading space at the start of a decode, a
+character may be split across byte-fallback or byte-level tokens), and re-decoding the whole
+sequence at every step costs O(length). Instead we keep a short window of ids:
+
+    ids:     ... | prefix (already emitted) | held (not yet emitted) | new id
+                 ^prefix                    ^read
+
+and decode only the window. The text of the new tokens is the window's text minus the text of its
+prefix part, which the caller already has. Start-of-text effects (a stripped leading space) apply
+to the prefix part and the whole window alike, so they cancel. When the window's text ends with
+U+FFFD the last character is incomplete: we hold the tokens back until it completes.
+
+Two conditions keep the window's difference equal to the difference of full decodes:
+  * no skipped id enters the window (a skipped EOS as the whole prefix part would leave it empty,
+    and the next token's leading space would be stripped as if it began the text);
+  * the window begins on a character boundary (its text does not start with U+FFFD).
+
+For ids whose bytes are not valid UTF-8 the stream replaces the bad bytes by U+FFFD, but it can
+differ from a one-shot decode in how many: `tokenizers` replaces a whole run of byte tokens once
+any byte in it is bad, which can change text already emitted. Tokenized text never hits this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+# Prompt tokens put in the first window: enough context for leading-space rules.
+INITIAL_PROMPT_WINDOW = 5
+# How far back into the prompt to look for a clean window start (a character boundary, a token
+# that is not skipped) before giving up and starting where we are.
+MAX_PROMPT_LOOKBACK = 64
+# A UTF-8 character spans at most 4 bytes, so after this many held tokens a trailing U+FFFD is a
+# bad byte, not an incomplete character: emit it rather than re-decode an ever-growing window.
+MAX_HELD_TOKENS = 16
+
+
+def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids that `decode(..., skip_special_tokens=True)` drops."""
+    return frozenset(i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated ids into text deltas whose concatenation equals
+    `decode(prompt + generated)[len(decode(prompt)):]` (for text that is valid UTF-8).
+
+    Each `step` costs one decode of a window of a few tokens, whatever the sequence length.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *,
+                 skip_special_tokens: bool = True, special_ids: frozenset[int] | None = None):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._special = special_token_ids(tokenizer) if special_ids is None else special_ids
+        # Skipped ids change nothing in a decode, so they never enter the window: every id in it
+        # survives decoding, and the prefix part always carries the start-of-text effects.
+        prompt = [t for t in prompt_ids if not self._skipped(t)]
+        self._ids: list[int] = prompt[self._prompt_window_start(prompt):]  # the window
+        self._read = len(self._ids)  # window index of the first id whose text is not emitted yet
+        self._prefix_text = self._decode(self._ids)  # text of the prefix part, _ids[:_read]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _skipped(self, token_id: int) -> bool:
+        return self._skip and token_id in self._special
+
+    def _prompt_window_start(self, prompt: Sequence[int]) -> int:
+        start = max(len(prompt) - INITIAL_PROMPT_WINDOW, 0)
+        limit = max(len(prompt) - MAX_PROMPT_LOOKBACK, 0)
+        while start > limit and self._decode(prompt[start:]).startswith(REPLACEMENT_CHAR):
+            start -= 1
+        return start
+
+    def step(self, token_id: int) -> str:
+        """Add one generated id; return the text that became safe to show (may be "")."""
+        if self._skipped(token_id):
+            return ""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        held = len(self._ids) - self._read
+        if len(text) <= len(self._prefix_text) or (text.endswith(REPLACEMENT_CHAR) and held < MAX_HELD_TOKENS):
+            return ""
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        # The ids just emitted become the next prefix part; older ones leave the window.
+        delta = text[len(self._prefix_text):]
+        del self._ids[:self._read]
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the sequence: the text still held back (an incomplete character as U+FFFD)."""
+        if self._read == len(self._ids):
+            return ""
+        return self._emit(self._decode(self._ids))
