@@ -20,8 +20,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from opentelemetry import trace
 
 from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
+from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
+from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
 from router.config import RouterConfig
 from router.engines import Engine, EnginePool
@@ -41,12 +44,10 @@ _FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUST
 
 
 def record_decision(decision: Decision) -> None:
-    """Default decision hook: a span event on the current span (a no-op without tracing) and a debug log."""
-    try:
-        from opentelemetry import trace
-        trace.get_current_span().add_event("kvmesh.route", decision.attributes())
-    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
-        pass
+    """Default decision hook: a span event on the current span (a no-op without tracing), the pick
+    metrics and a debug log."""
+    trace.get_current_span().add_event(EVENT_ROUTE_DECISION, decision.attributes())
+    record_pick(decision)
     log.debug("route %s -> %s (%s)", decision.request_id, decision.chosen, decision.reason)
 
 

@@ -13,6 +13,7 @@ import sys
 
 import grpc
 
+from kvmesh import telemetry
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
@@ -109,6 +110,7 @@ class Router:
 
 async def serve(args) -> None:
     config = config_from_args(args)
+    telemetry.setup("kvmesh-router", metrics_port=args.metrics_port, host=args.host)
     router = Router(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes)
     stop = asyncio.Event()
     install_stop_signals(stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvmesh.telemetry.router import RouterRequestTrace
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.deployment import Deployment
 from router.orchestrator import Orchestrator
@@ -13,8 +14,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._deployment = deployment
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
-        async for out in self._orch.generate(request, context.time_remaining()):
-            yield out
+        with RouterRequestTrace(request, self._deployment.model) as rec:  # GenAI span attributes, metrics
+            async for out in self._orch.generate(request, context.time_remaining()):
+                rec.response(out)
+                yield out
 
     async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> common_pb2.ServiceInfo:
         return self._deployment.service_info()
