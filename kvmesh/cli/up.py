@@ -1,0 +1,127 @@
+"""`kvmesh up`: a whole local cluster (tokenizer, N engines, router) on loopback, one command.
+
+Starts the services in health-gated order (kvmesh.launcher), prints the router address, streams one
+sample generation through the router with the same client code as `kvmesh generate`, then stays up
+until Ctrl-C (or SIGTERM) and drains and stops every child. `--once` stops after the sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+
+from kvmesh.launcher import ClusterConfig, LaunchError, LocalCluster, tracing_env
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "up", help="run a local cluster (tokenizer, engines, router) and answer a sample generation",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo",
+                   help="'demo' (built-in tiny model with random weights) or a HuggingFace checkpoint directory")
+    p.add_argument("--num-engines", type=int, default=2, help="engine replicas to start")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engines run")
+    p.add_argument("--gpus", default=None,
+                   help="with --device cuda: GPU ids handed to engines round-robin, e.g. 0,1 (default: all visible)")
+    p.add_argument("--load-format", default=None,
+                   help="engine weight loading; dummy = random weights in the checkpoint's shape")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text of the sample generation")
+    p.add_argument("--max-tokens", type=int, default=24, help="length of the sample generation")
+    p.add_argument("--once", action="store_true",
+                   help="stop the cluster after the sample generation (smoke tests, CI)")
+    p.add_argument("--run-dir", default=None, help="directory for child logs and pids.json (default: a new temp dir)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every service must be SERVING")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds each service gets to drain on shutdown")
+    p.add_argument("--log-level", default="INFO", help="log level of the services (their logs go to the run dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = ClusterConfig(
+            model=args.model, num_engines=args.num_engines, device=args.device, load_format=args.load_format,
+            run_dir=args.run_dir, log_level=args.log_level, startup_timeout_s=args.startup_timeout,
+            grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None).validate()
+    except ValueError as exc:
+        print(f"kvmesh up: {exc}", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(config, report=_say)
+    # Ctrl-C, SIGTERM and a closed terminal all take the same clean shutdown. SIGINT explicitly too: a
+    # shell starts background jobs with SIGINT ignored, and `kill -INT` must still stop the cluster.
+    _raise_interrupt_on(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    rc = 0
+    try:
+        _say(f"kvmesh up: {config.num_engines} engine(s) on {config.device}, model {config.model}")
+        _say(f"run directory {cluster.run_dir} (logs, pids.json)")
+        if "OTEL_TRACES_EXPORTER" in tracing_env(""):
+            _say("traces: off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4317 to export them)")
+        cluster.start()
+        _say(f"router listening on {cluster.router_address}")
+        _say(f"try: {_kvmesh_command()} generate --router {cluster.router_address} --prompt \"Hello\"")
+        _sample(cluster.router_address, args, demo=config.model == "demo")
+        if args.once:
+            return 0
+        _say("cluster is up; Ctrl-C to stop")
+        while True:
+            cluster.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _say("\nstopping: draining the router, then engines and tokenizer")
+    except (LaunchError, TimeoutError) as exc:
+        _say(f"kvmesh up: {exc}")
+        for s in cluster.services:
+            if s.proc is not None and s.proc.poll() is not None:
+                _say(f"--- last lines of {s.log_path} ---\n{cluster.log_tail(s.name).rstrip()}")
+        rc = 1
+    finally:
+        codes = cluster.stop()
+        if codes:
+            _say("stopped: " + ", ".join(f"{name} (exit {code})" for name, code in codes.items()))
+    return rc
+
+
+def _sample(router: str, args: argparse.Namespace, demo: bool) -> None:
+    """Stream one generation through the router: literally `kvmesh generate` (same parser, same client).
+
+    Raises:
+        LaunchError when the generation fails (its status is already printed on stderr).
+    """
+    from kvmesh.cli.generate import EXIT_INTERRUPTED
+    from kvmesh.cli.main import main as kvmesh_main
+
+    if demo:
+        _say("sample generation from the demo model: its weights are random, so the text is noise"
+             " (serve a real checkpoint with --model DIR)")
+    _say(f"prompt: {args.prompt!r}")
+    # --model "": the router's only model (an exported KVMESH_MODEL is a path, not a model name).
+    rc = kvmesh_main(["generate", "--router", router, "--model", "", "--prompt", args.prompt,
+                      "--max-tokens", str(args.max_tokens), "--timeout", "300"])
+    if rc == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if rc != 0:
+        raise LaunchError(f"the sample generation failed (exit {rc})")
+    _say("sample generation done")
+
+
+def _kvmesh_command() -> str:
+    """How the user can run `kvmesh` again: the name when it is on PATH, else this script's path."""
+    script = sys.argv[0]
+    if os.path.basename(script) == "kvmesh" and shutil.which("kvmesh") != os.path.abspath(script):
+        return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else script
+    return "kvmesh"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _raise_interrupt_on(*signals: signal.Signals) -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    for sig in signals:
+        signal.signal(sig, handler)

@@ -1,0 +1,38 @@
+"""kvmesh.launcher's configuration pieces (no processes started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmesh.launcher import ClusterConfig, detect_gpus, tracing_env
+
+
+def test_tracing_is_off_unless_an_exporter_is_configured():
+    assert tracing_env("engine-0", {}) == {"OTEL_TRACES_EXPORTER": "none",
+                                           "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=engine-0"}
+    on = tracing_env("engine-1", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+                                  "OTEL_RESOURCE_ATTRIBUTES": "team=a"})
+    assert on == {"OTEL_RESOURCE_ATTRIBUTES": "team=a,service.instance.id=engine-1"}
+    assert tracing_env("x", {"OTEL_TRACES_EXPORTER": "console",
+                             "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=mine"}) == {}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_engines": 0}, "num_engines=0"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"model": "/nonexistent/ckpt"}, "no config.json"),
+    ({"startup_timeout_s": 0}, "startup_timeout_s"),
+])
+def test_invalid_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ClusterConfig(**changes).validate()
+
+
+def test_a_checkpoint_directory_is_accepted(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert ClusterConfig(model=str(tmp_path)).validate().model == str(tmp_path)
+
+
+def test_gpus_come_from_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_gpus() == ["2", "3"]
