@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,6 +74,26 @@ def detect_gpus() -> list[str]:
         if lines:
             return [str(i) for i in range(len(lines))]
     return ["0"]
+
+
+def cuda_problem(python: str = sys.executable) -> str | None:
+    """Why engines started by `python` could not use CUDA, or None when they can.
+
+    Asked in a child interpreter: the launcher itself never imports torch.
+    """
+    code = "import sys, torch; print(torch.__version__); sys.exit(0 if torch.cuda.is_available() else 3)"
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not ask PyTorch about CUDA: {exc}"
+    if out.returncode == 0:
+        return None
+    if out.returncode == 3:
+        version = out.stdout.strip()
+        hint = (" (a CPU build: rm -rf .venv && KVMESH_TORCH_SPEC=torch bash scripts/setup.sh)"
+                if "+cpu" in version else " (check the driver with nvidia-smi)")
+        return f"--device cuda, but PyTorch {version} sees no CUDA GPU{hint}"
+    return f"PyTorch failed to import: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
 
 
 _OTEL_CHOICES = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",

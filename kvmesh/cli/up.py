@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from kvmesh.launcher import ClusterConfig, LaunchError, LocalCluster, tracing_env
+from kvmesh.launcher import ClusterConfig, LaunchError, LocalCluster, cuda_problem, tracing_env
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None).validate()
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)
+        return 2
+    if config.device == "cuda" and (problem := cuda_problem()):
+        print(f"kvmesh up: {problem}", file=sys.stderr)
         return 2
     cluster = LocalCluster(config, report=_say)
     # Ctrl-C, SIGTERM and a closed terminal all take the same clean shutdown. SIGINT explicitly too: a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.launcher import ClusterConfig, detect_gpus, tracing_env
+from kvmesh.launcher import ClusterConfig, cuda_problem, detect_gpus, tracing_env
 
 
 def test_tracing_is_off_unless_an_exporter_is_configured():
@@ -36,3 +36,12 @@ def test_a_checkpoint_directory_is_accepted(tmp_path):
 def test_gpus_come_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert detect_gpus() == ["2", "3"]
+
+
+def test_cuda_problem_explains_a_cpu_build(tmp_path):
+    """`--device cuda` with a CPU PyTorch fails before any process starts, with the fix."""
+    fake_python = tmp_path / "python"  # answers like `python -c ...` under a CPU-only PyTorch
+    fake_python.write_text("#!/bin/sh\necho 2.13.0+cpu\nexit 3\n")
+    fake_python.chmod(0o755)
+    problem = cuda_problem(str(fake_python))
+    assert "PyTorch 2.13.0+cpu sees no CUDA GPU" in problem and "KVMESH_TORCH_SPEC=torch" in problem
