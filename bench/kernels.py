@@ -4,8 +4,10 @@ against eager PyTorch, with the device's measured copy bandwidth and matmul rate
     python bench/kernels.py --out bench/results/kernels-<device>-<date>.json [--sweep]
 
 Timing: triton.testing.do_bench medians (it clears a 256 MB buffer before every repetition, so the
-L2 is cold and the host's launch overhead hides behind that clear). Every input is random, never
-zeros, and each timed kernel's output is checked against its baseline once before timing.
+L2 is cold). Attention (ours and SDPA alike) is timed as CUDA-graph replays, as the engine runs decode,
+so host launch cost stays out; fused layers as eager calls, whose launch cost hides behind the clear.
+Every input is random, never zeros, and each timed kernel's output is checked against its baseline
+once before timing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ PREFILL_MAX_TOKENS = 65536  # prefill shapes with B * ctx above this are skipped
 
 def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """Median of CUDA-graph replays of fn (as the engine runs decode): no host launch cost inside."""
+    fn()  # compile
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = ms(g.replay)
+    del g
+    return t
 
 
 def rel_err(a, b) -> float:
@@ -100,7 +118,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True):
         return paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, ctx, D ** -0.5, out=out,
                                plan_overrides=plan_overrides)
 
-    t = ms(ours)
+    t = graph_ms(ours)
     moved = kv_bytes + 2 * q.numel() * 2
     row = {"B": B, "ctx": ctx, "ms": t, "GBps": moved / t / 1e6, "pct_copy": 100 * moved / t / 1e6 / copy_gbps}
     if not with_sdpa:
@@ -115,7 +133,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True):
     for name, fn in sdpa_variants(qs, kc, vc, False, allow_repeat).items():
         err = rel_err(ours().view(B, H, 1, D), fn())
         assert err < 2e-2, f"decode B={B} ctx={ctx}: ours vs {name} rel err {err:.2e}"
-        ts = ms(fn)
+        ts = graph_ms(fn)
         row[name + "_ms"] = ts
         if best is None or ts < best[1]:
             best = (name, ts)
@@ -134,7 +152,7 @@ def bench_prefill(B, ctx, plan_overrides=None):
         return paged_attention(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out,
                                plan_overrides=plan_overrides)
 
-    t = ms(ours)
+    t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
     row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9}
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
@@ -143,7 +161,7 @@ def bench_prefill(B, ctx, plan_overrides=None):
     for name, fn in sdpa_variants(qs, kc, vc, True, True).items():
         err = rel_err(ours().view(B, ctx, H, D).transpose(1, 2), fn())
         assert err < 2e-2, f"prefill B={B} ctx={ctx}: ours vs {name} rel err {err:.2e}"
-        ts = ms(fn)
+        ts = graph_ms(fn)
         row[name + "_TFLOPs"] = flops / ts / 1e9
         if best is None or ts < best[1]:
             best = (name, ts)
@@ -212,27 +230,34 @@ def bench_fused(copy_gbps) -> list[dict]:
 
 
 def sweep(copy_gbps) -> dict:
-    """Tile/warp/stage variants at the target shapes (decode B=64 ctx=4096, prefill B=1 ctx=8192)."""
-    res = {"decode": [], "prefill": []}
-    for tile_n in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (2, 3, 4):
-                po = {"block_m": 16, "tile_n": tile_n, "num_warps": warps, "num_stages": stages}
-                try:
-                    r = bench_decode(64, 4096, copy_gbps, po, with_sdpa=False)
-                except Exception as e:  # out of shared memory etc.: record and go on
-                    r = {"error": str(e)[:200]}
-                res["decode"].append({**po, **r})
-                print("sweep decode", po, r.get("ms"), r.get("pct_copy"), flush=True)
-    for bm, tn, warps, stages in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                  (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3)]:
-        po = {"block_m": bm, "tile_n": tn, "num_warps": warps, "num_stages": stages}
+    """Tile/warp/stage/split variants at the target shapes (decode B=64 ctx=4096, prefill B=1 ctx=8192),
+    and split counts for small decode batches (to set the split heuristic)."""
+    res = {"decode": [], "decode_splits": [], "prefill": []}
+
+    def run(kind, fn, po, key):
         try:
-            r = bench_prefill(1, 8192, po)
-        except Exception as e:
-            r = {"error": str(e)[:200]}
-        res["prefill"].append({**po, **r})
-        print("sweep prefill", po, r.get("TFLOPs"), r.get("vs_sdpa"), flush=True)
+            r = fn(po)
+        except Exception as e:  # out of shared memory etc.: record and go on
+            r = {"error": str(e)[:300]}
+        res[kind].append({**po, **r})
+        print("sweep", kind, po, r.get(key), r.get("error", ""), flush=True)
+
+    for tile_n, warps, stages in [(64, 4, 3), (64, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (32, 4, 3)]:
+        for splits in (1, 2, 3, 4, 8):
+            po = {"block_m": 16, "tile_n": tile_n, "num_warps": warps, "num_stages": stages, "num_splits": splits}
+            run("decode", lambda po: bench_decode(64, 4096, copy_gbps, po, with_sdpa=False), po, "pct_copy")
+    for B, ctx in [(1, 4096), (1, 32768), (8, 4096), (8, 32768), (256, 512)]:
+        for splits in (1, 2, 4, 8, 16, 32, 64):
+            if splits * 256 > ctx:
+                continue
+            po = {"num_splits": splits, "B": B, "ctx": ctx}
+            run("decode_splits", lambda po: bench_decode(po["B"], po["ctx"], copy_gbps,
+                                                         {"num_splits": po["num_splits"]}, with_sdpa=False),
+                po, "pct_copy")
+    for bm, tn, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                                  (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]:
+        po = {"block_m": bm, "tile_n": tn, "num_warps": warps, "num_stages": stages}
+        run("prefill", lambda po: bench_prefill(1, 8192, po), po, "TFLOPs")
     return res
 
 
@@ -250,7 +275,8 @@ def main():
         "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "git_commit": commit or os.environ.get("KVMESH_COMMIT", "unknown"), "torch": torch.__version__,
         "triton": triton.__version__, "shape": {"H": H, "HKV": HKV, "D": D, "block_size": BS, "dtype": "bfloat16"},
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms, L2 cleared per repetition",
+        "timing": "attention: CUDA-graph replay, fused layers: eager calls; triton.testing.do_bench median, "
+                  "warmup 25 ms, rep 100 ms, L2 cleared before every repetition",
     }
     report["ceilings"] = ceilings()
     cbw = report["ceilings"]["copy_GBps"]

@@ -24,6 +24,7 @@ Two paths, chosen by ``paged_attention`` (see ``_plan``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,6 +50,59 @@ def _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
+                 stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
+                 d, d_ok, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One online-softmax step over KV positions [start, start + TILE_N).
+
+    acc [BLOCK_M, HEAD_DIM_PAD], m_i / l_i [BLOCK_M] (max in log2 units, sum), q [BLOCK_M, HEAD_DIM_PAD],
+    q_pos [BLOCK_M]. MASKED=False promises every position is < kv_end and visible to every row.
+    """
+    pos = start + tl.arange(0, TILE_N)
+    if MASKED:
+        pos_ok = pos < kv_end
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+        kv_ok = pos_ok[:, None] & d_ok[None, :]
+    else:
+        blk = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        kv_ok = d_ok[None, :]
+    row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt  # [TILE_N] token offsets (same for V strides)
+    # K^T tile [HEAD_DIM_PAD, TILE_N]; masked positions read as 0 (the cache may hold NaN there)
+    k = tl.load(k_head + row[None, :] + d[:, None], mask=tl.trans(kv_ok), other=0.0)
+    if IEEE_DOT:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if MASKED:
+        s = s * scale_log2
+        # pos <= q_pos also keeps pos < kv_end for every valid row, so no separate bound is needed
+        mask = pos[None, :] <= q_pos[:, None]
+        if USE_WINDOW:
+            mask = mask & (pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+    else:
+        # every row sees every position: the max is finite, and scaling folds into one FMA
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        m_sub = m_new
+        p = tl.math.exp2(s * scale_log2 - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
+    v = tl.load(v_head + v_row[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    acc = acc * alpha[:, None]
+    if IEEE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -122,38 +176,23 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(kv_start, kv_end, TILE_N):
-        pos = start + tl.arange(0, TILE_N)
-        pos_ok = pos < kv_end
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        # K^T tile [HEAD_DIM_PAD, TILE_N]; masked positions read as 0 (the cache may hold NaN there)
-        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh
-                    + d[:, None], mask=pos_ok[None, :] & d_ok[:, None], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale_log2
-        # pos <= q_pos also keeps pos < kv_end for every valid row, so no separate bound is needed
-        mask = pos[None, :] <= q_pos[:, None]
-        if USE_WINDOW:
-            mask = mask & (pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        if IEEE_DOT:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+    k_head = k_cache_ptr + kvh * stride_kh
+    v_head = v_cache_ptr + kvh * stride_vh
+    # Two phases: tiles every row sees whole (all positions <= the block's first query position, so
+    # no causal mask and no bounds), then the tiles along the diagonal and the sequence end, masked.
+    # With a window the lower edge needs masks too, so everything goes through the masked phase.
+    if USE_WINDOW:
+        diag_start = kv_start
+    else:
+        diag_start = tl.minimum(tl.maximum((first_q_pos + 1) // TILE_N * TILE_N, kv_start), kv_end)
+    for start in range(kv_start, diag_start, TILE_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
+                                     d, d_ok, BLOCK_SIZE, TILE_N, False, False, IEEE_DOT)
+    for start in range(diag_start, kv_end, TILE_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
+                                     d, d_ok, BLOCK_SIZE, TILE_N, True, USE_WINDOW, IEEE_DOT)
 
     row_head = tok * (QPK * tl.num_programs(1)) + head  # flat (token, head) index
     if SPLIT:
@@ -199,6 +238,7 @@ def _merge_splits_kernel(
              mask=d < HEAD_DIM)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -302,6 +342,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     if block_tables.shape[1] * block_size < max_seq_len:
         raise ValueError(f"block_tables: {block_tables.shape[1]} blocks of {block_size} cannot hold "
                          f"max_seq_len={max_seq_len}")
+    if not scale > 0:
+        raise ValueError(f"scale={scale}: must be > 0")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window={sliding_window}: must be >= 1 or None")
     if out is None:

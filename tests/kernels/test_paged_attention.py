@@ -12,10 +12,10 @@ BS = 16  # block size for the CPU cases
 
 
 def check(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
-          num_splits=None, device=DEVICE):
+          num_splits=None, device=DEVICE, scale=None):
     b = make_batch(seqs, num_kv_heads=num_kv_heads, qpk=qpk, head_dim=head_dim, block_size=block_size,
                    dtype=dtype, device=device)
-    scale = head_dim ** -0.5
+    scale = scale or head_dim ** -0.5
     out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
     got = paged_attention(*b.args(), scale, window, out=out, num_splits=num_splits)
     assert got is out
@@ -24,7 +24,8 @@ def check(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torc
 
 
 # decode: every length class around the block size, incl. 1 and the cache's last block (make_batch)
-DECODE_LENS = [1, BS - 1, BS, BS + 1, 2 * BS + 3, 77]
+# (32 and 64 are KV-tile multiples in the interpreter: the last full tile goes unmasked)
+DECODE_LENS = [1, BS - 1, BS, BS + 1, 32, 33, 2 * BS + 3, 64, 77]
 
 
 @pytest.mark.parametrize("qpk", [1, 2, 4])
@@ -62,6 +63,12 @@ def test_sliding_window(window):
 def test_split_kv(num_splits, window):
     # 64 splits exceed the tiles of short sequences: empty splits must merge to nothing
     check([(90, 1), (0, 1), (BS, 1), (40, 6), (3, 30)], num_splits=num_splits, window=window)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_peaky_scores(num_splits):
+    # scores spread over hundreds of units: the running max must track them without under/overflow
+    check(MIXED, scale=4.0, num_splits=num_splits)
 
 
 def test_gqa_ratio_not_power_of_two():
