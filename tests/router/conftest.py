@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from kvmesh.procs import ServiceProcess
+from kvmesh.procs import ServiceProcess, stop_all
 
 # KV blocks per engine (block size 16): unequal on purpose; "b" and "c" are equal to each other.
 ENGINE_BLOCKS = {"a": 96, "b": 48, "c": 48}
@@ -37,10 +37,10 @@ class Mesh:
 
     def start(self) -> "Mesh":
         self.tokenizer = ServiceProcess("tokenizer", "tokenizer", ["--model", str(self.model_dir)],
-                                        log_path=self._log("tokenizer")).start()
+                                        log_path=self._log("tokenizer"), die_with_parent=True).start()
         for name in ENGINE_BLOCKS:
             self.engines[name] = ServiceProcess("engine", f"engine-{name}", self.engine_args(name),
-                                                log_path=self._log(f"engine-{name}")).start()
+                                                log_path=self._log(f"engine-{name}"), die_with_parent=True).start()
         for proc in [self.tokenizer, *self.engines.values()]:
             proc.wait_healthy(START_TIMEOUT_S)
         return self
@@ -49,7 +49,7 @@ class Mesh:
         """Start engine `name` again on its old port (after a kill), and wait until it is healthy."""
         old = self.engines[name]
         proc = ServiceProcess("engine", f"engine-{name}", [*self.engine_args(name), "--port", str(old.port)],
-                              log_path=self._log(f"engine-{name}")).start()
+                              log_path=self._log(f"engine-{name}"), die_with_parent=True).start()
         self.engines[name] = proc
         proc.wait_healthy(START_TIMEOUT_S)
         return proc
@@ -60,15 +60,14 @@ class Mesh:
         proc = ServiceProcess("router", f"router-{len(self.routers)}",
                               ["--tokenizer", self.tokenizer.address, "--engines", targets,
                                "--heartbeat-ms", "200", *flags],
-                              env=env or {}, log_path=self._log(f"router-{len(self.routers)}")).start()
+                              env=env or {}, log_path=self._log(f"router-{len(self.routers)}"),
+                              die_with_parent=True).start()
         self.routers.append(proc)
         proc.wait_healthy(START_TIMEOUT_S)
         return proc
 
     def stop(self) -> None:
-        for proc in [*self.routers, *self.engines.values(), self.tokenizer]:
-            if proc is not None:
-                proc.stop(timeout_s=10)
+        stop_all([p for p in [*self.routers, *self.engines.values(), self.tokenizer] if p is not None], timeout_s=10)
 
 
 @pytest.fixture(scope="package")

@@ -145,9 +145,17 @@ async def test_limits_overload_and_duplicates():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await h.collect(req)
             assert err.value.code() == code and words in err.value.details(), err.value.details()
-        # 8 blocks of 16 tokens; this needs 5 + 200 tokens = 13 blocks: no engine can admit it.
+        # 8 blocks of 16 tokens; this needs 5 + 200 tokens = 13 blocks: it could never run here.
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await h.collect(text_req(max_tokens=200))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 13 KV blocks" in err.value.details()
+        # 5 + 100 tokens = 7 blocks fit an empty engine, but not beside a live request of 4 blocks
+        # (queue_ratio 0: engines may not queue): overloaded, retry later.
+        busy = h.stub.Generate(text_req(max_tokens=50))
+        await busy.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.collect(text_req(max_tokens=100))
+        busy.cancel()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         retry = error_details_pb2.RetryInfo()
         assert any(d.Unpack(retry) for d in rpc_status.from_call(err.value).details)
