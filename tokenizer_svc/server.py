@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from kvmesh import telemetry
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (RunningServer, install_stop_signals, start_server, wait_for_stop,
                                    write_port_file)
@@ -66,6 +67,7 @@ async def serve_tokenizer(tok: LoadedTokenizer, limits: Limits, *, host: str = "
 
 async def serve(args) -> None:
     limits = limits_from_args(args)
+    telemetry.setup("kvmesh-tokenizer", metrics_port=args.metrics_port, host=args.host)
     log.info("loading tokenizer %s", args.model)
     tok = await asyncio.to_thread(load_tokenizer, args.model)
     running, executor = await serve_tokenizer(tok, limits, host=args.host, port=args.port,

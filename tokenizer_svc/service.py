@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kvmesh
 from kvmesh.serving.errors import InvalidArgument
+from kvmesh.telemetry.tokenizer import record_tokens
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.chat import parse_chat_request, render_chat
 from tokenizer_svc.limits import Limits, check_ids, check_stops, check_text
@@ -73,18 +74,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         encoder = self._tok.special_tokenizer if parse else self._tok.text_tokenizer
         (encoding,) = await self._offload(encoder.encode_batch, [request.text],
                                           add_special_tokens=_flag(request, "add_special_tokens", True))
+        record_tokens("tokenize", len(encoding.ids))
         return tokenizer_pb2.TokenizeResponse(token_ids=encoding.ids)
 
     async def Detokenize(self, request, context):
         check_ids("token_ids", request.token_ids, self._tok.vocab_size, self._limits, allow_empty=False)
         (text,) = await self._offload(self._tok.text_tokenizer.decode_batch, [list(request.token_ids)],
                                       skip_special_tokens=_flag(request, "skip_special_tokens", True))
+        record_tokens("detokenize", len(request.token_ids))
         return tokenizer_pb2.DetokenizeResponse(text=text)
 
     async def ApplyChatTemplate(self, request, context):
         chat = parse_chat_request(request)
         prompt, ids = await self._offload(render_chat, self._tok.hf, chat)
         check_text("messages (rendered prompt)", prompt, self._limits)
+        record_tokens("chat_template", len(ids))
         return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, token_ids=ids)
 
     async def GetInfo(self, request, context):
@@ -111,6 +115,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 raise InvalidArgument("kind", "set one of start, tokens or finish")
             yield _stream_response(step)
             if step.done:
+                record_tokens("detokenize_stream", step.num_tokens)
                 return  # the stream ends; nothing after a stop match or finish is ever answered
 
     def _start_session(self, start) -> DetokenizeSession:

@@ -116,6 +116,23 @@ class EngineMetrics:
         self.reserved.set(report.reserved_blocks)
         self.usage.set(report.in_use_blocks / report.total_blocks if report.total_blocks else 0.0)
 
+    def watch_load(self, get_load) -> None:
+        """Read the queue and block gauges at scrape time from get_load() (the newest LoadSnapshot or
+        LoadReport, or None before the first): the step loop pays nothing for them."""
+        def field(name):
+            return lambda: getattr(get_load(), name, 0)
+
+        for gauge, name in ((self.running, "num_running_requests"), (self.waiting, "num_waiting_requests"),
+                            (self.total, "total_blocks"), (self.free, "free_blocks"),
+                            (self.cached, "cached_blocks"), (self.in_use, "in_use_blocks"),
+                            (self.reserved, "reserved_blocks")):
+            gauge.set_function(field(name))
+
+        def usage():
+            load = get_load()
+            return load.in_use_blocks / load.total_blocks if load is not None and load.total_blocks else 0.0
+        self.usage.set_function(usage)
+
     def finished(self, finish_reason: str, num_prompt_tokens: int, e2e_s: float) -> None:
         """A request ended with a finish reason (FINISH_REASON_NAMES value). Aborts go to aborted()."""
         REQUEST_SUCCESS.labels(self._model, finish_reason).inc()
