@@ -81,6 +81,8 @@ def _padded(rows: list[list[int]], fill: int) -> np.ndarray:
 class Sampler:
     """Samples one token per row of logits. Stateless apart from the engine's generator."""
 
+    noise_chunk_elems = 1 << 22  # rows of noise are made in chunks of about this many entries
+
     def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: list[int], seed: int = 0):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -104,9 +106,10 @@ class Sampler:
 
         logits, logprobs = self.process(logits, reqs, want_logprobs)
         tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            sampled = torch.argmax(logits + self._gumbel(reqs), dim=-1)
-            tokens = torch.where(torch.tensor(greedy, device=self.device), tokens, sampled)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        if rows:
+            idx = torch.tensor(rows, device=self.device)
+            tokens[idx] = self._draw(logits[idx], [reqs[i] for i in rows])
         return self._results(tokens, logprobs, params)
 
     def process(self, logits: torch.Tensor, reqs: list[SampleRequest],
@@ -182,14 +185,20 @@ class Sampler:
             drop = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
             logits.masked_fill_(drop, float("-inf"))
 
-    def _gumbel(self, reqs: list[SampleRequest]) -> torch.Tensor:
-        """Gumbel noise [N, V]: argmax(logits + noise) samples softmax(logits)."""
+    def _draw(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
+        """Gumbel-max: argmax(logits + Gumbel noise) samples softmax(logits). [n, V] -> [n].
+
+        The noise is made in row chunks (noise_chunk_elems) to bound the int64 temporaries."""
         fresh = torch.randint(0, 2**62, (len(reqs),), generator=self.generator).tolist()
-        keys = [row_keys(r.params.seed if r.params.seed is not None else s, len(r.output_token_ids))
-                for r, s in zip(reqs, fresh)]
-        k = torch.tensor(keys, dtype=torch.int64, device=self.device)
-        u = uniform_noise(self.vocab_hash, k[:, 0], k[:, 1])
-        return -torch.log(-torch.log(u))
+        keys = torch.tensor([row_keys(r.params.seed if r.params.seed is not None else s, len(r.output_token_ids))
+                             for r, s in zip(reqs, fresh)], dtype=torch.int64, device=self.device)
+        out = torch.empty(len(reqs), dtype=torch.int64, device=self.device)
+        chunk = max(1, self.noise_chunk_elems // self.vocab_size)
+        for start in range(0, len(reqs), chunk):
+            k = keys[start:start + chunk]
+            u = uniform_noise(self.vocab_hash, k[:, 0], k[:, 1])
+            out[start:start + chunk] = torch.argmax(logits[start:start + chunk] - torch.log(-torch.log(u)), dim=-1)
+        return out
 
     @staticmethod
     def _results(tokens: torch.Tensor, logprobs: torch.Tensor | None,

@@ -201,3 +201,14 @@ def test_mix32_matches_python_reference_and_is_a_bijection_sample():
     got = mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
     assert got == [ref(x) for x in xs] == [mix32(x) for x in xs]
     assert len(set(got)) == len(xs)
+
+
+def test_noise_chunking_and_greedy_rows_do_not_change_draws():
+    logits, reqs = random_batch(40, 77)
+    whole = Sampler(V, "cpu", EOS)(logits, reqs)
+    chunked = Sampler(V, "cpu", EOS)
+    chunked.noise_chunk_elems = 3 * V  # 3 rows per chunk
+    assert [t.token_id for t in chunked(logits, reqs)] == [t.token_id for t in whole]
+    sampled_only = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+    alone = Sampler(V, "cpu", EOS)(logits[sampled_only], [reqs[i] for i in sampled_only])
+    assert [t.token_id for t in alone] == [whole[i].token_id for i in sampled_only]
