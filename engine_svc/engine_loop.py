@@ -156,6 +156,11 @@ class EngineLoop:
             await self.wait_load_change(left)
         return True
 
+    def republish(self) -> None:
+        """Wake load watchers without a new snapshot (e.g. the draining flag changed)."""
+        if self.load is not None:
+            self._deliver([], self.load)
+
     def _deliver(self, outputs: list[RequestOutput], load: LoadSnapshot) -> None:
         """Runs on the event loop, once per step: route outputs, publish the load snapshot."""
         for out in outputs:

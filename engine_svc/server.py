@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
@@ -41,11 +42,11 @@ class EngineServer:
 
     def __init__(self, config: EngineConfig, *, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, hooks: EngineHooks | None = None,
-                 engine_id: str | None = None):
+                 engine_id: str | None = None, runner_factory: Callable | None = None):
         self.config = config.validate()
         self.host, self.port, self.max_message_bytes = host, port, max_message_bytes
         self.status = EngineStatusTracker()
-        self.engine = EngineLoop(self.config, self.status, hooks=hooks)
+        self.engine = EngineLoop(self.config, self.status, hooks=hooks, runner_factory=runner_factory)
         self.service = EngineService(self.engine, engine_id)
         self.running: RunningServer | None = None
 
@@ -95,6 +96,7 @@ class EngineServer:
         if self.status.phase == Phase.ENGINE_PHASE_READY:
             self.status.enter(Phase.ENGINE_PHASE_DRAINING, f"finishing {self.engine.num_live} request(s)")
         self.service.draining = True
+        self.engine.republish()  # watchers see draining=True now, not at the next heartbeat
         if self.running is not None:
             await self.running.set_serving(False)
         if self.engine.load is not None and not await self.engine.wait_idle(grace_s):

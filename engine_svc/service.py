@@ -95,7 +95,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if top >= info.vocab_size:
             raise InvalidArgument("prompt_token_ids", (
                 f"id {top} at index {prompt.index(top)} is outside the vocabulary [0, {info.vocab_size})"))
-        params = self._sampling(request.sampling, len(prompt), max_len)
+        params = self._sampling(request.sampling, len(prompt), max_len, info.vocab_size)
         if len(prompt) + params.max_tokens > max_len:
             raise InvalidArgument("sampling.max_tokens", (
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -112,7 +112,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return Request(request_id, prompt, params, priority=priority)
 
     @staticmethod
-    def _sampling(wire: common_pb2.SamplingParams, prompt_len: int, max_len: int) -> SamplingParams:
+    def _sampling(wire: common_pb2.SamplingParams, prompt_len: int, max_len: int,
+                  vocab_size: int) -> SamplingParams:
         values = {name: getattr(wire, name) for name in _SAMPLING_SCALARS if wire.HasField(name)}
         if prompt_len >= max_len:
             raise InvalidArgument("prompt_token_ids", (
@@ -120,7 +121,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         values.setdefault("max_tokens", min(DEFAULT_MAX_TOKENS, max_len - prompt_len))
         params = SamplingParams(stop_token_ids=list(wire.stop_token_ids), **values)
         try:
-            return params.validate()
+            return params.validate(vocab_size)
         except SamplingParamsError as err:
             raise InvalidArgument(f"sampling.{err.field}", str(err).split(": ", 1)[-1]) from None
 
