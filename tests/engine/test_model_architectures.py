@@ -25,6 +25,11 @@ ARCHS = {
         rope_theta=50000.0, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # Llama 2 style with linear rope scaling, tied embeddings, and biases everywhere (attention_bias
+    # puts one on o_proj too, unlike Qwen2).
+    "llama_linear": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": (transformers.MistralConfig, dict(sliding_window=8, tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True, use_sliding_window=True,
                                              sliding_window=8, max_window_layers=1)),
@@ -108,8 +113,10 @@ def test_config_switches_read(checkpoint):
     runner = make_runner(path)
     cfg = runner.model_cfg
     hf = json.loads((path / "config.json").read_text())
-    expected_windows = {"llama3": [None] * 3, "mistral": [8] * 3, "qwen2": [None, 8, 8], "qwen3": [None] * 3}
-    assert cfg.sliding_windows == expected_windows[arch]
-    assert cfg.qkv_bias == (arch in ("qwen2", "qwen3")) and cfg.qk_norm == (arch == "qwen3")
-    assert cfg.tie_word_embeddings == hf.get("tie_word_embeddings", False) == (arch == "qwen2")
-    assert (cfg.rope_scaling or {}).get("rope_type", "default") == ("llama3" if arch == "llama3" else "default")
+    expected_windows = {"mistral": [8] * 3, "qwen2": [None, 8, 8]}
+    assert cfg.sliding_windows == expected_windows.get(arch, [None] * 3)
+    assert cfg.qkv_bias == (arch in ("qwen2", "qwen3", "llama_linear")) and cfg.qk_norm == (arch == "qwen3")
+    assert cfg.o_bias == (arch in ("qwen3", "llama_linear")) and cfg.mlp_bias == (arch == "llama_linear")
+    assert cfg.tie_word_embeddings == hf.get("tie_word_embeddings", False) == (arch in ("qwen2", "llama_linear"))
+    rope_types = {"llama3": "llama3", "llama_linear": "linear"}
+    assert (cfg.rope_scaling or {}).get("rope_type", "default") == rope_types.get(arch, "default")
