@@ -169,7 +169,8 @@ def build_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device,
     """Allocate the model on `device` without running nn.Module's (slow, useless) default init."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, ops)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast on the meta device (free), then allocate once in the final dtype: no fp32 copy on the GPU.
+    model = model.to(dtype).to_empty(device=device)
     model.init_rope()
     return model.eval().requires_grad_(False)
 
