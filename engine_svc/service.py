@@ -15,6 +15,7 @@ import uuid
 
 from kvmesh import __version__
 from kvmesh.serving.errors import AlreadyExists, InvalidArgument, Unavailable
+from kvmesh.telemetry.engine import TelemetryHooks
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
 
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
@@ -66,6 +67,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if not self.ready:
             raise Unavailable("the engine is not ready yet (see GetStatus): retry shortly")
         req = self.validate(request)
+        if isinstance(self.engine.hooks, TelemetryHooks):  # events on this RPC's span, metrics
+            req.trace = self.engine.hooks.begin(req.request_id, len(req.prompt_token_ids), request.sampling)
         async for response in self.stream(req, request.include_load):
             yield response
 
@@ -80,9 +83,13 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
+                if req.trace is not None:
+                    req.trace.output(len(out.tokens))
                 yield self._response(out, include_load)
         finally:  # client cancel, deadline, or a closed generator: free the blocks at the next step
             if not finished:
+                if req.trace is not None:
+                    req.trace.abort_reason = "client_cancelled"
                 self.engine.abort(req.request_id)
 
     def validate(self, request: engine_pb2.GenerateRequest) -> Request:

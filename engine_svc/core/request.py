@@ -59,6 +59,9 @@ class Request:
     stop_token_id: int | None = None  # with FinishReason.STOP_TOKEN: the id that matched
     error: str | None = None  # with FinishReason.ERROR: a precise message
     error_kind: ErrorKind | None = None  # with FinishReason.ERROR
+    # The request's telemetry (kvmesh.telemetry.engine.RequestTrace), set by the service and read by
+    # the hooks; opaque to the core. None: not traced.
+    trace: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,23 +23,22 @@ _EMPTY_CONTEXT = Context()  # step spans are roots of their own traces, never ch
 
 
 class RequestTrace:
-    """One engine request's span, captured in the Generate handler (the RPC's SERVER span) and
-    carried on the request object so the step thread can add events to it."""
+    """One engine request's span (the Generate RPC's SERVER span), carried on the request object
+    (`Request.trace`) so that the engine thread adds events to it without any context lookup.
+    Made by TelemetryHooks.begin() in the handler; the event methods are called by the hooks."""
 
-    __slots__ = ("span", "context", "recording", "arrival", "last_token_time", "abort_reason")
+    __slots__ = ("span", "context", "recording", "metrics", "arrival", "last_token_time", "abort_reason")
 
-    def __init__(self, span: trace.Span):
+    def __init__(self, span: trace.Span, metrics: EngineMetrics | None = None):
         self.span = span
         self.context = span.get_span_context()  # what step spans link to
         self.recording = span.is_recording()
-        self.arrival = 0.0  # time.monotonic() at admission (TelemetryHooks.register)
+        self.metrics = metrics
+        self.arrival = time.monotonic()
         self.last_token_time: float | None = None
-        self.abort_reason = "cancelled"  # the handler says why before it aborts the request
-
-    @classmethod
-    def current(cls) -> "RequestTrace":
-        """The span of the RPC being handled (call from the handler, on the event loop)."""
-        return cls(trace.get_current_span())
+        # Why the request is aborted, should it be: the handler sets "client_cancelled" when its
+        # consumer goes away; otherwise (Abort RPC, shutdown) it stays "cancelled".
+        self.abort_reason = "cancelled"
 
     def start(self, request_id: str, model: str, num_prompt_tokens: int, sampling=None,
               engine_id: str = "") -> None:
@@ -47,13 +46,25 @@ class RequestTrace:
         if not self.recording:
             return
         span = self.span
-        span.set_attribute(attrs.REQUEST_ID, request_id)
-        span.set_attribute(attrs.GEN_AI_REQUEST_MODEL, model)
-        span.set_attribute(attrs.GEN_AI_USAGE_INPUT_TOKENS, num_prompt_tokens)
+        span.set_attributes({attrs.REQUEST_ID: request_id, attrs.GEN_AI_REQUEST_MODEL: model,
+                             attrs.GEN_AI_USAGE_INPUT_TOKENS: num_prompt_tokens})
         if engine_id:
             span.set_attribute(attrs.ENGINE_ID, engine_id)
         if sampling is not None:
             span.set_attributes(sampling_attributes(sampling))
+
+    def output(self, num_new_tokens: int) -> None:
+        """An output with num_new_tokens tokens reached the handler (on the event loop): generated
+        tokens and inter-token latency, measured where clients see them."""
+        if num_new_tokens <= 0 or self.metrics is None:
+            return
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(num_new_tokens)
+        if self.last_token_time is not None:
+            gap = (now - self.last_token_time) / num_new_tokens
+            for _ in range(num_new_tokens):
+                self.metrics.itl.observe(gap)
+        self.last_token_time = now
 
     def queued(self) -> None:
         if self.recording:
@@ -76,20 +87,18 @@ class RequestTrace:
         if self.recording:
             self.span.add_event(attrs.EVENT_PREEMPTED, {attrs.STEP_INDEX: step})
 
-    def aborted(self, reason: str, num_output_tokens: int) -> None:
-        """The request ended before finishing: `reason` is "cancelled", "deadline_exceeded",
-        "abort_rpc", "draining", ..."""
+    def aborted(self, num_output_tokens: int) -> None:
         if self.recording:
-            self.span.add_event(attrs.EVENT_ABORTED, {attrs.ABORT_REASON: reason})
-            self.span.set_attribute(attrs.GEN_AI_USAGE_OUTPUT_TOKENS, num_output_tokens)
-            self.span.set_attribute(attrs.GEN_AI_RESPONSE_FINISH_REASONS, ("cancelled",))
+            self.span.add_event(attrs.EVENT_ABORTED, {attrs.ABORT_REASON: self.abort_reason})
+            self.span.set_attributes({attrs.GEN_AI_USAGE_OUTPUT_TOKENS: num_output_tokens,
+                                      attrs.GEN_AI_RESPONSE_FINISH_REASONS: ("cancelled",)})
 
     def finished(self, finish_reason: str, num_output_tokens: int) -> None:
         """`finish_reason` is an attributes.FINISH_REASON_NAMES value."""
         if self.recording:
             self.span.add_event(attrs.EVENT_FINISHED, {attrs.FINISH_REASON: finish_reason})
-            self.span.set_attribute(attrs.GEN_AI_USAGE_OUTPUT_TOKENS, num_output_tokens)
-            self.span.set_attribute(attrs.GEN_AI_RESPONSE_FINISH_REASONS, (finish_reason,))
+            self.span.set_attributes({attrs.GEN_AI_USAGE_OUTPUT_TOKENS: num_output_tokens,
+                                      attrs.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,)})
 
 
 class StepTracer:
@@ -100,14 +109,14 @@ class StepTracer:
     where `contexts` are the RequestTrace.context values of the step's requests.
     """
 
-    __slots__ = ("enabled", "_tracer", "_engine_id")
+    __slots__ = ("enabled", "engine_id", "_tracer")
 
     now = staticmethod(time.time_ns)
 
     def __init__(self, engine_id: str = ""):
         self.enabled = tracing_enabled()
         self._tracer = trace.get_tracer("kvmesh.engine")
-        self._engine_id = engine_id
+        self.engine_id = engine_id
 
     def record(self, index: int, start_ns: int, end_ns: int, contexts, num_prefill_tokens: int,
                num_decode_tokens: int) -> None:
@@ -119,7 +128,7 @@ class StepTracer:
             attributes={attrs.STEP_INDEX: index, attrs.STEP_NUM_REQUESTS: len(contexts),
                         attrs.STEP_NUM_PREFILL_TOKENS: num_prefill_tokens,
                         attrs.STEP_NUM_DECODE_TOKENS: num_decode_tokens,
-                        attrs.ENGINE_ID: self._engine_id})
+                        attrs.ENGINE_ID: self.engine_id})
         span.end(end_time=end_ns)
 
 
@@ -135,88 +144,76 @@ class TelemetryHooks(_hooks_base()):
     """EngineHooks that put request events on each request's span, give each step a span linked to
     the requests it served, and keep the engine's Prometheus metrics.
 
-    The Generate handler calls `register()` with the request's RequestTrace before adding the
-    request to the core, `output()` for each output it receives (inter-token latency and generated
-    tokens, measured where clients see them), and may set `RequestTrace.abort_reason` before it
-    aborts a request. Everything else runs on the engine loop thread, called by EngineCore.
+    The Generate handler sets `req.trace = hooks.begin(...)` before it adds the request, calls
+    `req.trace.output(n)` for each output it receives, and sets `req.trace.abort_reason` before it
+    aborts. Everything else runs on the engine thread, called by EngineCore, and reaches the span
+    through `req.trace` (None: the request is not traced).
     """
 
     def __init__(self, model_name: str, engine_id: str = ""):
-        self.traces: dict[str, RequestTrace] = {}  # live requests; dict ops are atomic under the GIL
-        self._ended: dict[str, RequestTrace] = {}  # finished during the current step: still linked
         self.metrics = EngineMetrics(model_name)
         self.steps = StepTracer(engine_id)
+        self._model_name = model_name
+        self._contexts: dict[str, object] = {}  # live request id -> span context (engine thread only)
+        self._ended: dict[str, object] = {}  # finished during the current step: still linked by it
         self._step = 1  # index of the step being run (EngineCore numbers them from 1)
 
-    # --- called by the service (event loop) ---
+    def bind(self, engine_id: str, get_load) -> None:
+        """Name the engine (step and request span attribute) and read the queue and block gauges from
+        get_load() (the newest LoadSnapshot) at scrape time."""
+        self.steps.engine_id = engine_id
+        self.metrics.watch_load(get_load)
 
-    def register(self, request_id: str, request_trace: RequestTrace) -> None:
-        request_trace.arrival = time.monotonic()
-        self.traces[request_id] = request_trace
+    def begin(self, request_id: str, num_prompt_tokens: int, sampling=None) -> RequestTrace:
+        """The RequestTrace of the request being admitted, on the handler's (current) span."""
+        rt = RequestTrace(trace.get_current_span(), self.metrics)
+        rt.start(request_id, self._model_name, num_prompt_tokens, sampling, self.steps.engine_id)
+        return rt
 
-    def output(self, request_trace: RequestTrace, num_new_tokens: int) -> None:
-        """A RequestOutput with num_new_tokens tokens reached the handler."""
-        if num_new_tokens <= 0:
-            return
-        now = time.monotonic()
-        self.metrics.generation_tokens.inc(num_new_tokens)
-        last = request_trace.last_token_time
-        if last is not None:
-            gap = (now - last) / num_new_tokens
-            for _ in range(num_new_tokens):
-                self.metrics.itl.observe(gap)
-        request_trace.last_token_time = now
-
-    def update_load(self, snapshot) -> None:
-        """The load after a step (an EngineCore.LoadSnapshot or a LoadReport): the gauges."""
-        self.metrics.update_load(snapshot)
-
-    # --- EngineHooks (engine loop thread) ---
+    # --- EngineHooks (engine thread) ---
 
     def on_queued(self, req) -> None:
-        t = self.traces.get(req.request_id)
+        t = req.trace
         if t is not None:
+            self._contexts[req.request_id] = t.context
             t.queued()
 
     def on_scheduled(self, req) -> None:
-        t = self.traces.get(req.request_id)
-        if t is not None:
-            t.scheduled(self._step)
+        if req.trace is not None:
+            req.trace.scheduled(self._step)
 
     def on_prefill_chunk(self, req, start: int, num_tokens: int) -> None:
-        t = self.traces.get(req.request_id)
-        if t is not None:
-            t.prefill_chunk(self._step, start, num_tokens)
+        if req.trace is not None:
+            req.trace.prefill_chunk(self._step, start, num_tokens)
 
     def on_first_token(self, req) -> None:
-        t = self.traces.get(req.request_id)
+        t = req.trace
         if t is not None:
             t.first_token(self._step)
             self.metrics.ttft.observe(time.monotonic() - t.arrival)
 
     def on_preempted(self, req) -> None:
         self.metrics.preemptions.inc()
-        t = self.traces.get(req.request_id)
-        if t is not None:
-            t.preempted(self._step)
+        if req.trace is not None:
+            req.trace.preempted(self._step)
 
     def on_finished(self, req) -> None:
-        t = self.traces.pop(req.request_id, None)
-        if t is not None:
-            self._ended[req.request_id] = t
+        t = req.trace
+        context = self._contexts.pop(req.request_id, None)
+        if context is not None:
+            self._ended[req.request_id] = context
         e2e = time.monotonic() - t.arrival if t is not None else 0.0
         reason = req.finish_reason.value  # "stop_token", "length", "cancelled", "error"
         if reason == "cancelled":
-            abort_reason = t.abort_reason if t is not None else "cancelled"
-            self.metrics.aborted(abort_reason, req.num_prompt_tokens, e2e)
+            self.metrics.aborted(t.abort_reason if t is not None else reason, req.num_prompt_tokens, e2e)
             if t is not None:
-                t.aborted(abort_reason, req.num_output_tokens)
-        else:
-            self.metrics.finished(reason, req.num_prompt_tokens, e2e)
-            if t is not None:
-                if reason == "error" and req.error_kind is not None:
-                    t.span.set_attribute(attrs.ERROR_TYPE, req.error_kind.value)
-                t.finished(reason, req.num_output_tokens)
+                t.aborted(req.num_output_tokens)
+            return
+        self.metrics.finished(reason, req.num_prompt_tokens, e2e)
+        if t is not None:
+            if req.error_kind is not None:
+                t.span.set_attribute(attrs.ERROR_TYPE, req.error_kind.value)
+            t.finished(reason, req.num_output_tokens)
 
     def on_step(self, info) -> None:
         self._step = info.step + 1
@@ -224,12 +221,11 @@ class TelemetryHooks(_hooks_base()):
         if not self.steps.enabled:
             return
         end = time.time_ns()
-        traces = self.traces
-        contexts = []
+        contexts, live = [], self._contexts
         for rid in info.request_ids:
-            t = traces.get(rid) or ended.get(rid)
-            if t is not None:
-                contexts.append(t.context)
+            ctx = live.get(rid) or ended.get(rid)
+            if ctx is not None:
+                contexts.append(ctx)
         num_decode = info.num_decode_seqs
         self.steps.record(info.step, end - int(info.duration_s * 1e9), end, contexts,
                           info.num_batched_tokens - num_decode, num_decode)

@@ -29,10 +29,11 @@ def _core(hooks, num_blocks=64, budget=8):
 
 
 def _add(core, hooks, rid, prompt_len, max_tokens):
-    span = trace.get_tracer("test").start_span(f"req-{rid}")
-    hooks.register(rid, RequestTrace(span))
-    core.add(Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(temperature=0, max_tokens=max_tokens)))
-    return span
+    req = Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(temperature=0, max_tokens=max_tokens))
+    with trace.get_tracer("test").start_as_current_span(f"req-{rid}", end_on_exit=False) as span:
+        req.trace = hooks.begin(rid, prompt_len)  # as the Generate handler does, inside its span
+    core.add(req)
+    return span, req
 
 
 def _run(core):
@@ -49,7 +50,7 @@ def _by_name(exporter, name):
 def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
     hooks = TelemetryHooks("m", engine_id="e0")
     core = _core(hooks, budget=8)
-    span = _add(core, hooks, "a", prompt_len=19, max_tokens=3)
+    span, _ = _add(core, hooks, "a", prompt_len=19, max_tokens=3)
     outputs = _run(core)
     span.end()
     assert outputs[-1].finish_reason is FinishReason.LENGTH
@@ -71,18 +72,19 @@ def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
         assert step.start_time <= step.end_time
     assert [s.attributes[attrs.STEP_NUM_PREFILL_TOKENS] for s in steps] == [8, 8, 3, 0, 0]
     assert [s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps] == [0, 0, 0, 1, 1]
-    assert not hooks.traces  # nothing kept after the request ended
+    assert req.attributes[attrs.GEN_AI_USAGE_INPUT_TOKENS] == 19 and req.attributes[attrs.REQUEST_ID] == "a"
+    assert not hooks._contexts and not hooks._ended  # nothing kept after the request ended
 
 
 def test_preemption_and_abort_are_recorded(memory_spans):
     hooks = TelemetryHooks("m-preempt")
     core = _core(hooks, num_blocks=4, budget=16)  # 16 token slots: two growing requests cannot both fit
-    a = _add(core, hooks, "a", prompt_len=6, max_tokens=8)
-    b = _add(core, hooks, "b", prompt_len=6, max_tokens=8)
+    a, req_a = _add(core, hooks, "a", prompt_len=6, max_tokens=8)
+    b, _ = _add(core, hooks, "b", prompt_len=6, max_tokens=8)
     for _ in range(6):
         core.step()
     assert core.scheduler.num_preemptions >= 1
-    hooks.traces["a"].abort_reason = "client_cancelled"
+    req_a.trace.abort_reason = "client_cancelled"
     core.abort("a")
     _run(core)
     a.end(), b.end()
@@ -95,18 +97,20 @@ def test_preemption_and_abort_are_recorded(memory_spans):
     assert spans["req-b"].events[-1].name == attrs.EVENT_FINISHED
     metrics = hooks.metrics
     assert metrics.preemptions._value.get() == core.scheduler.num_preemptions
-    hooks.update_load(core.load())
+    metrics.update_load(core.load())
     total = metrics.total._value.get()
     assert total == 4
     assert metrics.free._value.get() + metrics.cached._value.get() + metrics.in_use._value.get() == total
 
 
-def test_tracing_off_costs_no_spans_but_keeps_metrics():
+def test_untraced_requests_still_count_in_metrics():
     hooks = TelemetryHooks("m-off")
     hooks.steps.enabled = False  # as in a process whose OTEL_TRACES_EXPORTER is none
     core = _core(hooks)
-    span = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
-    hooks.register("x", RequestTrace(span))
-    core.add(Request("x", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2)))
+    traced = Request("x", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2))
+    traced.trace = RequestTrace(trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT), hooks.metrics)
+    core.add(traced)
+    core.add(Request("y", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2)))  # trace None
     _run(core)
     assert hooks.metrics.ttft._sum.get() > 0
+    assert hooks.metrics.e2e._sum.get() >= 0 and hooks.metrics.prompt_tokens._value.get() == 6
