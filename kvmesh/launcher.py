@@ -286,11 +286,19 @@ class LocalCluster:
         if self._last_status.get(engine.name) == key:
             return
         self._last_status[engine.name] = key
-        line = f"  {engine.name:<10} {phase:<16} {status.progress:4.0%}"
+        line = f"  {engine.name:<10} {phase:<16}"
+        if status.progress > 0:
+            line += f" {status.progress:4.0%}"
         if status.detail:
             line += f"  {status.detail}"
         if phase == "READY" and status.phase_seconds:
-            steps = ", ".join(f"{k.removeprefix('ENGINE_PHASE_').lower()} {v:.1f}s"
-                              for k, v in status.phase_seconds.items())
+            steps = ", ".join(f"{name.removeprefix('ENGINE_PHASE_').lower()} {seconds:.1f}s"
+                              for name, seconds in sorted(status.phase_seconds.items(), key=_phase_order))
             line += f"  (startup {status.uptime_s:.1f}s: {steps})"
         self.report(line)
+
+
+def _phase_order(item: tuple[str, float]) -> int:
+    """Sort key for phase_seconds entries ("LOADING_WEIGHTS" or "ENGINE_PHASE_LOADING_WEIGHTS")."""
+    name = "ENGINE_PHASE_" + item[0].removeprefix("ENGINE_PHASE_")
+    return engine_pb2.EnginePhase.Value(name) if name in engine_pb2.EnginePhase.keys() else len(engine_pb2.EnginePhase.keys())

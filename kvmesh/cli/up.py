@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         _say(f"router listening on {cluster.router_address}")
         _say(f"try: {_kvmesh_command()} generate --router {cluster.router_address} --prompt \"Hello\"")
-        _sample(cluster.router_address, args, demo=config.model == "demo")
+        _sample(cluster.router_address, args, demo=config.model == "demo", run_dir=cluster.run_dir)
         if args.once:
             return 0
-        _say("cluster is up; Ctrl-C to stop")
+        _say(f"cluster is up: router {cluster.router_address}, logs in {cluster.run_dir}; Ctrl-C to stop")
         while True:
             cluster.check_alive()
             time.sleep(0.5)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _sample(router: str, args: argparse.Namespace, demo: bool) -> None:
+def _sample(router: str, args: argparse.Namespace, demo: bool, run_dir: str) -> None:
     """Stream one generation through the router: literally `kvmesh generate` (same parser, same client).
 
     Raises:
@@ -107,7 +107,7 @@ def _sample(router: str, args: argparse.Namespace, demo: bool) -> None:
     if rc == EXIT_INTERRUPTED:
         raise KeyboardInterrupt
     if rc != 0:
-        raise LaunchError(f"the sample generation failed (exit {rc})")
+        raise LaunchError(f"the sample generation failed (exit {rc}); service logs in {run_dir}")
     _say("sample generation done")
 
 
