@@ -137,7 +137,9 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,  # split-KV path: write partials instead of the output
     IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
 ):
-    q_block_id = tl.program_id(0)
+    # Last q-blocks first: under a causal mask they read the most KV, so starting them early shortens
+    # the tail of the launch (programs of the same KV head stay adjacent and share K/V in L2).
+    q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -249,36 +251,37 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
           num_sms, interpret):
     """Tile sizes, launch options and the number of KV splits.
 
-    Tiles: decode-like batches (max_query_len * QPK small) use BLOCK_M = 16 rows (the smallest tile
-    tl.dot takes), so a decode token's QPK heads fill the rows and little compute is wasted; longer
-    queries use BLOCK_M = 128 (64 for head_dim 256, to keep the Q tile and accumulator in registers).
+    Tiles: decode-like batches (max_query_len * QPK <= 64) use BLOCK_M = 16 rows (the smallest tile
+    tl.dot takes), so a decode token's QPK heads fill the rows and little compute is wasted, and long
+    KV tiles with deep pipelining (memory-bound); longer queries use BLOCK_M = 64 rows, TILE_N = 64
+    (compute-bound; the best of the H100 sweep). The interpreter gets small tiles so CPU tests
+    exercise many tiles per sequence.
 
-    Split-KV heuristic (when num_splits is None): split only decode-like batches (max_query_len <= 16)
-    whose one-pass grid, num_q_blocks * num_kv_heads, is under 2 programs per SM, and only contexts of
-    at least 4 tiles per split. Splits = enough to reach ~2 programs per SM, at most MAX_SPLITS and
-    at most max_seq_len / (4 * TILE_N). Because the split count depends on max_seq_len, CUDA-graph
-    capture should pass a fixed num_splits.
+    Split-KV heuristic (when num_splits is None), from the H100 sweeps in bench/KERNELS_NOTES.md:
+    split only decode-like batches (max_query_len <= 16) whose one-pass grid, num_q_blocks *
+    num_kv_heads, is under 2 programs per SM (at 4 programs per SM and more, one pass was fastest:
+    the partials and the merge launch cost more than the tail they remove). Splits = enough for
+    ~4 programs per SM, at most MAX_SPLITS, and at least 256 KV positions per split. Because the split
+    count depends on max_seq_len, a CUDA graph captured with max_seq_len = the model's limit serves
+    every shorter batch (empty splits merge to nothing).
     """
     if max_query_len * qpk <= 64:
         block_m = max(16, next_pow2(qpk))
-        tile_n = 32 if interpret else (64 if head_dim_pad <= 128 else 32)
-        num_warps, num_stages = 4, 3
+        tile_n = 32 if interpret else (128 if head_dim_pad <= 128 else 64)
+        num_warps, num_stages = 4, (4 if head_dim_pad <= 128 else 2)
     else:
-        block_m = max(128 if head_dim_pad <= 128 else 64, next_pow2(qpk))
+        block_m = 32 if interpret else 64
+        block_m = max(block_m, next_pow2(qpk))
         tile_n = 32 if interpret else 64
-        num_warps, num_stages = 8, 3 if head_dim_pad <= 128 else 2
-        if interpret:
-            block_m = max(32, next_pow2(qpk))
+        num_warps, num_stages = 4, (3 if head_dim_pad <= 128 else 2)
     block_q = block_m // qpk
     grid0 = num_tokens // block_q + num_seqs
     if num_splits is None:
         num_splits = 1
         # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
         programs = max(num_seqs, math.ceil(num_tokens / block_q)) * num_kv_heads
-        target = 2 * num_sms
-        if not interpret and max_query_len <= 16 and programs < target:
-            by_len = max_seq_len // (4 * tile_n)
-            num_splits = max(1, min(MAX_SPLITS, math.ceil(target / programs), by_len))
+        if not interpret and max_query_len <= 16 and programs < 2 * num_sms:
+            num_splits = max(1, min(MAX_SPLITS, math.ceil(4 * num_sms / programs), max_seq_len // 256))
     num_splits = max(1, min(int(num_splits), MAX_SPLITS, math.ceil(max_seq_len / tile_n)))
     seg_len = math.ceil(math.ceil(max_seq_len / num_splits) / tile_n) * tile_n
     return dict(block_m=block_m, block_q=block_q, tile_n=tile_n, num_warps=num_warps,

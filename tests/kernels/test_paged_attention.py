@@ -94,21 +94,28 @@ def test_empty_query_is_a_noop():
 
 
 def test_plan_heuristic():
-    # B=1 decode at 32k over 8 KV heads: 8 programs, far under 2 per SM -> split
-    p = _plan(128, 4, 1, 1, 8, 1, 32768, None, num_sms=132, interpret=False)
-    assert p["num_splits"] == 33 and p["seg_len"] % p["tile_n"] == 0
+    def plan(num_tokens, num_seqs, max_query_len, max_seq_len):
+        return _plan(128, 4, num_tokens, num_seqs, 8, max_query_len, max_seq_len, None, num_sms=132,
+                     interpret=False)
+
+    # B=1 decode at 32k over 8 KV heads: 8 programs -> ~4 per SM needs 66 splits, capped at 64
+    p = plan(1, 1, 1, 32768)
+    assert p["num_splits"] == 64 and p["seg_len"] % p["tile_n"] == 0
     assert p["seg_len"] * p["num_splits"] >= 32768
+    # B=8 at 4k: 64 programs -> 9 splits of 512 positions
+    assert plan(8, 8, 1, 4096)["num_splits"] == 9
     # B=64 at 4k: 512 programs fill 132 SMs -> one pass
-    assert _plan(128, 4, 64, 64, 8, 1, 4096, None, num_sms=132, interpret=False)["num_splits"] == 1
-    # short context: never more splits than 4 tiles each allow
-    assert _plan(128, 4, 1, 1, 8, 1, 512, None, num_sms=132, interpret=False)["num_splits"] == 2
+    assert plan(64, 64, 1, 4096)["num_splits"] == 1
+    # short context: at least 256 positions per split
+    assert plan(1, 1, 1, 512)["num_splits"] == 2
+    assert plan(1, 1, 1, 200)["num_splits"] == 1
     # prefill never splits by heuristic
-    assert _plan(128, 4, 2000, 1, 8, 2000, 2000, None, num_sms=132, interpret=False)["num_splits"] == 1
-    # decode tiles pack a token's QPK heads into 16 rows; prefill uses 128-row tiles
-    p = _plan(128, 4, 64, 64, 8, 1, 4096, None, num_sms=132, interpret=False)
-    assert (p["block_m"], p["block_q"]) == (16, 4)
-    p = _plan(128, 4, 4096, 1, 8, 4096, 4096, None, num_sms=132, interpret=False)
-    assert (p["block_m"], p["block_q"]) == (128, 32)
+    assert plan(2000, 1, 2000, 2000)["num_splits"] == 1
+    # decode tiles pack a token's QPK heads into 16 rows; prefill uses 64-row tiles
+    assert (plan(64, 64, 1, 4096)["block_m"], plan(64, 64, 1, 4096)["block_q"]) == (16, 4)
+    assert (plan(4096, 1, 4096, 4096)["block_m"], plan(4096, 1, 4096, 4096)["block_q"]) == (64, 16)
+    # a forced split count is clamped to the tiles there are
+    assert _plan(128, 4, 1, 1, 8, 1, 300, 50, num_sms=132, interpret=False)["num_splits"] == 3
 
 
 def _valid_args():
