@@ -14,8 +14,9 @@ to the prefix part and the whole window alike, so they cancel. When the window's
 U+FFFD the last character is incomplete: we hold the tokens back until it completes.
 
 Two conditions keep the window's difference equal to the difference of full decodes:
-  * no skipped id enters the window (a skipped EOS as the whole prefix part would leave it empty,
-    and the next token's leading space would be stripped as if it began the text);
+  * no skipped id enters the window (a prompt ending in a run of special ids would otherwise
+    give a window whose prefix part decodes to nothing, and the first generated token's leading
+    space would be stripped as if it began the text);
   * the window begins on a character boundary (its text does not start with U+FFFD).
 
 For ids whose bytes are not valid UTF-8 the stream replaces the bad bytes by U+FFFD, but it can

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
@@ -29,9 +29,9 @@ class LoadedTokenizer:
     """A loaded tokenizer and its facts. Read-only after load, shared by all RPCs and threads."""
 
     name: str  # model name reported by GetInfo
-    text_tokenizer: Tokenizer  # special-token text encodes as plain text
-    special_tokenizer: Tokenizer  # special-token text becomes special ids
-    hf: object  # transformers tokenizer, for chat templates
+    text_tokenizer: Tokenizer = field(repr=False)  # special-token text encodes as plain text
+    special_tokenizer: Tokenizer = field(repr=False)  # special-token text becomes special ids
+    hf: object = field(repr=False)  # transformers tokenizer, for chat templates
     vocab_size: int  # valid ids are [0, vocab_size)
     special_ids: frozenset[int]  # dropped by skip_special_tokens
     bos_token_id: int | None

@@ -1,0 +1,88 @@
+"""The incremental detokenizer against one-shot `tokenizers` decodes of the same ids (the oracle).
+
+Driven directly (no gRPC): 500 generated strings, one id at a time, must give exactly the one-shot
+decode; the same with a prompt, with special ids mixed in, and with skip_special_tokens off.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tok_support import texts
+from tokenizer_svc.detokenizer import IncrementalDetokenizer, MAX_HELD_TOKENS
+
+_SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def stream(tok, ids, prompt=(), skip=True) -> list[str]:
+    detok = IncrementalDetokenizer(tok.text_tokenizer, prompt, skip_special_tokens=skip,
+                                   special_ids=tok.special_ids)
+    return [detok.step(i) for i in ids] + [detok.flush()]
+
+
+def encode(tok, text, special=True) -> list[int]:
+    return tok.text_tokenizer.encode(text, add_special_tokens=special).ids
+
+
+def decode(tok, ids, skip=True) -> str:
+    return tok.text_tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+@_SETTINGS
+@given(text=texts)
+def test_one_id_at_a_time_equals_whole_decode(stories_tok, text):
+    ids = encode(stories_tok, text)
+    deltas = stream(stories_tok, ids)
+    assert "".join(deltas) == decode(stories_tok, ids) == text
+    # Never half a character: no delta holds a replacement character the text does not have.
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in d for d in deltas)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, cut=st.integers(min_value=0), skip=st.booleans())
+def test_with_prompt_gives_the_text_after_the_prompt(stories_tok, text, cut, skip):
+    ids = encode(stories_tok, text)
+    cut = cut % (len(ids) + 1)
+    prompt, generated = ids[:cut], ids[cut:]
+    full, head = decode(stories_tok, ids, skip), decode(stories_tok, prompt, skip)
+    if not full.startswith(head):  # the prompt ends inside a character: no well-defined answer
+        return
+    assert "".join(stream(stories_tok, generated, prompt, skip)) == full[len(head):]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.tuples(texts, st.sampled_from([0, 1, 2])), min_size=1, max_size=4), skip=st.booleans())
+def test_special_ids_between_texts(stories_tok, parts, skip):
+    # EOS/BOS/unk between pieces: skipped ones must not eat the next piece's leading space.
+    ids = []
+    for text, special in parts:
+        ids += encode(stories_tok, text, special=False) + [special]
+    assert "".join(stream(stories_tok, ids, skip=skip)) == decode(stories_tok, ids, skip)
+
+
+def test_emoji_split_across_byte_tokens_is_held_then_whole(stories_tok):
+    ids = encode(stories_tok, "a😀", special=False)
+    byte_ids = [i for i in ids if stories_tok.text_tokenizer.id_to_token(i).startswith("<0x")]
+    assert len(byte_ids) == 4  # the emoji is four byte-fallback tokens
+    deltas = stream(stories_tok, ids)
+    assert deltas[-5:] == ["", "", "", "😀", ""]
+
+
+def test_leading_space_of_first_generated_token(stories_tok):
+    prompt = encode(stories_tok, "Once upon")
+    generated = encode(stories_tok, "Once upon a time", special=False)[len(prompt) - 1:]
+    assert "".join(stream(stories_tok, generated, prompt)) == " a time"
+    assert "".join(stream(stories_tok, generated)) == "a time"  # no prompt: as Detokenize would
+    # A prompt ending in more special ids than the initial window holds.
+    assert "".join(stream(stories_tok, generated, prompt + [2] * 8)) == " a time"
+
+
+def test_invalid_bytes_do_not_stall_the_stream(stories_tok):
+    # 40 lone continuation bytes never form a character: after MAX_HELD_TOKENS they are emitted as
+    # U+FFFD instead of being re-decoded forever.
+    cont = stories_tok.text_tokenizer.token_to_id("<0x80>")
+    deltas = stream(stories_tok, [cont] * 40)
+    assert any(deltas[:MAX_HELD_TOKENS + 1])
+    assert set("".join(deltas)) == {"\ufffd"}
