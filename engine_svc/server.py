@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 
+from kvmesh import telemetry
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
                                    wait_for_stop, write_port_file)
+from kvmesh.telemetry.engine import TelemetryHooks
 from kvmesh.v1 import common_pb2, engine_pb2_grpc
 
 from engine_svc.config import ConfigError, EngineConfig
@@ -150,8 +153,12 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 async def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
-    server = EngineServer(config_from_args(args), host=args.host, port=args.port,
-                          max_message_bytes=args.max_message_bytes, engine_id=args.engine_id)
+    telemetry.setup("kvmesh-engine", metrics_port=args.metrics_port, host=args.host)
+    config = config_from_args(args)
+    hooks = TelemetryHooks(os.path.basename(config.model.rstrip("/")))  # request events, step spans, metrics
+    server = EngineServer(config, host=args.host, port=args.port,
+                          max_message_bytes=args.max_message_bytes, engine_id=args.engine_id, hooks=hooks)
+    hooks.bind(server.service.engine_id, lambda: server.engine.load)
     port = await server.start()
     write_port_file(args.port_file, port)
     stop = asyncio.Event()

@@ -147,7 +147,8 @@ class TelemetryHooks(_hooks_base()):
     The Generate handler sets `req.trace = hooks.begin(...)` before it adds the request, calls
     `req.trace.output(n)` for each output it receives, and sets `req.trace.abort_reason` before it
     aborts. Everything else runs on the engine thread, called by EngineCore, and reaches the span
-    through `req.trace` (None: the request is not traced).
+    through `req.trace`. Requests without one (the engine's own warm-up) are neither traced nor
+    counted; preemptions are counted whoever suffers them.
     """
 
     def __init__(self, model_name: str, engine_id: str = ""):
@@ -199,21 +200,20 @@ class TelemetryHooks(_hooks_base()):
 
     def on_finished(self, req) -> None:
         t = req.trace
-        context = self._contexts.pop(req.request_id, None)
-        if context is not None:
-            self._ended[req.request_id] = context
-        e2e = time.monotonic() - t.arrival if t is not None else 0.0
+        if t is None:
+            return
+        if self._contexts.pop(req.request_id, None) is not None:
+            self._ended[req.request_id] = t.context
+        e2e = time.monotonic() - t.arrival
         reason = req.finish_reason.value  # "stop_token", "length", "cancelled", "error"
         if reason == "cancelled":
-            self.metrics.aborted(t.abort_reason if t is not None else reason, req.num_prompt_tokens, e2e)
-            if t is not None:
-                t.aborted(req.num_output_tokens)
+            self.metrics.aborted(t.abort_reason, req.num_prompt_tokens, e2e)
+            t.aborted(req.num_output_tokens)
             return
         self.metrics.finished(reason, req.num_prompt_tokens, e2e)
-        if t is not None:
-            if req.error_kind is not None:
-                t.span.set_attribute(attrs.ERROR_TYPE, req.error_kind.value)
-            t.finished(reason, req.num_output_tokens)
+        if req.error_kind is not None:
+            t.span.set_attribute(attrs.ERROR_TYPE, req.error_kind.value)
+        t.finished(reason, req.num_output_tokens)
 
     def on_step(self, info) -> None:
         self._step = info.step + 1

@@ -21,6 +21,7 @@ handlers enrich `trace.get_current_span()` rather than opening a second span.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -28,7 +29,7 @@ import threading
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import _aio_client, aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.trace import Status, StatusCode
 
 from kvmesh.telemetry import attributes as attrs
@@ -146,10 +147,64 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [aio_server_interceptor(filter_=_TRACED)]
 
 
+class _EndWithRpc:
+    """End a streaming call's CLIENT span when the RPC ends.
+
+    The library ends it when the caller's iteration over the responses ends, but a grpc.aio caller
+    that drives a stream with write()/read() (the router's DetokenizeStream) never reads the EOF,
+    and one that cancels the call stops iterating: the span would stay open until the call object is
+    garbage-collected. The RPC's done callback ends it on time; the library's own end is skipped
+    then (ending a span twice logs a warning).
+    """
+
+    async def _wrap_stream_response(self, span, call):
+        call.add_done_callback(lambda done: asyncio.ensure_future(_end_with_status(span, done)))
+        try:
+            async for response in call:
+                if self._response_hook:
+                    self._call_response_hook(span, response)
+                yield response
+        except Exception as exc:
+            if span.is_recording():
+                self.add_error_details_to_span(span, exc)
+            raise
+        except asyncio.CancelledError:  # the caller's task was cancelled while it read
+            if span.is_recording():
+                _set_status(span, grpc.StatusCode.CANCELLED, "the calling task was cancelled")
+            raise
+        finally:
+            if span.is_recording():
+                span.end()
+
+
+async def _end_with_status(span, call) -> None:
+    code, details = await call.code(), await call.details()  # the call is done: these return at once
+    if span.is_recording():
+        _set_status(span, code, details)
+        span.end()
+
+
+def _set_status(span, code: grpc.StatusCode, details: str) -> None:
+    span.set_attribute(attrs.RPC_GRPC_STATUS_CODE, code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+
+
+class _UnaryStreamClientInterceptor(_EndWithRpc, _aio_client.UnaryStreamAioClientInterceptor):
+    pass
+
+
+class _StreamStreamClientInterceptor(_EndWithRpc, _aio_client.StreamStreamAioClientInterceptor):
+    pass
+
+
 def client_interceptors() -> list:
     """Interceptors for `create_channel(interceptors=...)`: a CLIENT span per call, its context
     injected into the metadata as W3C `traceparent` (unary and streaming calls alike)."""
-    return aio_client_interceptors(filter_=_TRACED)
+    unary_unary, _, stream_unary, _ = aio_client_interceptors(filter_=_TRACED)
+    tracer = unary_unary._tracer
+    return [unary_unary, _UnaryStreamClientInterceptor(tracer, filter_=_TRACED), stream_unary,
+            _StreamStreamClientInterceptor(tracer, filter_=_TRACED)]
 
 
 def record_status(code: grpc.StatusCode, message: str = "") -> None:

@@ -103,14 +103,14 @@ def test_preemption_and_abort_are_recorded(memory_spans):
     assert metrics.free._value.get() + metrics.cached._value.get() + metrics.in_use._value.get() == total
 
 
-def test_untraced_requests_still_count_in_metrics():
+def test_non_recording_requests_count_in_metrics_and_warmup_does_not():
     hooks = TelemetryHooks("m-off")
     hooks.steps.enabled = False  # as in a process whose OTEL_TRACES_EXPORTER is none
     core = _core(hooks)
     traced = Request("x", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2))
     traced.trace = RequestTrace(trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT), hooks.metrics)
     core.add(traced)
-    core.add(Request("y", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2)))  # trace None
+    core.add(Request("y", [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=2)))  # no trace: warm-up
     _run(core)
     assert hooks.metrics.ttft._sum.get() > 0
-    assert hooks.metrics.e2e._sum.get() >= 0 and hooks.metrics.prompt_tokens._value.get() == 6
+    assert hooks.metrics.prompt_tokens._value.get() == 3  # the warm-up request is not counted

@@ -139,6 +139,22 @@ async def test_invalid_argument_sets_error_type_but_internal_also_fails_the_span
     assert client.status.status_code == StatusCode.ERROR
 
 
+async def test_client_span_of_a_read_style_stream_ends_with_the_rpc(servers):
+    """The router drives DetokenizeStream with write()/read() and never reads EOF; its CLIENT span
+    must end when the RPC does, not when the call object is garbage-collected."""
+    _, upstream, exporter = servers
+    call = upstream.stub.DetokenizeStream()
+    await call.write(tokenizer_pb2.DetokenizeStreamRequest(start=tokenizer_pb2.DetokenizeStreamStart()))
+    await call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=[1, 2])))
+    assert (await call.read()).num_tokens == 2
+    await call.write(tokenizer_pb2.DetokenizeStreamRequest(finish=True))
+    assert (await call.read()).done
+    spans = await _wait_spans(exporter, lambda s: any(x.kind == SpanKind.CLIENT for x in s))
+    client = _one(spans, "/kvmesh.v1.Tokenizer/DetokenizeStream", SpanKind.CLIENT)
+    assert client.attributes[attrs.RPC_GRPC_STATUS_CODE] == 0
+    assert client.status.status_code == StatusCode.UNSET and call is not None  # still referenced
+
+
 @pytest.mark.parametrize("how", ["cancel_task", "cancel_call"])
 async def test_cancelled_stream_ends_both_spans(servers, how):
     stub, upstream, exporter = servers
@@ -165,4 +181,4 @@ async def test_cancelled_stream_ends_both_spans(servers, how):
     assert server.attributes[attrs.ERROR_TYPE] == "CANCELLED"
     assert server.status.status_code == StatusCode.UNSET
     client = _one(spans, "/kvmesh.v1.Engine/Generate", SpanKind.CLIENT)
-    assert client.end_time is not None
+    assert client.attributes[attrs.RPC_GRPC_STATUS_CODE] == grpc.StatusCode.CANCELLED.value[0]

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import pytest
 from otlp_receiver import OtlpReceiver
+from prom import scrape
 
 from kvmesh.telemetry.metrics import EngineMetrics, start_metrics_server
 
@@ -62,16 +62,6 @@ def test_console_exporter_prints_and_bad_exporter_is_refused():
     assert out.returncode != 0 and "OTEL_TRACES_EXPORTER='jaeger'" in out.stderr
 
 
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 class _Load:  # the LoadReport fields EngineMetrics reads
     num_running_requests, num_waiting_requests = 2, 1
     total_blocks, free_blocks, cached_blocks, in_use_blocks, reserved_blocks = 100, 60, 15, 25, 7
@@ -83,7 +73,7 @@ def test_metrics_endpoint_serves_engine_metrics():
     metrics.update_load(_Load())
     metrics.finished("length", num_prompt_tokens=5, e2e_s=0.3)
     metrics.aborted("cancelled", num_prompt_tokens=4, e2e_s=0.1)
-    samples = _scrape(port)
+    samples = scrape(port)
     label = '{model_name="unit-model"}'
     assert samples["kvmesh:num_requests_running" + label] == 2
     assert samples["kvmesh:kv_blocks_in_use" + label] == 25
