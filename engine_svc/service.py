@@ -89,7 +89,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         finally:  # client cancel, deadline, or a closed generator: free the blocks at the next step
             if not finished:
                 if req.trace is not None:
-                    req.trace.abort_reason = "client_cancelled"
+                    req.trace.client_cancelled()
                 self.engine.abort(req.request_id)
 
     def validate(self, request: engine_pb2.GenerateRequest) -> Request:

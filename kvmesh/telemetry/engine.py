@@ -27,18 +27,26 @@ class RequestTrace:
     (`Request.trace`) so that the engine thread adds events to it without any context lookup.
     Made by TelemetryHooks.begin() in the handler; the event methods are called by the hooks."""
 
-    __slots__ = ("span", "context", "recording", "metrics", "arrival", "last_token_time", "abort_reason")
+    __slots__ = ("span", "context", "metrics", "arrival", "last_token_time", "num_output_tokens", "abort_reason",
+                 "_abort_recorded")
 
     def __init__(self, span: trace.Span, metrics: EngineMetrics | None = None):
         self.span = span
         self.context = span.get_span_context()  # what step spans link to
-        self.recording = span.is_recording()
         self.metrics = metrics
         self.arrival = time.monotonic()
         self.last_token_time: float | None = None
-        # Why the request is aborted, should it be: the handler sets "client_cancelled" when its
-        # consumer goes away; otherwise (Abort RPC, shutdown) it stays "cancelled".
+        self.num_output_tokens = 0  # tokens handed to the client so far
+        # Why the request is aborted, should it be: "client_cancelled" when the handler's consumer
+        # went away (client_cancelled()); otherwise (Abort RPC, shutdown) "cancelled".
         self.abort_reason = "cancelled"
+        self._abort_recorded = False
+
+    @property
+    def recording(self) -> bool:
+        # The RPC's span ends when the RPC does, possibly before the engine thread's last event
+        # (a cancelled stream ends at once; the abort lands at the next step boundary).
+        return self.span.is_recording()
 
     def start(self, request_id: str, model: str, num_prompt_tokens: int, sampling=None,
               engine_id: str = "") -> None:
@@ -59,6 +67,7 @@ class RequestTrace:
         if num_new_tokens <= 0 or self.metrics is None:
             return
         now = time.monotonic()
+        self.num_output_tokens += num_new_tokens
         self.metrics.generation_tokens.inc(num_new_tokens)
         if self.last_token_time is not None:
             gap = (now - self.last_token_time) / num_new_tokens
@@ -87,8 +96,15 @@ class RequestTrace:
         if self.recording:
             self.span.add_event(attrs.EVENT_PREEMPTED, {attrs.STEP_INDEX: step})
 
+    def client_cancelled(self) -> None:
+        """The handler's consumer went away (client cancel, deadline): record the abort now, on the
+        event loop, while the RPC's span is still open; the engine frees the blocks at its next step."""
+        self.abort_reason = "client_cancelled"
+        self.aborted(self.num_output_tokens)
+
     def aborted(self, num_output_tokens: int) -> None:
-        if self.recording:
+        if self.recording and not self._abort_recorded:
+            self._abort_recorded = True
             self.span.add_event(attrs.EVENT_ABORTED, {attrs.ABORT_REASON: self.abort_reason})
             self.span.set_attributes({attrs.GEN_AI_USAGE_OUTPUT_TOKENS: num_output_tokens,
                                       attrs.GEN_AI_RESPONSE_FINISH_REASONS: ("cancelled",)})
@@ -145,8 +161,8 @@ class TelemetryHooks(_hooks_base()):
     the requests it served, and keep the engine's Prometheus metrics.
 
     The Generate handler sets `req.trace = hooks.begin(...)` before it adds the request, calls
-    `req.trace.output(n)` for each output it receives, and sets `req.trace.abort_reason` before it
-    aborts. Everything else runs on the engine thread, called by EngineCore, and reaches the span
+    `req.trace.output(n)` for each output it receives, and `req.trace.client_cancelled()` before it
+    aborts a request whose consumer went away. Everything else runs on the engine thread, called by EngineCore, and reaches the span
     through `req.trace`. Requests without one (the engine's own warm-up) are neither traced nor
     counted; preemptions are counted whoever suffers them.
     """

@@ -84,7 +84,7 @@ def test_preemption_and_abort_are_recorded(memory_spans):
     for _ in range(6):
         core.step()
     assert core.scheduler.num_preemptions >= 1
-    req_a.trace.abort_reason = "client_cancelled"
+    req_a.trace.client_cancelled()
     core.abort("a")
     _run(core)
     a.end(), b.end()
