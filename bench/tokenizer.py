@@ -1,0 +1,210 @@
+"""Tokenizer tier throughput: loopback gRPC against the `tokenizers` library in-process, one run.
+
+    python bench/tokenizer.py --model ../shared/models/stories260k --out bench/results/tokenizer-cpu-<date>.json
+
+The service runs as its own process (as in a deployment: `python -m tokenizer_svc.server`); the
+client is grpc.aio in this process. Measured, each `--repeats` times, medians reported:
+  * Tokenize: documents of TinyStories text (with some non-ASCII) encoded one request each, one
+    request in flight and `--concurrency` in flight; against `Tokenizer.encode` in a loop and
+    `encode_batch` (Rust threads).
+  * DetokenizeStream: `--streams` concurrent streams, each fed its ids one per message in lockstep
+    (write a batch, read its answer, as the router does), also 16 ids per message; against our
+    DetokenizeSession in-process, `tokenizers.decoders.DecodeStream`, and one-shot decode.
+Throughput is tokens per second of wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kvmesh.procs import ServiceProcess  # noqa: E402
+from kvmesh.serving.channels import create_channel  # noqa: E402
+from kvmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
+from tokenizer_svc.loader import load_tokenizer  # noqa: E402
+from tokenizer_svc.stream import DetokenizeSession  # noqa: E402
+
+# bench/router.py's environment() (device, date, commit), loaded by path: as a module named
+# `router` it would shadow the router package.
+_spec = importlib.util.spec_from_file_location("bench_router", REPO / "bench" / "router.py")
+bench_router = importlib.util.module_from_spec(_spec)
+sys.modules["bench_router"] = bench_router  # dataclasses look their module up there
+_spec.loader.exec_module(bench_router)
+
+EXTRA = ["Grüße aus München!", "Ben saw a 🐸 in the pond.", "Ça va? Très bien.", "東京 and 大阪 are cities.",
+         "The price was €5 👍🏽.", "Tim said, \"Let's play!\"\n"]
+
+
+def make_documents(model_dir: str, count: int, seed: int = 0) -> list[str]:
+    """Seeded documents of ~1 KB: sentences of the fixture's greedy outputs plus non-ASCII lines."""
+    sentences = list(EXTRA)
+    examples = pathlib.Path(model_dir) / "greedy_examples.json"
+    if examples.is_file():
+        for example in json.loads(examples.read_text())["examples"]:
+            sentences += [s.strip() + "." for s in example["expected_text"].split(".") if s.strip()]
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        parts: list[str] = []
+        while sum(map(len, parts)) < 1000:
+            parts.append(rng.choice(sentences))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def rate(num_tokens: int, seconds: float) -> float:
+    return num_tokens / seconds
+
+
+async def tokenize_grpc(stub, docs: list[str], concurrency: int) -> tuple[float, int]:
+    queue = list(reversed(docs))
+    total = 0
+
+    async def worker():
+        nonlocal total
+        while queue:
+            reply = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=queue.pop()))
+            total += len(reply.token_ids)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start, total
+
+
+async def stream_grpc(stub, sequences: list[list[int]], batch: int) -> tuple[float, int]:
+    async def one(ids: list[int]) -> int:
+        call = stub.DetokenizeStream()
+        await call.write(tokenizer_pb2.DetokenizeStreamRequest(start=tokenizer_pb2.DetokenizeStreamStart(
+            prompt_token_ids=ids[:1])))
+        for k in range(1, len(ids), batch):
+            await call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=ids[k:k + batch])))
+            await call.read()
+        await call.write(tokenizer_pb2.DetokenizeStreamRequest(finish=True))
+        last = await call.read()
+        await call.done_writing()
+        return last.num_tokens
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(ids) for ids in sequences))
+    return time.perf_counter() - start, sum(counts)
+
+
+def timed(fn) -> tuple[float, int]:
+    start = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - start, n
+
+
+def in_process(tok, docs: list[str], sequences: list[list[int]]) -> dict[str, tuple[float, int]]:
+    from tokenizers.decoders import DecodeStream
+
+    fast = tok.text_tokenizer
+
+    def encode_loop():
+        return sum(len(fast.encode(d).ids) for d in docs)
+
+    def encode_batch():
+        return sum(len(e.ids) for e in fast.encode_batch(docs))
+
+    def session_stream():
+        n = 0
+        for ids in sequences:
+            s = DetokenizeSession(fast, ids[:1], special_ids=tok.special_ids)
+            for t in ids[1:]:
+                s.feed([t])
+            n += s.finish().num_tokens
+        return n
+
+    def decode_stream():
+        n = 0
+        for ids in sequences:
+            stream = DecodeStream(skip_special_tokens=True)
+            for t in ids:
+                stream.step(fast, t)
+            n += len(ids) - 1
+        return n
+
+    def one_shot():
+        return sum(len(fast.decode(ids)) and len(ids) - 1 for ids in sequences)
+
+    return {"tokenize_encode_loop": timed(encode_loop), "tokenize_encode_batch": timed(encode_batch),
+            "stream_session_in_process": timed(session_stream), "stream_tokenizers_decodestream": timed(decode_stream),
+            "detokenize_one_shot": timed(one_shot)}
+
+
+async def grpc_runs(address: str, docs, sequences, concurrency: int) -> dict[str, tuple[float, int]]:
+    async with create_channel(address) as channel:
+        stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        return {
+            "tokenize_grpc_1_in_flight": await tokenize_grpc(stub, docs, 1),
+            f"tokenize_grpc_{concurrency}_in_flight": await tokenize_grpc(stub, docs, concurrency),
+            "stream_grpc_1_id_per_message": await stream_grpc(stub, sequences, 1),
+            "stream_grpc_16_ids_per_message": await stream_grpc(stub, sequences, 16),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "stories260k"))
+    parser.add_argument("--documents", type=int, default=200, help="Tokenize requests per measurement")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent DetokenizeStreams")
+    parser.add_argument("--concurrency", type=int, default=8, help="Tokenize requests in flight")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="write the JSON results here")
+    args = parser.parse_args()
+
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every number
+    tok = load_tokenizer(args.model)
+    docs = make_documents(args.model, args.documents)
+    sequences = [tok.text_tokenizer.encode(d).ids for d in docs[:args.streams]]
+    log = pathlib.Path(tempfile.mkdtemp(prefix="bench-tokenizer-")) / "tokenizer.log"
+    server = ServiceProcess("tokenizer", "tokenizer", ["--model", args.model, "--log-level", "WARNING"],
+                            log_path=str(log), die_with_parent=True).start()
+    runs: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    try:
+        server.wait_healthy(180.0)
+        asyncio.run(grpc_runs(server.address, docs[:20], sequences[:2], args.concurrency))  # warm-up
+        for _ in range(args.repeats):
+            measured = {**asyncio.run(grpc_runs(server.address, docs, sequences, args.concurrency)),
+                        **in_process(tok, docs, sequences)}
+            for name, (seconds, n) in measured.items():
+                runs.setdefault(name, []).append(rate(n, seconds))
+                counts[name] = n
+    finally:
+        server.stop(15.0)
+    results = {name: {"tokens_per_s_median": round(statistics.median(r)), "tokens_per_s_runs": [round(x) for x in r],
+                      "tokens_per_run": counts[name]} for name, r in runs.items()}
+    med = {name: r["tokens_per_s_median"] for name, r in results.items()}
+    summary = {  # gRPC as a fraction of the in-process library on the same work
+        "tokenize_grpc_vs_encode_loop": round(med[f"tokenize_grpc_{args.concurrency}_in_flight"]
+                                              / med["tokenize_encode_loop"], 3),
+        "stream_grpc_1_id_vs_session_in_process": round(med["stream_grpc_1_id_per_message"]
+                                                        / med["stream_session_in_process"], 3),
+        "stream_grpc_16_ids_vs_session_in_process": round(med["stream_grpc_16_ids_per_message"]
+                                                          / med["stream_session_in_process"], 3),
+    }
+    report = {"what": "tokenizer tier throughput: loopback gRPC vs the tokenizers library in-process",
+              **bench_router.environment(), "load_average_1m_at_start": load_at_start,
+              "model": pathlib.Path(args.model).name,
+              "workload": {"documents": len(docs), "mean_chars": round(statistics.mean(map(len, docs))),
+                           "streams": len(sequences), "mean_stream_tokens": round(statistics.mean(map(len, sequences))),
+                           "tokenize_concurrency": args.concurrency, "repeats": args.repeats},
+              "results": results, "summary": summary}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
