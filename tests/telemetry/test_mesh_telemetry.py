@@ -250,7 +250,16 @@ def test_metrics_follow_a_known_sequence(mesh, router_stub):
     call = router_stub.Generate(router_pb2.RouterGenerateRequest(
         text=PROMPT, sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)), timeout=60)
     next(call)
+    # While it runs (400 tokens take far longer than a scrape): one running request holding blocks.
+    running = mesh.scrape("engine")
+    g = {k: running[f"kvmesh:{k}{{{m}}}"] for k in ("num_requests_running", "num_requests_waiting", "kv_blocks_total",
+                                                    "kv_blocks_free", "kv_blocks_cached", "kv_blocks_in_use",
+                                                    "kv_cache_usage_perc")}
     call.cancel()
+    assert (g["num_requests_running"], g["num_requests_waiting"]) == (1, 0)
+    assert g["kv_blocks_in_use"] >= 1
+    assert g["kv_blocks_free"] + g["kv_blocks_cached"] + g["kv_blocks_in_use"] == g["kv_blocks_total"]
+    assert g["kv_cache_usage_perc"] == pytest.approx(g["kv_blocks_in_use"] / g["kv_blocks_total"])
     deadline = time.monotonic() + 10
     while True:  # the abort lands at the engine's next step boundary
         engine_after = mesh.scrape("engine")
@@ -286,3 +295,11 @@ def test_metrics_follow_a_known_sequence(mesh, router_stub):
                   f'gen_ai_server_request_duration_seconds_count{{error_type="",{g_ai}}}') == 2
     assert _delta(router_before, router_after,
                   f'gen_ai_server_request_duration_seconds_count{{error_type="CANCELLED",{g_ai}}}') == 1
+
+
+def test_services_logged_no_telemetry_warnings(mesh):
+    """No span was written after it ended, no export failed (the services log at WARNING)."""
+    for name in ("tokenizer", "engine", "router"):
+        with open(f"{mesh.log_dir}/{name}.log") as f:
+            text = f.read()
+        assert "ended span" not in text and "Failed to export" not in text, (name, text[-2000:])
