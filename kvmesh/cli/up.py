@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
                    help="engine weight loading; dummy = random weights in the checkpoint's shape")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text of the sample generation")
     p.add_argument("--max-tokens", type=int, default=24, help="length of the sample generation")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the sample (0 = greedy)")
     p.add_argument("--once", action="store_true",
                    help="stop the cluster after the sample generation (smoke tests, CI)")
     p.add_argument("--run-dir", default=None, help="directory for child logs and pids.json (default: a new temp dir)")
@@ -103,7 +104,8 @@ def _sample(router: str, args: argparse.Namespace, demo: bool, run_dir: str) -> 
     _say(f"prompt: {args.prompt!r}")
     # --model "": the router's only model (an exported KVMESH_MODEL is a path, not a model name).
     rc = kvmesh_main(["generate", "--router", router, "--model", "", "--prompt", args.prompt,
-                      "--max-tokens", str(args.max_tokens), "--timeout", "300"])
+                      "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
+                      "--timeout", "300"])
     if rc == EXIT_INTERRUPTED:
         raise KeyboardInterrupt
     if rc != 0:

@@ -210,3 +210,18 @@ def test_killed_launcher_leaves_no_orphans(launch):
     os.kill(launcher.proc.pid, signal.SIGKILL)
     launcher.finish(10)
     _assert_all_gone(children, timeout_s=30)
+
+
+def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir):
+    """`--model DIR` end to end: the greedy sample matches llama2.c's reference continuation."""
+    with open(stories260k_dir / "greedy_examples.json") as f:
+        example = json.load(f)["examples"][0]
+    launcher = launch([str(KVMESH), "up", "--once", "--model", str(stories260k_dir), "--num-engines", "1",
+                       "--prompt", example["prompt"], "--max-tokens", "16"])
+    rc = launcher.finish(STARTUP_S)
+    assert rc == 0, launcher.output
+    assert "demo model" not in launcher.output  # only the demo is labelled as noise
+    sample = launcher.output.split(f"prompt: {example['prompt']!r}\n", 1)[1].split("\nsample generation done")[0]
+    expected = example["expected_text"].removeprefix(example["prompt"])
+    assert len(sample) > 20 and expected.startswith(sample), f"{sample!r} vs {expected!r}"
+    _assert_all_gone(_children(launcher))
