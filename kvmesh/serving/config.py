@@ -28,6 +28,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
             raw = os.environ.get(name)
             if raw is not None:
                 kwargs["default"] = self._parse_env(name, raw, kwargs)
+                kwargs["required"] = False  # the variable supplies a required option (containers)
             if kwargs.get("help") is not argparse.SUPPRESS:
                 kwargs["help"] = f"{kwargs.get('help', '')} [env {name}]".strip()
         return super().add_argument(*args, **kwargs)
