@@ -162,14 +162,16 @@ class LocalCluster:
         os.makedirs(self.run_dir, exist_ok=True)
         deadline = time.monotonic() + cfg.startup_timeout_s
         common = ["--log-level", cfg.log_level, "--grace", str(cfg.grace_s)]
-        self.tokenizer = self._service("tokenizer", "tokenizer", ["--model", cfg.model, *common])
-        engine_flags = ["--model", cfg.model, "--device", cfg.device, *common]
+        model = cfg.model if cfg.model == "demo" else os.path.abspath(cfg.model)
+        self.tokenizer = self._service("tokenizer", "tokenizer", ["--model", model, *common])
+        engine_flags = ["--model", model, "--device", cfg.device, *common]
         if cfg.load_format:
             engine_flags += ["--load-format", cfg.load_format]
         gpus = (cfg.gpus or detect_gpus()) if cfg.device == "cuda" else []
-        if gpus and cfg.num_engines > len(gpus):
-            self.report(f"note: {cfg.num_engines} engines share {len(gpus)} GPU(s); each sizes its KV "
-                        "cache from free memory, so later ones get less")
+        if gpus and cfg.num_engines > len(gpus) and "KVMESH_GPU_MEMORY_UTILIZATION" not in os.environ:
+            share = 0.9 / -(-cfg.num_engines // len(gpus))
+            self.report(f"note: {cfg.num_engines} engines share {len(gpus)} GPU(s), and each engine takes 90% of"
+                        f" its GPU by default: set KVMESH_GPU_MEMORY_UTILIZATION={share:.2f} (the engines read it)")
         for i in range(cfg.num_engines):
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
             self.engines.append(self._service("engine", f"engine-{i}", [*engine_flags, *cfg.engine_args], env))

@@ -23,7 +23,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
 
     def add_argument(self, *args, **kwargs):
         longs = [a for a in args if isinstance(a, str) and a.startswith("--")]
-        if longs:
+        if longs and kwargs.get("action") not in ("help", "version"):
             name = env_name(longs[0])
             raw = os.environ.get(name)
             if raw is not None:
