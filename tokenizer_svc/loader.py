@@ -45,8 +45,8 @@ class LoadedTokenizer:
 
 
 def load_tokenizer(model: str) -> LoadedTokenizer:
-    """Load `model`: "demo", or a directory holding tokenizer.json (and usually tokenizer_config.json,
-    config.json, generation_config.json). Never downloads.
+    """Load `model`: "demo", or a HuggingFace model directory (tokenizer.json or tokenizer.model,
+    usually tokenizer_config.json, config.json, generation_config.json). Never downloads.
 
     Raises:
         FileNotFoundError / ValueError when the directory holds no usable tokenizer.
@@ -67,15 +67,20 @@ def _load_demo() -> LoadedTokenizer:
 
 
 def _load_dir(path: pathlib.Path) -> LoadedTokenizer:
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (kvmesh needs a fast tokenizer)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (give a HuggingFace model directory or 'demo')")
     # Offline by construction: a local directory, and the hub told never to reach out.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return _assemble(path.name, tok, hf, config=_read_json(path / "config.json"),
+    # Encode with the `tokenizers` object transformers built (from tokenizer.json, or converted
+    # from a SentencePiece model), so Tokenize and ApplyChatTemplate agree with transformers.
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{path}: transformers loaded a slow tokenizer ({type(hf).__name__}); "
+                         "kvmesh needs a fast one (tokenizer.json)")
+    return _assemble(path.name, backend, hf, config=_read_json(path / "config.json"),
                      generation_config=_read_json(path / "generation_config.json"))
 
 
@@ -92,12 +97,19 @@ def _ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def _copy(tok: Tokenizer) -> Tokenizer:
+    # Our own copy, never truncating or padding, whatever state transformers leaves in its object.
+    copy = Tokenizer.from_str(tok.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
 def _assemble(name: str, tok: Tokenizer, hf, *, config: dict, generation_config: dict) -> LoadedTokenizer:
     # The tokenizer.json's own post-processor and added tokens stay as they are; only the
     # special-token parsing differs between the two copies.
-    text_tok = Tokenizer.from_str(tok.to_str())
+    text_tok, special_tok = _copy(tok), _copy(tok)
     text_tok.encode_special_tokens = True
-    special_tok = Tokenizer.from_str(tok.to_str())
     special_tok.encode_special_tokens = False
     vocab = tok.get_vocab(with_added_tokens=True)
     vocab_size = max(vocab.values()) + 1 if vocab else 0

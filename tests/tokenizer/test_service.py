@@ -229,3 +229,14 @@ async def test_no_chat_template_is_failed_precondition(stub):
             messages=[common_pb2.ChatMessage(role="user", content="hi")]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no chat template" in err.value.details()
+
+
+async def test_stream_large_batch_goes_through_the_thread_pool(stub, stories_tok):
+    # More ids than INLINE_STREAM_IDS in one message: processed off the event loop, same answer.
+    from tokenizer_svc.service import INLINE_STREAM_IDS
+    text = "Lily and Tom went to the park. They saw a big 🐸 and said \"héllo\"! " * 6
+    ids = stories_tok.text_tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > INLINE_STREAM_IDS
+    replies = await detokenize_stream(stub, [ids[:-3], ids[-3:]], prompt=[1])
+    assert [r.num_tokens for r in replies] == [len(ids) - 3, len(ids), len(ids)]
+    assert "".join(r.text for r in replies) == text
