@@ -46,6 +46,34 @@ class AbortResult(enum.Enum):
     NOT_FOUND = "not_found"
 
 
+def build_engine_core(config: EngineConfig, status: EngineStatusTracker | None = None,
+                      hooks: EngineHooks | None = None,
+                      runner_factory: Callable | None = None) -> tuple[EngineCore, ModelInfo]:
+    """Load the model, size and allocate the KV cache, compile; return an EngineCore driving it.
+
+    Advances `status` through LOADING_WEIGHTS, ALLOCATING_KV and COMPILING. Runs on the thread that
+    will drive the core (the engine loop's; a benchmark's or a test's own).
+    """
+    if runner_factory is None:
+        from engine_svc.model_runner import ModelRunner  # torch only on this path
+        runner_factory = ModelRunner
+    status = status or EngineStatusTracker()
+    runner = runner_factory(config)
+    info = runner.load_model(on_progress=status.progress)
+    status.enter(Phase.ENGINE_PHASE_ALLOCATING_KV, "profiling and sizing the KV cache")
+    num_blocks = runner.determine_num_blocks()
+    runner.allocate_kv_cache(num_blocks)
+    status.enter(Phase.ENGINE_PHASE_COMPILING, "compiling kernels" +
+                 ("" if config.enforce_eager or config.device == "cpu" else ", capturing CUDA graphs"))
+    runner.warmup()
+    max_model_len = min(config.max_model_len or info.model_max_len, info.model_max_len)
+    core = EngineCore(
+        runner, num_blocks=num_blocks, block_size=config.block_size, eos_token_ids=info.eos_token_ids,
+        max_model_len=max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill, hooks=hooks)
+    return core, info
+
+
 class EngineLoop:
     """Runs the engine on a dedicated thread. Create, ``await start()``, use, ``await stop()``.
 
@@ -193,26 +221,9 @@ class EngineLoop:
             pass
 
     def _build(self) -> EngineCore:
-        """Load the model, size and allocate the KV cache, compile. Advances the status phases."""
-        if self._runner_factory is None:
-            from engine_svc.model_runner import ModelRunner  # torch only on this path
-            self._runner_factory = ModelRunner
-        cfg, status = self.config, self.status
-        runner = self._runner_factory(cfg)
-        info = runner.load_model(on_progress=status.progress)
-        status.enter(Phase.ENGINE_PHASE_ALLOCATING_KV, "profiling and sizing the KV cache")
-        num_blocks = runner.determine_num_blocks()
-        runner.allocate_kv_cache(num_blocks)
-        status.enter(Phase.ENGINE_PHASE_COMPILING, "compiling kernels" +
-                     ("" if cfg.enforce_eager or cfg.device == "cpu" else ", capturing CUDA graphs"))
-        runner.warmup()
-        self.info, self.num_blocks = info, num_blocks
-        self.max_model_len = min(cfg.max_model_len or info.model_max_len, info.model_max_len)
-        return EngineCore(
-            runner, num_blocks=num_blocks, block_size=cfg.block_size, eos_token_ids=info.eos_token_ids,
-            max_model_len=self.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_num_seqs=cfg.max_num_seqs, enable_chunked_prefill=cfg.enable_chunked_prefill,
-            hooks=self.hooks)
+        core, info = build_engine_core(self.config, self.status, self.hooks, self._runner_factory)
+        self.info, self.num_blocks, self.max_model_len = info, core.block_manager.num_blocks, core.max_model_len
+        return core
 
     def _run(self) -> None:
         try:

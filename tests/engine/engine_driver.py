@@ -6,10 +6,12 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
+import torch
+
 from engine_svc.config import EngineConfig
 from engine_svc.core.engine_core import EngineCore
 from engine_svc.core.request import FinishReason, Request
-from engine_svc.model_runner import ModelRunner
+from engine_svc.engine_loop import build_engine_core
 from engine_svc.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0.0)
@@ -23,16 +25,16 @@ def build_core(model: str | pathlib.Path, *, block_size: int = 16, num_blocks: i
                        max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                        enable_chunked_prefill=chunked, num_gpu_blocks_override=num_blocks,
                        kv_cache_memory=8 << 20, max_model_len=max_model_len).validate()
-    runner = ModelRunner(cfg)
-    info = runner.load_model()
-    n = runner.determine_num_blocks()
-    runner.allocate_kv_cache(n)
-    runner.warmup()
-    core = EngineCore(runner, num_blocks=n, block_size=block_size, eos_token_ids=info.eos_token_ids,
-                      max_model_len=max_model_len or info.model_max_len, max_num_batched_tokens=budget,
-                      max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked)
-    core.info = info
+    core, _ = build_engine_core(cfg)
     return core
+
+
+def one_torch_thread():
+    """Fixture body: tiny models run fastest on one thread, and CI's 2 cores are shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @dataclass

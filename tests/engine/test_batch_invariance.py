@@ -7,18 +7,12 @@ way of batching, chunking, paging and preempting must give exactly those ids.
 from __future__ import annotations
 
 import pytest
-import torch
-from engine_driver import build_core, examples, greedy, run
+from engine_driver import build_core, examples, greedy, one_torch_thread, run
 
 from engine_svc.core.request import FinishReason
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is fastest and leaves CI's other core alone
-    yield
-    torch.set_num_threads(old)
+_threads = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

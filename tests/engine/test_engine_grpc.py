@@ -11,8 +11,9 @@ import threading
 import grpc
 import pytest
 import pytest_asyncio
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine_driver import one_torch_thread
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.hooks import EngineHooks
@@ -57,12 +58,7 @@ class StepHooks(EngineHooks):
             self.finished_at[req.request_id] = self.steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def config(model, **kw) -> EngineConfig:

@@ -9,8 +9,9 @@ import contextlib
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine_driver import one_torch_thread
 
 from engine_svc.config import EngineConfig
 from engine_svc.server import EngineServer
@@ -21,12 +22,7 @@ from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 NUM_BLOCKS = 40  # 640 tokens: more than one 512-token sequence, less than two
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_threads = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,8 @@ import time
 
 import pytest
 import pytest_asyncio
-import torch
+
+from engine_driver import one_torch_thread
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import ErrorKind, FinishReason, Request
@@ -32,12 +33,7 @@ class SlowRunner(ModelRunner):
         return super().execute(seqs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
