@@ -242,18 +242,10 @@ def sweep(copy_gbps) -> dict:
         res[kind].append({**po, **r})
         print("sweep", kind, po, r.get(key), r.get("error", ""), flush=True)
 
-    for tile_n, warps, stages in [(128, 4, 4), (128, 4, 3), (128, 4, 5), (64, 4, 4), (64, 4, 2), (256, 8, 2),
-                                  (256, 4, 2), (256, 8, 3)]:
+    for tile_n, warps, stages in [(128, 4, 4), (128, 4, 3), (64, 4, 2)]:
         po = {"block_m": 16, "tile_n": tile_n, "num_warps": warps, "num_stages": stages, "num_splits": 1}
         run("decode", lambda po: bench_decode(64, 4096, copy_gbps, po, with_sdpa=False), po, "pct_copy")
-    for B, ctx in [(1, 4096), (8, 32768)]:
-        for splits in (8, 16, 32, 64):
-            po = {"num_splits": splits, "B": B, "ctx": ctx}
-            run("decode_splits", lambda po: bench_decode(po["B"], po["ctx"], copy_gbps,
-                                                         {"num_splits": po["num_splits"]}, with_sdpa=False),
-                po, "pct_copy")
-    for bm, tn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (128, 128, 8, 3),
-                                  (128, 64, 8, 3), (64, 128, 4, 3), (64, 32, 4, 3), (128, 128, 8, 4)]:
+    for bm, tn, warps, stages in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)]:
         po = {"block_m": bm, "tile_n": tn, "num_warps": warps, "num_stages": stages}
         run("prefill", lambda po: bench_prefill(1, 8192, po), po, "TFLOPs")
     return res

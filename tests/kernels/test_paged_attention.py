@@ -71,6 +71,12 @@ def test_peaky_scores(num_splits):
     check(MIXED, scale=4.0, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [3, 64])
+def test_split_kv_decode_only(num_splits):
+    # max_query_len == 1 takes the decode grid (one q-block per sequence, no search)
+    check([(90, 1), (0, 1), (BS, 1), (200, 1), (BS - 2, 1)], num_splits=num_splits, qpk=4, num_kv_heads=1)
+
+
 def test_gqa_ratio_not_power_of_two():
     check([(10, 3), (0, 1)], qpk=3, num_kv_heads=2)
 
