@@ -6,6 +6,7 @@ decode; the same with a prompt, with special ids mixed in, and with skip_special
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,3 +87,40 @@ def test_invalid_bytes_do_not_stall_the_stream(stories_tok):
     deltas = stream(stories_tok, [cont] * 40)
     assert any(deltas[:MAX_HELD_TOKENS + 1])
     assert set("".join(deltas)) == {"\ufffd"}
+
+
+def _train(kind: str):
+    """A small tokenizer of another family, trained here in a fraction of a second (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tok_support import PIECES
+    corpus = [" ".join(PIECES)] * 3 + ["Once upon a time there was a little dog. It liked to run and play."] * 20
+    if kind == "byte_level":  # GPT-2 / Llama 3 style: bytes mapped to printable characters
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=["<|endoftext|>"])
+    else:  # SentencePiece style without byte fallback: unknown characters become <unk>
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module", params=["byte_level", "metaspace"])
+def other_tokenizer(request):
+    return _train(request.param)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, skip=st.booleans(), special=st.booleans())
+def test_other_tokenizer_families(other_tokenizer, text, skip, special):
+    ids = other_tokenizer.encode(text).ids
+    if special:  # a special id in the middle, as a model might emit
+        ids = ids[:len(ids) // 2] + [0] + ids[len(ids) // 2:]
+    detok = IncrementalDetokenizer(other_tokenizer, skip_special_tokens=skip)
+    deltas = [detok.step(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == other_tokenizer.decode(ids, skip_special_tokens=skip)
