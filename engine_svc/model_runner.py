@@ -61,8 +61,11 @@ class ModelRunner:
         """
         cfg = self.config
         hf, _ = loader.read_hf_config(cfg.model)
-        model_max_len = int(hf.get("max_position_embeddings") or 0) or None
-        if cfg.max_model_len is not None and model_max_len and cfg.max_model_len > model_max_len:
+        model_max_len = int(hf.get("max_position_embeddings") or 0)
+        if not model_max_len:
+            raise ConfigError(f"{cfg.model}/config.json has no max_position_embeddings: kvmesh cannot "
+                              f"tell the model's context limit")
+        if cfg.max_model_len is not None and cfg.max_model_len > model_max_len:
             raise ConfigError(
                 f"max_model_len={cfg.max_model_len} exceeds the model's limit of {model_max_len} "
                 f"(max_position_embeddings in {cfg.model}/config.json): set --max-model-len "
@@ -76,7 +79,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self._alloc_buffers()
         self.info = ModelInfo(
-            name=loaded.name, vocab_size=loaded.cfg.vocab_size, model_max_len=model_max_len or self.max_model_len,
+            name=loaded.name, vocab_size=loaded.cfg.vocab_size, model_max_len=model_max_len,
             eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
             dtype=DTYPE_NAMES[loaded.dtype], num_layers=loaded.cfg.num_layers,
             num_kv_heads=loaded.cfg.num_kv_heads, head_dim=loaded.cfg.head_dim)

@@ -126,6 +126,14 @@ def test_max_model_len_beyond_model_limit_names_both_numbers(stories260k_dir):
     assert ok.load_model().model_max_len == 512 and ok.max_model_len == 100
 
 
+def test_config_without_context_limit_is_refused(tmp_path, stories260k_dir):
+    cfg = json.loads((stories260k_dir / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="no max_position_embeddings"):
+        ModelRunner(EngineConfig(model=str(tmp_path))).load_model()
+
+
 def test_demo_model_is_deterministic_and_described():
     a, b = make_runner("demo", num_blocks=16), make_runner("demo", num_blocks=16)
     info = a.info
