@@ -31,7 +31,7 @@ DEFAULT_PORT = 50052
 def build_parser() -> EnvArgumentParser:
     parser = EnvArgumentParser(prog="kvmesh-tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo",
-                        help="HuggingFace model directory with tokenizer.json, or 'demo' (built in)")
+                        help="HuggingFace model directory (tokenizer.json, or tokenizer.model), or 'demo' (built in)")
     add_server_flags(parser, default_port=DEFAULT_PORT)
     defaults = Limits()
     parser.add_argument("--max-text-bytes", type=int, default=defaults.max_text_bytes,
@@ -69,7 +69,12 @@ async def serve(args) -> None:
     limits = limits_from_args(args)
     telemetry.setup("kvmesh-tokenizer", metrics_port=args.metrics_port, host=args.host)
     log.info("loading tokenizer %s", args.model)
-    tok = await asyncio.to_thread(load_tokenizer, args.model)
+    try:
+        tok = await asyncio.to_thread(load_tokenizer, args.model)
+    except (OSError, ValueError) as exc:
+        # A wrong --model is an operator error: say what is wrong, exit non-zero, no traceback.
+        log.error("cannot load tokenizer %s: %s", args.model, exc)
+        raise SystemExit(2) from None
     running, executor = await serve_tokenizer(tok, limits, host=args.host, port=args.port,
                                               max_message_bytes=args.max_message_bytes, threads=args.threads)
     stop = asyncio.Event()

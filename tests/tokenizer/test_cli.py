@@ -87,3 +87,13 @@ def test_reflection_client_and_health(tokenizer_process, stories260k_dir):
 
 def test_sigterm_drains_and_exits_zero(tokenizer_process):
     assert tokenizer_process.stop(15.0) == 0
+
+
+def test_bad_model_directory_exits_2_with_a_message(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "tokenizer_svc.server", "--model", str(tmp_path / "nope"),
+                             "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot load tokenizer" in result.stderr and "not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
