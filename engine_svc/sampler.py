@@ -207,7 +207,7 @@ class Sampler:
         if logprobs is None:
             return [SampledToken(t) for t in token_list]
         chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        max_top = max(p.top_logprobs for p in params)
+        max_top = min(max(p.top_logprobs for p in params), logprobs.shape[-1])
         top_vals = top_ids = None
         if max_top:
             top = logprobs.topk(max_top, dim=-1)

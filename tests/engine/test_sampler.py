@@ -212,3 +212,11 @@ def test_noise_chunking_and_greedy_rows_do_not_change_draws():
     sampled_only = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
     alone = Sampler(V, "cpu", EOS)(logits[sampled_only], [reqs[i] for i in sampled_only])
     assert [t.token_id for t in alone] == [whole[i].token_id for i in sampled_only]
+
+
+def test_top_logprobs_capped_by_a_small_vocabulary():
+    logits = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
+    reqs = [SampleRequest(SamplingParams(temperature=0.0, top_logprobs=20), [1], [])] * 2
+    out = Sampler(8, "cpu", EOS)(logits, reqs)
+    assert [len(t.top_logprobs) for t in out] == [8, 8]
+    assert sorted(t for t, _ in out[0].top_logprobs) == list(range(8))
