@@ -4,6 +4,7 @@ and transformers' own apply_chat_template."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
@@ -240,3 +241,27 @@ async def test_stream_large_batch_goes_through_the_thread_pool(stub, stories_tok
     replies = await detokenize_stream(stub, [ids[:-3], ids[-3:]], prompt=[1])
     assert [r.num_tokens for r in replies] == [len(ids) - 3, len(ids), len(ids)]
     assert "".join(r.text for r in replies) == text
+
+
+async def test_concurrent_streams_are_independent(stub, stories_tok):
+    texts = [f"Story {i}: Lily saw {i} 🐸 by the pond, and Tom said \"wow\" {'!' * i}" for i in range(20)]
+
+    async def run(text):
+        ids = stories_tok.text_tokenizer.encode(text).ids
+        replies = await detokenize_stream(stub, [[i] for i in ids[1:]], prompt=ids[:1], stop=["wow"])
+        return "".join(r.text for r in replies), replies[-1].stop_match.stop
+
+    results = await asyncio.gather(*(run(t) for t in texts))
+    assert results == [(t[:t.index("wow")], "wow") for t in texts]
+
+
+async def test_cancelled_stream_leaves_the_service_serving(stub, stories_tok):
+    call = stub.DetokenizeStream()
+    await call.write(pb.DetokenizeStreamRequest(start=pb.DetokenizeStreamStart()))
+    await call.write(pb.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=[300, 301])))
+    assert (await call.read()).num_tokens == 2
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call.read()
+    replies = await detokenize_stream(stub, [[300]])
+    assert replies[-1].done
