@@ -120,3 +120,20 @@ def test_config_switches_read(checkpoint):
     assert cfg.tie_word_embeddings == hf.get("tie_word_embeddings", False) == (arch in ("qwen2", "llama_linear"))
     rope_types = {"llama3": "llama3", "llama_linear": "linear"}
     assert (cfg.rope_scaling or {}).get("rope_type", "default") == rope_types.get(arch, "default")
+
+
+def test_old_and_new_rope_config_formats_agree():
+    """transformers 4.x wrote rope_scaling + rope_theta (or "type"); 5.x writes rope_parameters."""
+    from engine_svc.model.llama import LlamaConfig, rope_inv_freq
+    base = dict(architectures=["LlamaForCausalLM"], model_type="llama", **COMMON)
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    old = LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {**scaling, "rope_type": "llama3"}})
+    new = LlamaConfig.from_hf({**base, "rope_parameters": {**scaling, "rope_type": "llama3", "rope_theta": 5e5}})
+    assert old == new and old.rope_theta == 5e5
+    hf = transformers.LlamaConfig(**COMMON, rope_scaling={**scaling, "rope_type": "llama3"}, rope_theta=5e5)
+    assert LlamaConfig.from_hf(hf.to_dict()) == old
+    legacy = LlamaConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    plain = LlamaConfig.from_hf(base)
+    torch.testing.assert_close(rope_inv_freq(legacy), rope_inv_freq(plain) / 2)
+    assert not torch.equal(rope_inv_freq(old), rope_inv_freq(LlamaConfig.from_hf({**base, "rope_theta": 5e5})))
