@@ -29,15 +29,12 @@ from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
 from router.config import RouterConfig
 from router.engines import Engine, EnginePool
 from router.policy import Decision, Policy
+from router.stream import CommittedStream
 from router.tokenizer_client import DetokenizeSession, TokenizerClient, downstream_error
 from router.validation import Limits, check_request, resolve_max_tokens
 
 log = logging.getLogger(__name__)
 
-# After a stop-string match: how long to wait for the aborted engine stream to report its final
-# token count before cancelling it outright.
-STOP_DRAIN_S = 2.0
-ABORT_TIMEOUT_S = 2.0
 # Engine statuses before the first response that mean "try another replica".
 _FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                    grpc.StatusCode.UNKNOWN}
@@ -125,7 +122,7 @@ class Orchestrator:
             engine, call, first = await self._dispatch(engine_req, len(prompt), max_tokens, deadline)
             if (exc := await start) is not None:
                 raise downstream_error("tokenizer", exc)
-            stream = _Stream(self, req, request_id, len(prompt), engine, call, detok)
+            stream = CommittedStream(req, request_id, len(prompt), engine, call, detok)
             async for out in stream.run(first):
                 yield out
         finally:
@@ -188,139 +185,3 @@ class Orchestrator:
                 continue
             return engine, call, first
         raise Unavailable(f"no engine answered after {self._config.max_attempts} attempts: {last_error}")
-
-
-class _Stream:
-    """The committed part of a request: engine responses -> detokenizer -> client responses."""
-
-    def __init__(self, orch: Orchestrator, req, request_id: str, num_prompt_tokens: int, engine: Engine,
-                 call, detok: DetokenizeSession):
-        self.req = req
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self.engine = engine
-        self.call = call
-        self.detok = detok
-        self.num_tokens = 0  # generated tokens received from the engine
-
-    def _usage(self, completion: int | None = None) -> common_pb2.Usage:
-        return common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
-                                completion_tokens=self.num_tokens if completion is None else completion)
-
-    async def run(self, resp) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        e = self.engine
-        first = True
-        while True:
-            if resp.HasField("load"):
-                e.apply_report(resp.load)
-            if first:
-                e.ledger.ack(self.request_id, resp.load.sequence if resp.HasField("load") else None)
-            out = router_pb2.RouterGenerateResponse(request_id=self.request_id)
-            if first:
-                out.engine_id = e.report.engine_id if e.report is not None else e.address
-            try:
-                if resp.tokens:
-                    done = await self._tokens(resp, out)
-                    if done:
-                        yield out
-                        return
-                if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                    await self._finish(resp, out)
-                    yield out
-                    return
-            except (grpc.aio.AioRpcError, ServiceError) as exc:
-                yield self._error(out, "tokenizer", exc)
-                return
-            if first or out.text or out.tokens:
-                yield out
-            first = False
-            try:
-                resp = await self.call.read()
-            except grpc.aio.AioRpcError as exc:
-                yield self._error(router_pb2.RouterGenerateResponse(request_id=self.request_id), "engine", exc)
-                return
-            if resp is grpc.aio.EOF:
-                yield self._lost("the engine ended the stream without a finish reason")
-                return
-
-    async def _tokens(self, resp, out) -> bool:
-        """Detokenize one engine batch into `out`. Returns True when a stop string matched (out is final)."""
-        tokens = list(resp.tokens)
-        self.num_tokens += len(tokens)
-        det = await self.detok.push([t.id for t in tokens])
-        out.text = det.text
-        match = det.stop_match if det.HasField("stop_match") else None
-        if self.req.return_tokens:
-            out.tokens.extend(t for t in tokens if match is None or t.index <= match.token_index)
-        if match is None:
-            return False
-        completion = await self._stop_engine()
-        out.finish_reason = common_pb2.FINISH_REASON_STOP_STRING
-        out.matched_stop_string = match.stop
-        out.usage.CopyFrom(self._usage(completion))
-        return True
-
-    async def _finish(self, resp, out) -> None:
-        if not self.detok.done:
-            tail = await self.detok.finish()
-            out.text += tail.text
-        out.finish_reason = resp.finish_reason
-        if resp.HasField("matched_stop_token_id"):
-            out.matched_stop_token_id = resp.matched_stop_token_id
-        if resp.HasField("error"):
-            out.error.CopyFrom(resp.error)
-        completion = resp.usage.completion_tokens if resp.HasField("usage") else None
-        out.usage.CopyFrom(self._usage(completion or self.num_tokens))
-
-    async def _stop_engine(self) -> int:
-        """Abort the engine request at once, then read its stream out to learn how many tokens it
-        generated in all (the contract lets it run at most one step past the match). Returns that count."""
-        abort = asyncio.ensure_future(self.engine.stub.Abort(
-            engine_pb2.AbortRequest(request_id=self.request_id), timeout=ABORT_TIMEOUT_S))
-        abort.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures only mean "already gone"
-        count = self.num_tokens
-        try:
-            async with asyncio.timeout(STOP_DRAIN_S):
-                while True:
-                    resp = await self.call.read()
-                    if resp is grpc.aio.EOF:
-                        break
-                    count += len(resp.tokens)
-                    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        if resp.HasField("usage") and resp.usage.completion_tokens:
-                            count = resp.usage.completion_tokens
-                        break
-        except (TimeoutError, grpc.aio.AioRpcError):
-            pass
-        self.call.cancel()
-        return count
-
-    def _error(self, out, where: str, exc: Exception) -> router_pb2.RouterGenerateResponse:
-        """The one terminal response for a failure after the first response."""
-        out.finish_reason = common_pb2.FINISH_REASON_ERROR
-        out.usage.CopyFrom(self._usage())
-        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
-        details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            out.error.CopyFrom(common_pb2.StreamError(
-                code=code.value[0], reason=common_pb2.ERROR_REASON_DEADLINE_EXCEEDED,
-                message=f"deadline exceeded after {self.num_tokens} tokens"))
-        elif where == "engine":
-            self.engine.eject(f"Generate stream failed: {code.name}: {details}", recheck=True)
-            return self._lost(f"{code.name}: {details}", out)
-        else:
-            out.error.CopyFrom(common_pb2.StreamError(
-                code=grpc.StatusCode.UNAVAILABLE.value[0], reason=common_pb2.ERROR_REASON_INTERNAL,
-                message=f"{where} failed after {self.num_tokens} tokens: {code.name}: {details}"))
-        log.warning("request %s ended with an error: %s", self.request_id, out.error.message)
-        return out
-
-    def _lost(self, why: str, out=None) -> router_pb2.RouterGenerateResponse:
-        out = out or router_pb2.RouterGenerateResponse(request_id=self.request_id)
-        out.finish_reason = common_pb2.FINISH_REASON_ERROR
-        out.usage.CopyFrom(self._usage())
-        out.error.CopyFrom(common_pb2.StreamError(
-            code=grpc.StatusCode.UNAVAILABLE.value[0], reason=common_pb2.ERROR_REASON_ENGINE_LOST,
-            message=f"engine {self.engine.address} lost after {self.num_tokens} tokens: {why}"))
-        log.warning("request %s: %s", self.request_id, out.error.message)
-        return out

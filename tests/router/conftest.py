@@ -17,6 +17,9 @@ from kvmesh.procs import ServiceProcess, stop_all
 # KV blocks per engine (block size 16): unequal on purpose; "b" and "c" are equal to each other.
 ENGINE_BLOCKS = {"a": 96, "b": 48, "c": 48}
 START_TIMEOUT_S = 180.0
+# One torch thread per engine (a tiny model gains nothing from more, and three engines' spinning
+# OpenMP threads on a 2-core CI machine slow everything); no trace export without a collector.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "OTEL_TRACES_EXPORTER": "none"}
 
 
 class Mesh:
@@ -37,10 +40,10 @@ class Mesh:
 
     def start(self) -> "Mesh":
         self.tokenizer = ServiceProcess("tokenizer", "tokenizer", ["--model", str(self.model_dir)],
-                                        log_path=self._log("tokenizer"), die_with_parent=True).start()
+                                        log_path=self._log("tokenizer"), env=CHILD_ENV, die_with_parent=True).start()
         for name in ENGINE_BLOCKS:
             self.engines[name] = ServiceProcess("engine", f"engine-{name}", self.engine_args(name),
-                                                log_path=self._log(f"engine-{name}"), die_with_parent=True).start()
+                                                log_path=self._log(f"engine-{name}"), env=CHILD_ENV, die_with_parent=True).start()
         for proc in [self.tokenizer, *self.engines.values()]:
             proc.wait_healthy(START_TIMEOUT_S)
         return self
@@ -49,7 +52,7 @@ class Mesh:
         """Start engine `name` again on its old port (after a kill), and wait until it is healthy."""
         old = self.engines[name]
         proc = ServiceProcess("engine", f"engine-{name}", [*self.engine_args(name), "--port", str(old.port)],
-                              log_path=self._log(f"engine-{name}"), die_with_parent=True).start()
+                              log_path=self._log(f"engine-{name}"), env=CHILD_ENV, die_with_parent=True).start()
         self.engines[name] = proc
         proc.wait_healthy(START_TIMEOUT_S)
         return proc
@@ -60,7 +63,7 @@ class Mesh:
         proc = ServiceProcess("router", f"router-{len(self.routers)}",
                               ["--tokenizer", self.tokenizer.address, "--engines", targets,
                                "--heartbeat-ms", "200", *flags],
-                              env=env or {}, log_path=self._log(f"router-{len(self.routers)}"),
+                              env={**CHILD_ENV, **(env or {})}, log_path=self._log(f"router-{len(self.routers)}"),
                               die_with_parent=True).start()
         self.routers.append(proc)
         proc.wait_healthy(START_TIMEOUT_S)
