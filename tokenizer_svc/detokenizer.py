@@ -8,9 +8,10 @@ sequence at every step costs O(length). Instead we keep a short window of ids:
     ids:     ... | prefix (already emitted) | held (not yet emitted) | new id
                  ^prefix                    ^read
 
-and decode only the window. The text of the new tokens is the window's text minus the text of its
-prefix part, which the caller already has. Start-of-text effects (a stripped leading space) apply
-to the prefix part and the whole window alike, so they cancel. When the window's text ends with
+and decode only the window (about MAX_WINDOW_TOKENS ids plus the held ones). The text of the new
+tokens is the window's text minus the text of its prefix part, which the caller already has.
+Start-of-text effects (a stripped leading space) apply to the prefix part and the whole window
+alike, so they cancel. When the window's text ends with
 U+FFFD the last character is incomplete: we hold the tokens back until it completes.
 
 Two conditions keep the window's difference equal to the difference of full decodes:
@@ -36,6 +37,9 @@ INITIAL_PROMPT_WINDOW = 5
 # How far back into the prompt to look for a clean window start (a character boundary, a token
 # that is not skipped) before giving up and starting where we are.
 MAX_PROMPT_LOOKBACK = 64
+# The window is trimmed back to the last emitted ids once it holds more than this many: a longer
+# window costs a little more per decode, trimming costs one extra decode.
+MAX_WINDOW_TOKENS = 12
 # A UTF-8 character spans at most 4 bytes, so after this many held tokens a trailing U+FFFD is a
 # bad byte, not an incomplete character: emit it rather than re-decode an ever-growing window.
 MAX_HELD_TOKENS = 16
@@ -90,11 +94,15 @@ class IncrementalDetokenizer:
         return self._emit(text)
 
     def _emit(self, text: str) -> str:
-        # The ids just emitted become the next prefix part; older ones leave the window.
         delta = text[len(self._prefix_text):]
-        del self._ids[:self._read]
+        if len(self._ids) > MAX_WINDOW_TOKENS:
+            # Trim: the ids just emitted become the prefix part, older ones leave the window. This
+            # costs a decode of the new prefix part, so it is done only once the window is long.
+            del self._ids[:self._read]
+            self._prefix_text = self._decode(self._ids)
+        else:
+            self._prefix_text = text  # the whole window is emitted now: its text is the prefix text
         self._read = len(self._ids)
-        self._prefix_text = self._decode(self._ids)
         return delta
 
     def flush(self) -> str:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tok_support import texts
-from tokenizer_svc.detokenizer import IncrementalDetokenizer, MAX_HELD_TOKENS
+from tokenizer_svc.detokenizer import MAX_HELD_TOKENS, MAX_WINDOW_TOKENS, IncrementalDetokenizer
 
 _SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -78,6 +78,19 @@ def test_leading_space_of_first_generated_token(stories_tok):
     assert "".join(stream(stories_tok, generated)) == "a time"  # no prompt: as Detokenize would
     # A prompt ending in more special ids than the initial window holds.
     assert "".join(stream(stories_tok, generated, prompt + [2] * 8)) == " a time"
+
+
+def test_long_sequence_trims_the_window(stories_tok):
+    from tok_support import PIECES
+    text = "".join(PIECES) * 20
+    ids = encode(stories_tok, text)
+    assert len(ids) > 20 * MAX_WINDOW_TOKENS  # the window is trimmed many times
+    detok = IncrementalDetokenizer(stories_tok.text_tokenizer, special_ids=stories_tok.special_ids)
+    out = []
+    for i in ids:
+        out.append(detok.step(i))
+        assert len(detok._ids) <= MAX_WINDOW_TOKENS + 4  # O(1) work per token: the window stays short
+    assert "".join(out) + detok.flush() == text
 
 
 def test_invalid_bytes_do_not_stall_the_stream(stories_tok):
