@@ -195,7 +195,9 @@ def test_half_precision_runs_close_to_fp32(stories260k_dir, stories, dtype):
     assert runner.kv_caches[0][0].dtype == getattr(torch, dtype)
     prompt = greedy_examples(stories260k_dir)[0]["prompt_ids"]
     half, full = prefill_logits(runner, [prompt])[0], prefill_logits(stories, [prompt])[0]
-    assert (half - full).abs().max() < 0.25
+    # bf16 keeps 8 mantissa bits, fp16 11: errors of a few parts per hundred / thousand of the scale.
+    tol = {"bfloat16": 0.03, "float16": 0.006}[dtype] * full.abs().max()
+    assert (half - full).abs().max() < tol
     assert np.mean((half.argmax(-1) == full.argmax(-1)).numpy()) > 0.8
 
 
