@@ -63,8 +63,9 @@ STEP_INDEX = "kvmesh.step.index"  # on scheduled / prefill_chunk / first_token e
 ABORT_REASON = "kvmesh.abort.reason"  # "cancelled", "deadline_exceeded", "abort_rpc", "draining", ...
 FINISH_REASON = "kvmesh.finish.reason"  # on the finished event: a FINISH_REASON_NAMES value
 
-# --- engine step spans (each linked to the request spans it served) ---
+# --- engine step spans (each linked to the request spans its steps served; STEP_INDEX: the first) ---
 STEP_SPAN_NAME = "kvmesh.engine.step"
+STEP_COUNT = "kvmesh.step.count"  # consecutive steps the span covers (decode runs share one span)
 STEP_NUM_REQUESTS = "kvmesh.step.num_requests"
 STEP_NUM_PREFILL_TOKENS = "kvmesh.step.num_prefill_tokens"
 STEP_NUM_DECODE_TOKENS = "kvmesh.step.num_decode_tokens"

@@ -118,14 +118,21 @@ class RequestTrace:
 
 
 class StepTracer:
-    """One span per engine step, linked to the request spans of the step's batch.
+    """Engine step spans, each linked to the request spans its steps served.
 
-    Usage in the step loop (timestamps from `now()`, epoch nanoseconds):
-        t0 = steps.now(); ...run the step...; steps.record(index, t0, steps.now(), contexts, ...)
-    where `contexts` are the RequestTrace.context values of the step's requests.
+    A step that computes prompt tokens gets a span of its own. Consecutive pure-decode steps over the
+    same batch (the long, repetitive stretch of a generation) share one span, whose
+    `kvmesh.step.count` says how many steps it covers: a span with 16 links costs about 0.2 ms to
+    create and export, as much as a whole decode step of a small model on a CPU, so one per step
+    would cost a few percent of throughput. A shared span ends when the batch changes, after
+    MAX_RUN_STEPS steps or MAX_RUN_NS, or at flush() (the engine went idle). Step timestamps are epoch
+    nanoseconds; `now()` gives them.
     """
 
-    __slots__ = ("enabled", "engine_id", "_tracer")
+    MAX_RUN_STEPS = 64
+    MAX_RUN_NS = 1_000_000_000
+
+    __slots__ = ("enabled", "engine_id", "_tracer", "_run")
 
     now = staticmethod(time.time_ns)
 
@@ -133,18 +140,43 @@ class StepTracer:
         self.enabled = tracing_enabled()
         self._tracer = trace.get_tracer("kvmesh.engine")
         self.engine_id = engine_id
+        self._run: list | None = None  # the open decode run: [key, contexts, first index, start, end, count, tokens]
 
-    def record(self, index: int, start_ns: int, end_ns: int, contexts, num_prefill_tokens: int,
+    def extends(self, key: tuple, num_prefill_tokens: int, end_ns: int) -> bool:
+        """True when a step with this batch (key: its request ids) continues the open decode run."""
+        run = self._run
+        return (run is not None and num_prefill_tokens == 0 and run[0] == key
+                and run[5] < self.MAX_RUN_STEPS and end_ns - run[3] < self.MAX_RUN_NS)
+
+    def extend(self, end_ns: int, num_decode_tokens: int) -> None:
+        run = self._run
+        run[4] = end_ns
+        run[5] += 1
+        run[6] += num_decode_tokens
+
+    def record(self, key: tuple, index: int, start_ns: int, end_ns: int, contexts, num_prefill_tokens: int,
                num_decode_tokens: int) -> None:
-        if not self.enabled:
-            return
+        """A step that does not extend the open run (see extends()): ends that run, then opens a new
+        one (a decode step) or emits its own span (a step with prompt tokens)."""
+        self.flush()
+        if num_prefill_tokens == 0:
+            self._run = [key, contexts, index, start_ns, end_ns, 1, num_decode_tokens]
+        else:
+            self._emit(contexts, index, start_ns, end_ns, 1, num_prefill_tokens, num_decode_tokens)
+
+    def flush(self) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            _, contexts, index, start_ns, end_ns, count, num_decode_tokens = run
+            self._emit(contexts, index, start_ns, end_ns, count, 0, num_decode_tokens)
+
+    def _emit(self, contexts, index, start_ns, end_ns, count, num_prefill_tokens, num_decode_tokens) -> None:
         span = self._tracer.start_span(
             attrs.STEP_SPAN_NAME, context=_EMPTY_CONTEXT, kind=SpanKind.INTERNAL, start_time=start_ns,
             links=[Link(ctx) for ctx in contexts],
-            attributes={attrs.STEP_INDEX: index, attrs.STEP_NUM_REQUESTS: len(contexts),
+            attributes={attrs.STEP_INDEX: index, attrs.STEP_COUNT: count, attrs.STEP_NUM_REQUESTS: len(contexts),
                         attrs.STEP_NUM_PREFILL_TOKENS: num_prefill_tokens,
-                        attrs.STEP_NUM_DECODE_TOKENS: num_decode_tokens,
-                        attrs.ENGINE_ID: self.engine_id})
+                        attrs.STEP_NUM_DECODE_TOKENS: num_decode_tokens, attrs.ENGINE_ID: self.engine_id})
         span.end(end_time=end_ns)
 
 
@@ -234,14 +266,21 @@ class TelemetryHooks(_hooks_base()):
     def on_step(self, info) -> None:
         self._step = info.step + 1
         ended, self._ended = self._ended, {}
-        if not self.steps.enabled:
+        steps = self.steps
+        if not steps.enabled:
             return
         end = time.time_ns()
-        contexts, live = [], self._contexts
-        for rid in info.request_ids:
-            ctx = live.get(rid) or ended.get(rid)
-            if ctx is not None:
-                contexts.append(ctx)
+        key = tuple(info.request_ids)
         num_decode = info.num_decode_seqs
-        self.steps.record(info.step, end - int(info.duration_s * 1e9), end, contexts,
-                          info.num_batched_tokens - num_decode, num_decode)
+        num_prefill = info.num_batched_tokens - num_decode
+        if steps.extends(key, num_prefill, end):
+            steps.extend(end, num_decode)
+        else:
+            contexts, live = [], self._contexts
+            for rid in key:
+                ctx = live.get(rid) or ended.get(rid)
+                if ctx is not None:
+                    contexts.append(ctx)
+            steps.record(key, info.step, end - int(info.duration_s * 1e9), end, contexts, num_prefill, num_decode)
+        if not self._contexts:  # nothing left to run: the engine goes idle, end the open span now
+            steps.flush()

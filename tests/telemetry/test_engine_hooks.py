@@ -11,7 +11,7 @@ from engine_svc.core.request import FinishReason, Request
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken
 from kvmesh.telemetry import attributes as attrs
-from kvmesh.telemetry.engine import RequestTrace, TelemetryHooks
+from kvmesh.telemetry.engine import RequestTrace, StepTracer, TelemetryHooks
 
 BLOCK = 4
 
@@ -47,6 +47,33 @@ def _by_name(exporter, name):
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
 
+def _steps(exporter):
+    return sorted(_by_name(exporter, attrs.STEP_SPAN_NAME), key=lambda s: s.attributes[attrs.STEP_INDEX])
+
+
+def _columns(steps):
+    """(first step, steps covered, prefill tokens, decode tokens) of each step span."""
+    return [(s.attributes[attrs.STEP_INDEX], s.attributes[attrs.STEP_COUNT], s.attributes[attrs.STEP_NUM_PREFILL_TOKENS],
+             s.attributes[attrs.STEP_NUM_DECODE_TOKENS]) for s in steps]
+
+
+def test_decode_runs_share_a_span_until_the_batch_changes_or_the_run_is_long(memory_spans, monkeypatch):
+    monkeypatch.setattr(StepTracer, "MAX_RUN_STEPS", 4)
+    hooks = TelemetryHooks("m-runs")
+    core = _core(hooks, budget=64)
+    a, _ = _add(core, hooks, "a", prompt_len=3, max_tokens=3)
+    b, _ = _add(core, hooks, "b", prompt_len=3, max_tokens=9)
+    _run(core)
+    a.end(), b.end()
+    steps = _steps(memory_spans)
+    # Step 1 prefills both; a decodes in steps 2-3 and finishes; b alone decodes steps 4-9, in runs
+    # of at most 4 steps.
+    assert _columns(steps) == [(1, 1, 6, 0), (2, 2, 0, 4), (4, 4, 0, 4), (8, 2, 0, 2)]
+    ids = {a.get_span_context().span_id: "a", b.get_span_context().span_id: "b"}
+    assert [sorted(ids[link.context.span_id] for link in s.links) for s in steps] == [["a", "b"], ["a", "b"], ["b"], ["b"]]
+    assert sum(c[1] for c in _columns(steps)) == core.num_steps
+
+
 def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
     hooks = TelemetryHooks("m", engine_id="e0")
     core = _core(hooks, budget=8)
@@ -64,14 +91,14 @@ def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
     assert req.events[-1].attributes[attrs.FINISH_REASON] == "length"
     assert req.attributes[attrs.GEN_AI_USAGE_OUTPUT_TOKENS] == 3
     assert req.attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("length",)
-    steps = sorted(_by_name(memory_spans, attrs.STEP_SPAN_NAME), key=lambda s: s.attributes[attrs.STEP_INDEX])
-    assert len(steps) == core.num_steps == 5  # 3 prefill chunks, then 2 decodes
-    for step in steps:  # every step, the last one included, links to the request it served
+    steps = _steps(memory_spans)
+    assert core.num_steps == 5  # 3 prefill chunks (the last samples the first token), then 2 decodes
+    for step in steps:  # every span, the last one included, links to the request it served
         assert [link.context.span_id for link in step.links] == [span.get_span_context().span_id]
         assert step.parent is None and step.context.trace_id != span.get_span_context().trace_id
         assert step.start_time <= step.end_time
-    assert [s.attributes[attrs.STEP_NUM_PREFILL_TOKENS] for s in steps] == [8, 8, 3, 0, 0]
-    assert [s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps] == [0, 0, 0, 1, 1]
+    # One span per prefill step; the two decode steps over the same batch share one.
+    assert _columns(steps) == [(1, 1, 8, 0), (2, 1, 8, 0), (3, 1, 3, 0), (4, 2, 0, 2)]
     assert req.attributes[attrs.GEN_AI_USAGE_INPUT_TOKENS] == 19 and req.attributes[attrs.REQUEST_ID] == "a"
     assert not hooks._contexts and not hooks._ended  # nothing kept after the request ended
 

@@ -133,7 +133,7 @@ def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
         steps = [s for s in spans if s.name == attrs.STEP_SPAN_NAME]
         return (_has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/Tokenize")(spans)
                 and _has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/DetokenizeStream")(spans)
-                and bool(engine) and len(steps) >= max_tokens)
+                and bool(engine) and sum(s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps) >= max_tokens - 1)
     spans = _trace_of(mesh, "trace-one", done)
     traced = [s for s in spans if s.name != attrs.STEP_SPAN_NAME]
 
@@ -187,11 +187,13 @@ def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
     assert engine.events[-1].attributes[attrs.FINISH_REASON] == "length"
 
     # Step spans: roots of their own traces, linked to the engine request span; together they
-    # computed the whole prompt and every decode step.
+    # computed the whole prompt and every decode step, each prefill chunk in a span of its own.
     steps = [s for s in spans if s.name == attrs.STEP_SPAN_NAME and (engine.trace_id, engine.span_id) in s.links]
     assert all(s.parent_span_id == "" and s.service == "kvmesh-engine" for s in steps)
     assert sum(s.attributes[attrs.STEP_NUM_PREFILL_TOKENS] for s in steps) == num_prompt
     assert sum(s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps) == max_tokens - 1
+    prefill_steps = sorted(s.attributes[attrs.STEP_INDEX] for s in steps if s.attributes[attrs.STEP_NUM_PREFILL_TOKENS])
+    assert prefill_steps == [c.attributes[attrs.STEP_INDEX] for c in chunks]
 
 
 def mesh_model_name(mesh) -> str:
