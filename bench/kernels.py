@@ -257,13 +257,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time tile/warp/stage variants")
     args = ap.parse_args()
     torch.manual_seed(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = os.environ.get("KVMESH_COMMIT", "")  # the device copy of the tree may have no git history
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            commit = out if len(out) == 40 else ""
+        except OSError:
+            pass
     report = {
         "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_commit": commit or os.environ.get("KVMESH_COMMIT", "unknown"), "torch": torch.__version__,
+        "git_commit": commit or "unknown", "torch": torch.__version__,
         "triton": triton.__version__, "shape": {"H": H, "HKV": HKV, "D": D, "block_size": BS, "dtype": "bfloat16"},
         "timing": "attention: CUDA-graph replay, fused layers: eager calls; triton.testing.do_bench median, "
                   "warmup 25 ms, rep 100 ms, L2 cleared before every repetition",

@@ -15,8 +15,8 @@ one KV head (GQA packing: each K/V tile is read once for all of them). It walks 
 TILE_N-token tiles, gathering each token's block through the block table, with an online softmax.
 
 Two paths, chosen by ``paged_attention`` (see ``_plan``):
-  * one pass: grid (q_blocks * kv_heads,); each program writes its final output.
-  * split-KV (flash-decoding): grid (q_blocks * kv_heads, num_splits); each program covers one
+  * one pass: grid (q_blocks, kv_heads); each program writes its final output.
+  * split-KV (flash-decoding): grid (q_blocks, kv_heads, num_splits); each program covers one
     segment of the KV positions and writes an unnormalised partial (acc, max, sum); a second kernel
     merges the splits. Used when the one-pass grid has too few programs to fill the GPU (few
     sequences, long contexts).
@@ -127,7 +127,6 @@ def _paged_attention_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_bt,
     QPK: tl.constexpr,  # query heads per KV head (GQA ratio)
-    NUM_KV_HEADS: tl.constexpr,  # KV heads (axis 0 of the grid is q-blocks x NUM_KV_HEADS)
     HEAD_DIM: tl.constexpr,  # true head size
     HEAD_DIM_PAD: tl.constexpr,  # power of 2 >= HEAD_DIM; padded columns are masked to 0
     BLOCK_SIZE: tl.constexpr,  # cache block size (tokens)
@@ -137,26 +136,17 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,  # sliding window on
     SPLIT: tl.constexpr,  # split-KV path: write partials instead of the output
     IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots instead of tf32
-    DECODE: tl.constexpr,  # max_query_len == 1: the grid has one q-block per sequence
 ):
-    # Axis 0 enumerates (q-block, KV head) with the heads innermost, so the programs of one sequence's
-    # heads run together and read the interleaved [block_size, kv_heads, head_dim] blocks at once;
-    # q-blocks go last-first: under a causal mask they read the most KV, so starting them early
-    # shortens the tail of the launch.
-    pid = tl.program_id(0)
-    kvh = pid % NUM_KV_HEADS
-    q_block_id = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS
-    split = tl.program_id(1)
+    # Last q-blocks first: under a causal mask they read the most KV, so starting them early shortens
+    # the tail of the launch (programs of the same KV head stay adjacent and share K/V in L2).
+    q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
 
-    if DECODE:  # one query token per sequence: q-block i is sequence i, no search
-        seq = q_block_id
-        local_block = 0
-    else:
-        seq = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q)
+    seq = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if not DECODE:
-        local_block = q_block_id - (q_start // BLOCK_Q + seq)
+    local_block = q_block_id - (q_start // BLOCK_Q + seq)
     if local_block * BLOCK_Q >= q_len:
         return  # past this sequence's last q-block (the grid is an upper bound)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -206,7 +196,7 @@ def _paged_attention_kernel(
                                      stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
                                      d, d_ok, BLOCK_SIZE, TILE_N, True, USE_WINDOW, IEEE_DOT)
 
-    row_head = tok * (QPK * NUM_KV_HEADS) + head  # flat (token, head) index
+    row_head = tok * (QPK * tl.num_programs(1)) + head  # flat (token, head) index
     if SPLIT:
         part = row_head * num_splits + split
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=row_ok[:, None])
@@ -271,7 +261,9 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     split only decode-like batches (max_query_len <= 16) whose one-pass grid, num_q_blocks *
     num_kv_heads, is under 2 programs per SM (at 4 programs per SM and more, one pass was fastest:
     the partials and the merge launch cost more than the tail they remove). Splits = enough for
-    ~4 programs per SM, at most MAX_SPLITS, and at least 256 KV positions per split. Because the split
+    ~4 programs per SM, at most MAX_SPLITS, and at least 256 KV positions per split, rounded down to a
+    power of 2: at B=8, ctx=32k, 8 splits ran at 95% of copy bandwidth and 9 at 88% (one resident
+    program per SM at these tiles, so 576 programs need a fifth, mostly idle wave). Because the split
     count depends on max_seq_len, a CUDA graph captured with max_seq_len = the model's limit serves
     every shorter batch (empty splits merge to nothing).
     """
@@ -285,14 +277,14 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
         tile_n = 32 if interpret else 64
         num_warps, num_stages = 4, (3 if head_dim_pad <= 128 else 2)
     block_q = block_m // qpk
-    # q-blocks: one per sequence for pure decode, else an upper bound (see paged_attention)
-    grid0 = num_seqs if max_query_len == 1 else num_tokens // block_q + num_seqs
+    grid0 = num_tokens // block_q + num_seqs
     if num_splits is None:
         num_splits = 1
         # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
         programs = max(num_seqs, math.ceil(num_tokens / block_q)) * num_kv_heads
         if not interpret and max_query_len <= 16 and programs < 2 * num_sms:
             num_splits = max(1, min(MAX_SPLITS, math.ceil(4 * num_sms / programs), max_seq_len // 256))
+            num_splits = 1 << (num_splits.bit_length() - 1)  # round down to a power of 2 (see below)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS, math.ceil(max_seq_len / tile_n)))
     seg_len = math.ceil(math.ceil(max_seq_len / num_splits) / tile_n) * tile_n
     return dict(block_m=block_m, block_q=block_q, tile_n=tile_n, num_warps=num_warps,
@@ -326,11 +318,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     Raises:
         ValueError: on a dtype, shape, stride, device or argument-range mismatch.
 
-    Grid: axis 0 = q-blocks x KV heads (heads innermost), axis 1 = KV splits. For a pure decode
-    batch (max_query_len == 1) there is one q-block per sequence. Otherwise the q-block count is
-    ``num_tokens // BLOCK_Q + num_seqs``, an upper bound: sequence s owns ``ceil(query_len_s /
-    BLOCK_Q)`` blocks starting at global id ``query_start_loc[s] // BLOCK_Q + s`` (found by binary
-    search in the kernel); programs past a sequence's blocks exit at once.
+    Grid: axis 0 = ``num_tokens // BLOCK_Q + num_seqs``, an upper bound on the q-blocks of all
+    sequences (sequence s owns ``ceil(query_len_s / BLOCK_Q)`` blocks starting at global id
+    ``query_start_loc[s] // BLOCK_Q + s``; programs past a sequence's blocks exit at once);
+    axis 1 = KV heads; axis 2 = KV splits.
     """
     dev = query.device
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
@@ -376,7 +367,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     if plan_overrides:
         plan.update(plan_overrides)
         plan["block_q"] = plan["block_m"] // qpk
-        plan["grid0"] = num_seqs if max_query_len == 1 else num_tokens // plan["block_q"] + num_seqs
+        plan["grid0"] = num_tokens // plan["block_q"] + num_seqs
         plan["seg_len"] = math.ceil(math.ceil(max_seq_len / plan["num_splits"]) / plan["tile_n"]) * plan["tile_n"]
     split = plan["num_splits"] > 1
     if split:
@@ -385,7 +376,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         part_ml = torch.empty(num_tokens, num_heads, plan["num_splits"], 2, dtype=torch.float32, device=dev)
     else:
         part_acc = part_ml = out  # unused by the kernel
-    grid = (plan["grid0"] * num_kv_heads, plan["num_splits"])
+    grid = (plan["grid0"], num_kv_heads, plan["num_splits"])
     _paged_attention_kernel[grid](
         out, part_acc, part_ml, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, num_seqs, sliding_window or 0, plan["seg_len"], plan["num_splits"],
@@ -393,10 +384,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        QPK=qpk, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
+        QPK=qpk, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_M=plan["block_m"], BLOCK_Q=plan["block_q"], TILE_N=plan["tile_n"],
         USE_WINDOW=sliding_window is not None, SPLIT=split, IEEE_DOT=query.dtype == torch.float32,
-        DECODE=max_query_len == 1,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split:

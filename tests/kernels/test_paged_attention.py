@@ -108,8 +108,10 @@ def test_plan_heuristic():
     p = plan(1, 1, 1, 32768)
     assert p["num_splits"] == 64 and p["seg_len"] % p["tile_n"] == 0
     assert p["seg_len"] * p["num_splits"] >= 32768
-    # B=8 at 4k: 64 programs -> 9 splits of 512 positions
-    assert plan(8, 8, 1, 4096)["num_splits"] == 9
+    # B=8 at 4k: 64 programs -> 9 splits for ~4 per SM, rounded down to 8
+    assert plan(8, 8, 1, 4096)["num_splits"] == 8
+    # B=1 at 4k: 16 splits of 256 positions
+    assert plan(1, 1, 1, 4096)["num_splits"] == 16
     # B=64 at 4k: 512 programs fill 132 SMs -> one pass
     assert plan(64, 64, 1, 4096)["num_splits"] == 1
     # short context: at least 256 positions per split
