@@ -265,6 +265,8 @@ class LocalCluster:
                     if s.kind == "engine":
                         self._show_engine_status(s, channel)
                     if s.is_serving(channel, timeout_s=1.0):
+                        if s.kind == "engine":  # READY and the startup breakdown, if the poll above missed it
+                            self._show_engine_status(s, channel)
                         pending.remove(s)
                         self.report(f"  {s.name:<10} SERVING on {s.address}")
                 if pending and time.monotonic() > deadline:

@@ -181,16 +181,6 @@ def test_readme_command_answers_then_ctrl_c_stops_everything(launch):
     assert codes == {c["name"]: "0" for c in children}, stopped
 
 
-def test_once_answers_and_exits_cleanly(launch):
-    launcher = launch([str(KVMESH), "up", "--once", "--num-engines", "1", "--max-tokens", "8"])
-    rc = launcher.finish(STARTUP_S)
-    assert rc == 0, launcher.output
-    children = _children(launcher)
-    assert sorted(c["kind"] for c in children) == ["engine", "router", "tokenizer"]
-    assert "sample generation done" in launcher.output
-    _assert_all_gone(children)
-
-
 def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
     """A checkpoint the services cannot load: the launcher names the failure and cleans up."""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"], "model_type": "nope"}))
@@ -213,15 +203,18 @@ def test_killed_launcher_leaves_no_orphans(launch):
 
 
 def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir):
-    """`--model DIR` end to end: the greedy sample matches llama2.c's reference continuation."""
+    """`--model DIR --once` end to end: the greedy sample matches llama2.c's reference continuation,
+    and the launcher exits by itself, leaving nothing behind."""
     with open(stories260k_dir / "greedy_examples.json") as f:
         example = json.load(f)["examples"][0]
     launcher = launch([str(KVMESH), "up", "--once", "--model", str(stories260k_dir), "--num-engines", "1",
                        "--prompt", example["prompt"], "--max-tokens", "16"])
     rc = launcher.finish(STARTUP_S)
     assert rc == 0, launcher.output
+    children = _children(launcher)
+    assert sorted(c["kind"] for c in children) == ["engine", "router", "tokenizer"]
     assert "demo model" not in launcher.output  # only the demo is labelled as noise
     sample = launcher.output.split(f"prompt: {example['prompt']!r}\n", 1)[1].split("\nsample generation done")[0]
     expected = example["expected_text"].removeprefix(example["prompt"])
     assert len(sample) > 20 and expected.startswith(sample), f"{sample!r} vs {expected!r}"
-    _assert_all_gone(_children(launcher))
+    _assert_all_gone(children)
