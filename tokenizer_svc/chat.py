@@ -10,6 +10,7 @@ special ids, while control-token text inside user content, tools or kwargs stays
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ _RESERVED_KWARGS = frozenset({
     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
 })
+
+
+# transformers' tokenizer flips settings on its shared `tokenizers` object while it encodes
+# (encode_special_tokens, between the user's pieces and the template's), so two threads encoding at
+# once could each see the other's setting. One chat render at a time per process.
+_HF_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -94,14 +101,21 @@ def render_chat(hf_tokenizer, req: ChatRequest) -> tuple[str, list[int]]:
     common = dict(conversation=req.messages, tools=req.tools, add_generation_prompt=req.add_generation_prompt,
                   **req.kwargs)
     try:
-        prompt = hf_tokenizer.apply_chat_template(tokenize=False, **common)
-        ids: Sequence[int] = []
-        if req.tokenize:
-            ids = hf_tokenizer.apply_chat_template(tokenize=True, return_dict=False, sanitize_control_tokens=True,
-                                                   **common)
+        with _HF_LOCK:
+            return _render(hf_tokenizer, req, common)
     except jinja2.TemplateError as exc:
         # raise_exception() in a template ("roles must alternate ...") and Jinja errors on the input.
         raise InvalidArgument("messages", f"the chat template rejected the conversation: {exc}") from None
     except (ValueError, TypeError, KeyError) as exc:
+        # transformers raises these for conversations it cannot take (an empty one, a control
+        # token it cannot sanitize) and Jinja for values of the wrong type.
         raise InvalidArgument("messages", f"the chat template could not render the conversation: {exc}") from None
+
+
+def _render(hf_tokenizer, req: ChatRequest, common: dict) -> tuple[str, list[int]]:
+    prompt = hf_tokenizer.apply_chat_template(tokenize=False, **common)
+    ids: Sequence[int] = []
+    if req.tokenize:
+        ids = hf_tokenizer.apply_chat_template(tokenize=True, return_dict=False, sanitize_control_tokens=True,
+                                               **common)
     return prompt, list(ids)

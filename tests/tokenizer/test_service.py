@@ -265,3 +265,17 @@ async def test_cancelled_stream_leaves_the_service_serving(stub, stories_tok):
         await call.read()
     replies = await detokenize_stream(stub, [[300]])
     assert replies[-1].done
+
+
+async def test_concurrent_chat_requests_keep_control_tokens_apart(chat_stub):
+    # transformers toggles encode_special_tokens on its shared backend while sanitizing; concurrent
+    # renders must not see each other's setting (user "<s>" stays text, the template's is BOS).
+    stub, _ = chat_stub
+
+    def request(i):
+        content = "Say <s> and </s> " * 40 if i % 2 else "hello there " * 40
+        return pb.ApplyChatTemplateRequest(messages=[common_pb2.ChatMessage(role="user", content=content)])
+
+    expected = [list((await stub.ApplyChatTemplate(request(i))).token_ids) for i in range(2)]
+    replies = await asyncio.gather(*(stub.ApplyChatTemplate(request(i)) for i in range(60)))
+    assert [list(r.token_ids) for r in replies] == [expected[i % 2] for i in range(60)]
