@@ -1,9 +1,10 @@
 """The compose cluster's configuration, run without Docker: each kvmesh service of the `cpu` profile
 starts with its own `command` and `environment` from docker-compose.yml (so every setting arrives as a
-KVMESH_* variable, as in the containers), with only what a container network gives for free replaced:
-host names become 127.0.0.1, fixed ports become free ones, and traces stay off (no collector here).
-The compose health check command must pass on every service, each /metrics endpoint must answer (the
-collector scrapes them) and the router must answer a generation.
+KVMESH_* variable and OTEL_* setting, as in the containers), with only what a container network gives
+for free replaced: host names become 127.0.0.1 and fixed ports free ones; the collector is an OTLP
+receiver in this test. The compose health check command must pass on every service, each /metrics
+endpoint must answer (the collector scrapes them), the router must answer a generation, and its
+trace must reach the collector with spans from all three tiers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import socket
 import subprocess
 import sys
 import time
+import importlib.util
 import urllib.request
 
 import pytest
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("cluster_otlp_receiver", REPO / "tests/telemetry/otlp_receiver.py")
+otlp_receiver = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # the telemetry tier's
+_spec.loader.exec_module(otlp_receiver)
 BIN = pathlib.Path(sys.executable).parent
 STARTUP_S = 150
 
@@ -48,14 +53,14 @@ class ComposeService:
         self.proc: subprocess.Popen | None = None
 
     def start(self, addresses: dict[str, str]) -> None:
+        """Start with the compose environment; `addresses` maps compose "name:port" to loopback."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KVMESH_", "OTEL_"))}
         for key, value in self.spec["environment"].items():
             value = _interpolate(str(value))
-            for host, address in addresses.items():  # compose DNS names -> loopback addresses
-                value = re.sub(rf"\b{re.escape(host)}:50051\b", address, value)
+            for compose_address, address in addresses.items():
+                value = re.sub(rf"\b{re.escape(compose_address)}\b", address, value)
             env[key] = value
-        env.update(KVMESH_HOST="127.0.0.1", KVMESH_PORT=str(self.port),
-                   KVMESH_METRICS_PORT=str(self.metrics_port), OTEL_TRACES_EXPORTER="none")
+        env.update(KVMESH_HOST="127.0.0.1", KVMESH_PORT=str(self.port), KVMESH_METRICS_PORT=str(self.metrics_port))
         command = [str(BIN / self.spec["command"][0]), *self.spec["command"][1:]]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -86,15 +91,21 @@ class ComposeService:
             return self.proc.wait(5)
 
 
-def test_cpu_profile_services_configured_by_their_compose_environment(tmp_path):
+@pytest.fixture()
+def collector():
+    with otlp_receiver.OtlpReceiver() as receiver:
+        yield receiver
+
+
+def test_cpu_profile_services_configured_by_their_compose_environment(tmp_path, collector):
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     names = ["tokenizer", "engine-0-cpu", "engine-1-cpu", "router"]
     run = {n: ComposeService(n, services[n], tmp_path) for n in names}
     # Each service answers to its compose name and (the cpu engines) to its network alias.
-    addresses = {}
+    addresses = {"otel-collector:4317": f"127.0.0.1:{collector.port}"}
     for name, svc in run.items():
         for host in [name, *services[name].get("networks", {}).get("default", {}).get("aliases", [])]:
-            addresses[host] = f"127.0.0.1:{svc.port}"
+            addresses[f"{host}:50051"] = f"127.0.0.1:{svc.port}"
     try:
         deadline = time.monotonic() + STARTUP_S
         for name in names[:-1]:
@@ -112,6 +123,10 @@ def test_cpu_profile_services_configured_by_their_compose_environment(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert '"completion_tokens": 5' in out.stdout, out.stdout
+        # The batch span processor exports every 5 s by default (compose leaves that alone).
+        tiers = {"kvmesh-router", "kvmesh-tokenizer", "kvmesh-engine"}
+        collector.wait_for(lambda spans: any(tiers <= {s.service for s in spans if s.trace_id == t}
+                                             for t in {s.trace_id for s in spans}), timeout_s=20)
     finally:
         codes = {name: run[name].stop() for name in reversed(names)}
     assert codes == {n: 0 for n in names}, codes  # every service drained and exited by itself
