@@ -10,7 +10,8 @@ client is grpc.aio in this process. Measured, each `--repeats` times, medians re
   * DetokenizeStream: `--streams` concurrent streams, each fed its ids one per message in lockstep
     (write a batch, read its answer, as the router does), also 16 ids per message; against our
     DetokenizeSession in-process, `tokenizers.decoders.DecodeStream`, and one-shot decode.
-Throughput is tokens per second of wall time.
+Throughput is tokens per second of wall time, and tokens per CPU-second (client and server
+processes together), which is the steadier number on a shared machine.
 """
 
 from __future__ import annotations
@@ -63,11 +64,33 @@ def make_documents(model_dir: str, count: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def rate(num_tokens: int, seconds: float) -> float:
-    return num_tokens / seconds
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of another process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def tokenize_grpc(stub, docs: list[str], concurrency: int) -> tuple[float, int]:
+class Meter:
+    """Wall and CPU seconds of one measurement. CPU counts this process (all threads) and the
+    server process, so tokens per CPU-second holds up on a machine shared with other work, where
+    wall-clock rates swing with the load."""
+
+    def __init__(self, server_pid: int | None = None):
+        self._pid = server_pid
+
+    def _cpu(self) -> float:
+        return time.process_time() + (process_cpu_s(self._pid) if self._pid else 0.0)
+
+    def __enter__(self) -> "Meter":
+        self._wall0, self._cpu0 = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s, self.cpu_s = time.perf_counter() - self._wall0, self._cpu() - self._cpu0
+
+
+async def tokenize_grpc(stub, docs: list[str], concurrency: int) -> int:
     queue = list(reversed(docs))
     total = 0
 
@@ -76,12 +99,11 @@ async def tokenize_grpc(stub, docs: list[str], concurrency: int) -> tuple[float,
         while queue:
             reply = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=queue.pop()))
             total += len(reply.token_ids)
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - start, total
+    return total
 
 
-async def stream_grpc(stub, sequences: list[list[int]], batch: int) -> tuple[float, int]:
+async def stream_grpc(stub, sequences: list[list[int]], batch: int) -> int:
     async def one(ids: list[int]) -> int:
         call = stub.DetokenizeStream()
         await call.write(tokenizer_pb2.DetokenizeStreamRequest(start=tokenizer_pb2.DetokenizeStreamStart(
@@ -93,18 +115,19 @@ async def stream_grpc(stub, sequences: list[list[int]], batch: int) -> tuple[flo
         last = await call.read()
         await call.done_writing()
         return last.num_tokens
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(ids) for ids in sequences))
-    return time.perf_counter() - start, sum(counts)
+    return sum(await asyncio.gather(*(one(ids) for ids in sequences)))
 
 
-def timed(fn) -> tuple[float, int]:
-    start = time.perf_counter()
-    n = fn()
-    return time.perf_counter() - start, n
+Measured = tuple[float, float, int]  # wall seconds, CPU seconds, tokens
 
 
-def in_process(tok, docs: list[str], sequences: list[list[int]]) -> dict[str, tuple[float, int]]:
+def timed(fn) -> Measured:
+    with Meter() as m:
+        n = fn()
+    return m.wall_s, m.cpu_s, n
+
+
+def in_process(tok, docs: list[str], sequences: list[list[int]]) -> dict[str, Measured]:
     from tokenizers.decoders import DecodeStream
 
     fast = tok.text_tokenizer
@@ -141,15 +164,21 @@ def in_process(tok, docs: list[str], sequences: list[list[int]]) -> dict[str, tu
             "detokenize_one_shot": timed(one_shot)}
 
 
-async def grpc_runs(address: str, docs, sequences, concurrency: int) -> dict[str, tuple[float, int]]:
+async def grpc_runs(address: str, server_pid: int, docs, sequences, concurrency: int) -> dict[str, Measured]:
+    cases = {
+        "tokenize_grpc_1_in_flight": lambda stub: tokenize_grpc(stub, docs, 1),
+        f"tokenize_grpc_{concurrency}_in_flight": lambda stub: tokenize_grpc(stub, docs, concurrency),
+        "stream_grpc_1_id_per_message": lambda stub: stream_grpc(stub, sequences, 1),
+        "stream_grpc_16_ids_per_message": lambda stub: stream_grpc(stub, sequences, 16),
+    }
+    out = {}
     async with create_channel(address) as channel:
         stub = tokenizer_pb2_grpc.TokenizerStub(channel)
-        return {
-            "tokenize_grpc_1_in_flight": await tokenize_grpc(stub, docs, 1),
-            f"tokenize_grpc_{concurrency}_in_flight": await tokenize_grpc(stub, docs, concurrency),
-            "stream_grpc_1_id_per_message": await stream_grpc(stub, sequences, 1),
-            "stream_grpc_16_ids_per_message": await stream_grpc(stub, sequences, 16),
-        }
+        for name, case in cases.items():
+            with Meter(server_pid) as m:
+                n = await case(stub)
+            out[name] = (m.wall_s, m.cpu_s, n)
+    return out
 
 
 def main() -> None:
@@ -169,30 +198,32 @@ def main() -> None:
     log = pathlib.Path(tempfile.mkdtemp(prefix="bench-tokenizer-")) / "tokenizer.log"
     server = ServiceProcess("tokenizer", "tokenizer", ["--model", args.model, "--log-level", "WARNING"],
                             log_path=str(log), die_with_parent=True).start()
-    runs: dict[str, list[float]] = {}
-    counts: dict[str, int] = {}
+    runs: dict[str, list[Measured]] = {}
     try:
         server.wait_healthy(180.0)
-        asyncio.run(grpc_runs(server.address, docs[:20], sequences[:2], args.concurrency))  # warm-up
+        asyncio.run(grpc_runs(server.address, server.pid, docs[:20], sequences[:2], args.concurrency))  # warm-up
         for _ in range(args.repeats):
-            measured = {**asyncio.run(grpc_runs(server.address, docs, sequences, args.concurrency)),
+            measured = {**asyncio.run(grpc_runs(server.address, server.pid, docs, sequences, args.concurrency)),
                         **in_process(tok, docs, sequences)}
-            for name, (seconds, n) in measured.items():
-                runs.setdefault(name, []).append(rate(n, seconds))
-                counts[name] = n
+            for name, m in measured.items():
+                runs.setdefault(name, []).append(m)
     finally:
         server.stop(15.0)
-    results = {name: {"tokens_per_s_median": round(statistics.median(r)), "tokens_per_s_runs": [round(x) for x in r],
-                      "tokens_per_run": counts[name]} for name, r in runs.items()}
-    med = {name: r["tokens_per_s_median"] for name, r in results.items()}
-    summary = {  # gRPC as a fraction of the in-process library on the same work
-        "tokenize_grpc_vs_encode_loop": round(med[f"tokenize_grpc_{args.concurrency}_in_flight"]
-                                              / med["tokenize_encode_loop"], 3),
-        "stream_grpc_1_id_vs_session_in_process": round(med["stream_grpc_1_id_per_message"]
-                                                        / med["stream_session_in_process"], 3),
-        "stream_grpc_16_ids_vs_session_in_process": round(med["stream_grpc_16_ids_per_message"]
-                                                          / med["stream_session_in_process"], 3),
-    }
+    results = {name: {
+        "tokens_per_s_median": round(statistics.median(n / wall for wall, _, n in r)),
+        "tokens_per_cpu_s_median": round(statistics.median(n / max(cpu, 1e-9) for _, cpu, n in r)),
+        "tokens_per_s_runs": [round(n / wall) for wall, _, n in r],
+        "tokens_per_run": r[0][2]} for name, r in runs.items()}
+    def ratio(a: str, b: str, key: str) -> float:
+        return round(results[a][key] / results[b][key], 3)
+    grpc_tok = f"tokenize_grpc_{args.concurrency}_in_flight"
+    summary = {  # gRPC as a fraction of the in-process library on the same work, wall and CPU
+        f"tokenize_grpc_vs_encode_loop_{unit}": ratio(grpc_tok, "tokenize_encode_loop", key)
+        for unit, key in (("wall", "tokens_per_s_median"), ("cpu", "tokens_per_cpu_s_median"))}
+    for batch in ("1_id", "16_ids"):
+        for unit, key in (("wall", "tokens_per_s_median"), ("cpu", "tokens_per_cpu_s_median")):
+            summary[f"stream_grpc_{batch}_vs_session_in_process_{unit}"] = ratio(
+                f"stream_grpc_{batch}_per_message", "stream_session_in_process", key)
     report = {"what": "tokenizer tier throughput: loopback gRPC vs the tokenizers library in-process",
               **bench_router.environment(), "load_average_1m_at_start": load_at_start,
               "model": pathlib.Path(args.model).name,
