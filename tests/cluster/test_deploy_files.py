@@ -10,6 +10,7 @@ drain.
 from __future__ import annotations
 
 import fnmatch
+import os
 import pathlib
 import re
 import subprocess
@@ -143,6 +144,59 @@ def test_model_volume_is_mounted_where_engines_and_tokenizer_look(compose):
         svc = compose["services"][name]
         assert any(v.endswith(":/models:ro") for v in svc["volumes"]), name
         assert svc["environment"]["KVMESH_MODEL"] == "${KVMESH_COMPOSE_MODEL:-demo}"
+
+
+# ---- settings: every KVMESH_* variable is a flag of the tier that gets it (a typo would be ignored) ----
+
+def _parsers() -> dict[str, object]:
+    """console script -> the service's parser builder (engine_svc.server imports torch: a few s).
+
+    A builder, because EnvArgumentParser reads KVMESH_* when the flags are added."""
+    import engine_svc.server
+    import router.server
+    import tokenizer_svc.server
+    return {"kvmesh-tokenizer": tokenizer_svc.server.build_parser, "kvmesh-engine": engine_svc.server.build_parser,
+            "kvmesh-router": router.server.build_parser}
+
+
+def _env_names(build_parser) -> set[str]:
+    from kvmesh.serving.config import env_name
+    return {env_name(o) for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
+
+
+def _check_env(where: str, build_parser, env: dict[str, str], monkeypatch) -> None:
+    unknown = {k for k in env if k.startswith("KVMESH_")} - _env_names(build_parser)
+    assert not unknown, f"{where}: {sorted(unknown)} are no flags of {build_parser().prog}"
+    with monkeypatch.context() as m:  # and the values parse (types, choices, required flags)
+        for key in [k for k in os.environ if k.startswith("KVMESH_")]:
+            m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value)))
+        args = build_parser().parse_args([])
+        if build_parser().prog == "kvmesh-router":  # the router also validates its targets and limits
+            from router.config import config_from_args
+            config_from_args(args)
+
+
+def test_compose_settings_are_flags_of_their_service(compose, monkeypatch):
+    parsers = _parsers()
+    for name in KVMESH_SERVICES:
+        svc = compose["services"][name]
+        _check_env(name, parsers[svc["command"][0]], svc["environment"], monkeypatch)
+
+
+def test_kubernetes_settings_are_flags_of_their_tier(monkeypatch):
+    parsers = _parsers()
+    shared = _by_kind("ConfigMap")["kvmesh-config"]["data"]
+    known = set().union(*(_env_names(p) for p in parsers.values()))
+    assert not {k for k in shared if k.startswith("KVMESH_")} - known, "ConfigMap variable no tier reads"
+    for name, deployment in _by_kind("Deployment").items():
+        (c,) = deployment["spec"]["template"]["spec"]["containers"]
+        parser = parsers[c["command"][0]]
+        own = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+        assert not {k for k in own if k.startswith("KVMESH_")} - _env_names(parser), name
+        tier_env = {k: v for k, v in shared.items() if k in _env_names(parser) or not k.startswith("KVMESH_")}
+        _check_env(name, parser, {**tier_env, **own}, monkeypatch)
 
 
 # ---- Dockerfile ----
