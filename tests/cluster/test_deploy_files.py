@@ -13,9 +13,11 @@ import fnmatch
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 import dockerfile
 import kubernetes_validate
@@ -234,6 +236,35 @@ def test_dockerfile_is_multistage_slim_and_non_root():
     includes = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     copied = {src.rstrip("/") for c in cmds if c.cmd == "COPY" for src in c.value[:-1]}
     assert {p.rstrip("*") for p in includes["include"]} <= copied
+
+
+def test_the_build_context_installs_every_module_and_entrypoint(tmp_path):
+    """What the image's `pip install .` gets: the Dockerfile's COPY sources minus .dockerignore, built
+    into a wheel. Every tracked module must be in it (a folder without __init__.py is importable in the
+    editable checkout but missing from the wheel), and so must the three entrypoints."""
+    cmds = dockerfile.parse_file(str(DOCKERFILE))
+    context = tmp_path / "context"
+    context.mkdir()
+    for c in cmds:
+        if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags):
+            for src in c.value[:-1]:
+                copy = shutil.copytree if (REPO / src).is_dir() else shutil.copy
+                copy(REPO / src, context / src, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                  if (REPO / src).is_dir() else {}))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("kvmesh-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = z.read(entry_points).decode()
+    packages = ["kvmesh", "tokenizer_svc", "engine_svc", "router", "kernels"]
+    tracked = subprocess.run(["git", "ls-files", "--", *(f"{p}/*.py" for p in packages)], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked and not set(tracked) - names, f"not in the image: {sorted(set(tracked) - names)}"
+    for script in ("kvmesh", "kvmesh-tokenizer", "kvmesh-engine", "kvmesh-router"):
+        assert f"\n{script} = " in "\n" + scripts, script
 
 
 # ---- Kubernetes ----
