@@ -262,8 +262,8 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     num_kv_heads, is under 2 programs per SM (at 4 programs per SM and more, one pass was fastest:
     the partials and the merge launch cost more than the tail they remove). Splits = enough for
     ~4 programs per SM, at most MAX_SPLITS, and at least 256 KV positions per split, rounded down to a
-    power of 2: at B=8, ctx=32k, 8 splits ran at 95% of copy bandwidth and 9 at 88% (one resident
-    program per SM at these tiles, so 576 programs need a fifth, mostly idle wave). Because the split
+    power of 2: at B=8, ctx=32k, 8 splits ran at 95% of copy bandwidth and 9 at 88%, and powers of 2
+    were best in every split sweep (cause unconfirmed; see bench/KERNELS_NOTES.md). Because the split
     count depends on max_seq_len, a CUDA graph captured with max_seq_len = the model's limit serves
     every shorter batch (empty splits merge to nothing).
     """
