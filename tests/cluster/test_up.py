@@ -184,7 +184,7 @@ def test_readme_command_answers_then_ctrl_c_stops_everything(launch):
 def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
     """A checkpoint the services cannot load: the launcher names the failure and cleans up."""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"], "model_type": "nope"}))
-    launcher = launch([str(KVMESH), "up", "--once", "--model", str(tmp_path)])
+    launcher = launch([str(KVMESH), "up", "--once", "--model", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     rc = launcher.finish(STARTUP_S)
     assert rc == 1, launcher.output
     assert re.search(r"(tokenizer|engine-\d) exited with code", launcher.output), launcher.output
@@ -192,9 +192,9 @@ def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
     _assert_all_gone(_children(launcher))
 
 
-def test_killed_launcher_leaves_no_orphans(launch):
+def test_killed_launcher_leaves_no_orphans(launch, tmp_path):
     """SIGKILL gives the launcher no chance to clean up: the children stop by themselves."""
-    launcher = launch([str(KVMESH), "up", "--num-engines", "1", "--max-tokens", "4"])
+    launcher = launch([str(KVMESH), "up", "--num-engines", "1", "--max-tokens", "4", "--run-dir", str(tmp_path)])
     launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
     children = _children(launcher)
     os.kill(launcher.proc.pid, signal.SIGKILL)
@@ -202,13 +202,13 @@ def test_killed_launcher_leaves_no_orphans(launch):
     _assert_all_gone(children, timeout_s=30)
 
 
-def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir):
+def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir, tmp_path):
     """`--model DIR --once` end to end: the greedy sample matches llama2.c's reference continuation,
     and the launcher exits by itself, leaving nothing behind."""
     with open(stories260k_dir / "greedy_examples.json") as f:
         example = json.load(f)["examples"][0]
     launcher = launch([str(KVMESH), "up", "--once", "--model", str(stories260k_dir), "--num-engines", "1",
-                       "--prompt", example["prompt"], "--max-tokens", "16"])
+                       "--prompt", example["prompt"], "--max-tokens", "16", "--run-dir", str(tmp_path)])
     rc = launcher.finish(STARTUP_S)
     assert rc == 0, launcher.output
     children = _children(launcher)
