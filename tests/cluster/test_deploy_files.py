@@ -10,6 +10,7 @@ drain.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import pathlib
 import re
@@ -20,6 +21,7 @@ import tomllib
 import zipfile
 
 import dockerfile
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
@@ -293,6 +295,25 @@ def test_manifest_validation_rejects_an_unknown_field():
     doc["spec"]["replicaz"] = doc["spec"].pop("replicas")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+def test_cpu_overlay_moves_the_engines_off_gpus():
+    """deploy/kubernetes/cpu: the base with its JSON patches applied (RFC 6902, as kustomize applies them)."""
+    overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    docs = [d for _, d in _manifests()]
+    for entry in overlay["patches"]:
+        target = entry["target"]
+        matches = [i for i, d in enumerate(docs)
+                   if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
+        assert len(matches) == 1, target
+        docs[matches[0]] = jsonpatch.apply_patch(docs[matches[0]], yaml.safe_load(entry["patch"]))
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    (engine,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "engine"]
+    assert "nvidia.com/gpu" not in json.dumps(engine)
+    (c,) = engine["spec"]["template"]["spec"]["containers"]
+    assert {"name": "KVMESH_DEVICE", "value": "cpu"} in c["env"] and c["image"] == "kvmesh:cpu"
 
 
 def _by_kind(kind: str) -> dict[str, dict]:
