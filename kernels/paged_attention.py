@@ -291,6 +291,40 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
                 num_stages=num_stages, grid0=grid0, num_splits=num_splits, seg_len=seg_len)
 
 
+def _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len,
+                  max_seq_len, scale, sliding_window) -> None:
+    """The launcher's argument checks (ValueError naming the argument); see paged_attention."""
+    dev = query.device
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+    _, num_heads, head_dim = query.shape
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(query.dtype,), device=dev)
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(query.dtype,), device=dev)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache: head_dim {cache_head_dim} != query head_dim {head_dim}")
+    if head_dim > 256:
+        raise ValueError(f"query: head_dim {head_dim} > 256 is not supported")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=dev)
+    num_seqs = block_tables.shape[0]
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=(torch.int32,), contiguous=True, device=dev)
+    check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), contiguous=True, device=dev)
+    check_shape("seq_lens", seq_lens, (num_seqs,))
+    if max_query_len < 1 or max_seq_len < max_query_len:
+        raise ValueError(f"max_query_len={max_query_len}, max_seq_len={max_seq_len}: need "
+                         f"1 <= max_query_len <= max_seq_len")
+    if block_tables.shape[1] * block_size < max_seq_len:
+        raise ValueError(f"block_tables: {block_tables.shape[1]} blocks of {block_size} cannot hold "
+                         f"max_seq_len={max_seq_len}")
+    if not scale > 0:
+        raise ValueError(f"scale={scale}: must be > 0")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window}: must be >= 1 or None")
+
+
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
                     num_splits: int | None = None, plan_overrides: dict | None = None):
@@ -323,35 +357,12 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     ``query_start_loc[s] // BLOCK_Q + s``; programs past a sequence's blocks exit at once);
     axis 1 = KV heads; axis 2 = KV splits.
     """
+    _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, max_seq_len,
+                  scale, sliding_window)
     dev = query.device
-    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
     num_tokens, num_heads, head_dim = query.shape
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(query.dtype,), device=dev)
-    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(query.dtype,), device=dev)
-    check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    if cache_head_dim != head_dim:
-        raise ValueError(f"k_cache: head_dim {cache_head_dim} != query head_dim {head_dim}")
-    if head_dim > 256:
-        raise ValueError(f"query: head_dim {head_dim} > 256 is not supported")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=dev)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = block_tables.shape[0]
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=(torch.int32,), contiguous=True, device=dev)
-    check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
-    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), contiguous=True, device=dev)
-    check_shape("seq_lens", seq_lens, (num_seqs,))
-    if max_query_len < 1 or max_seq_len < max_query_len:
-        raise ValueError(f"max_query_len={max_query_len}, max_seq_len={max_seq_len}: need "
-                         f"1 <= max_query_len <= max_seq_len")
-    if block_tables.shape[1] * block_size < max_seq_len:
-        raise ValueError(f"block_tables: {block_tables.shape[1]} blocks of {block_size} cannot hold "
-                         f"max_seq_len={max_seq_len}")
-    if not scale > 0:
-        raise ValueError(f"scale={scale}: must be > 0")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window={sliding_window}: must be >= 1 or None")
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     else:

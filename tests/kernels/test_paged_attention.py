@@ -152,6 +152,8 @@ def test_launcher_rejects_bad_window_and_out():
     b, args = _valid_args()
     with pytest.raises(ValueError, match="sliding_window=0"):
         paged_attention(*args, sliding_window=0)
+    with pytest.raises(ValueError, match="scale=0.0: must be > 0"):
+        paged_attention(*args[:-1], 0.0)
     with pytest.raises(ValueError, match="out: expected shape"):
         paged_attention(*args, out=b.query[:1].clone())
 
