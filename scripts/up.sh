@@ -3,16 +3,17 @@
 # run a local cluster: a tokenizer, two engines and a router on loopback, answering a sample
 # generation. Arguments go to `kvmesh up` (e.g. --once, --model DIR, --device cuda, --num-engines 3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/kvmesh ]; then
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -x "$repo/.venv/bin/kvmesh" ]; then
   echo "kvmesh up: first run: creating .venv and installing PyTorch (CPU) and kvmesh; this takes a few minutes" >&2
 fi
 log=$(mktemp "${TMPDIR:-/tmp}/kvmesh-setup.XXXXXX")
-if ! bash scripts/setup.sh >"$log" 2>&1; then
+if ! bash "$repo/scripts/setup.sh" >"$log" 2>&1; then
   cat "$log" >&2
   echo "kvmesh up: setup failed (log above, also in $log)" >&2
   exit 1
 fi
 rm -f "$log"
-# exec: Ctrl-C and SIGTERM reach the launcher itself, which drains and stops every child.
-exec .venv/bin/kvmesh up "$@"
+# exec from the caller's directory (relative --model paths mean what they say): Ctrl-C and SIGTERM
+# reach the launcher itself, which drains and stops every child.
+exec "$repo/.venv/bin/kvmesh" up "$@"
