@@ -218,3 +218,16 @@ def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir, t
     expected = example["expected_text"].removeprefix(example["prompt"])
     assert len(sample) > 20 and expected.startswith(sample), f"{sample!r} vs {expected!r}"
     _assert_all_gone(children)
+
+
+def test_a_child_dying_while_up_stops_the_cluster(launch, tmp_path):
+    """An engine lost after startup: the launcher says which one, shows its log, and stops the rest."""
+    launcher = launch([str(KVMESH), "up", "--num-engines", "1", "--max-tokens", "4", "--run-dir", str(tmp_path)])
+    launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
+    children = _children(launcher)
+    (engine,) = [c for c in children if c["kind"] == "engine"]
+    os.kill(engine["pid"], signal.SIGKILL)
+    assert launcher.finish(60) == 1, launcher.output
+    launcher.wait_for(r"engine-0 exited with code -9", 1)
+    launcher.wait_for(r"--- last lines of .*engine-0\.log", 1)
+    _assert_all_gone(children)
