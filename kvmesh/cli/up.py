@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         _say(f"router listening on {cluster.router_address}")
         _say(f"try: {_kvmesh_command()} generate --router {cluster.router_address} --prompt \"Hello\"")
-        _sample(cluster.router_address, args, demo=config.model == "demo", run_dir=cluster.run_dir)
+        if config.model == "demo":
+            _say("sample generation from the demo model: its weights are random, so the text is noise"
+                 " (serve a real checkpoint with --model DIR)")
+        elif config.load_format == "dummy":
+            _say("sample generation with --load-format dummy: the weights are random, so the text is noise")
+        _sample(cluster.router_address, args, run_dir=cluster.run_dir)
         if args.once:
             return 0
         _say(f"cluster is up: router {cluster.router_address}, logs in {cluster.run_dir}; Ctrl-C to stop")
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _sample(router: str, args: argparse.Namespace, demo: bool, run_dir: str) -> None:
+def _sample(router: str, args: argparse.Namespace, run_dir: str) -> None:
     """Stream one generation through the router: literally `kvmesh generate` (same parser, same client).
 
     Raises:
@@ -98,9 +103,6 @@ def _sample(router: str, args: argparse.Namespace, demo: bool, run_dir: str) -> 
     from kvmesh.cli.generate import EXIT_INTERRUPTED
     from kvmesh.cli.main import main as kvmesh_main
 
-    if demo:
-        _say("sample generation from the demo model: its weights are random, so the text is noise"
-             " (serve a real checkpoint with --model DIR)")
     _say(f"prompt: {args.prompt!r}")
     # --model "": the router's only model (an exported KVMESH_MODEL is a path, not a model name).
     rc = kvmesh_main(["generate", "--router", router, "--model", "", "--prompt", args.prompt,
