@@ -85,10 +85,12 @@ async def resolve(targets: list[Target]) -> set[str] | None:
 class Discovery:
     """Feeds the resolved engine addresses to `on_addresses`, now and every refresh_s (DNS only)."""
 
-    def __init__(self, targets: list[Target], on_addresses: Callable[[set[str]], None], refresh_s: float):
+    def __init__(self, targets: list[Target], on_addresses: Callable[[set[str]], None], refresh_s: float,
+                 resolver=resolve):
         self._targets = targets
         self._on_addresses = on_addresses
         self._refresh_s = refresh_s
+        self._resolve = resolver  # async (targets) -> set of addresses, or None to keep the last set
         self._task: asyncio.Task | None = None
         self._last: set[str] | None = None
 
@@ -98,7 +100,7 @@ class Discovery:
             self._task = asyncio.create_task(self._loop(), name="discovery")
 
     async def refresh(self) -> None:
-        addresses = await resolve(self._targets)
+        addresses = await self._resolve(self._targets)
         if addresses is not None and addresses != self._last:
             log.info("engines: %s", ", ".join(sorted(addresses)) or "none")
             self._last = addresses

@@ -16,7 +16,7 @@ from kvmesh.serving.config import EnvArgumentParser
 from kvmesh.serving.server import start_server
 from kvmesh.v1 import common_pb2, engine_pb2_grpc, router_pb2
 from router.config import ConfigError, add_router_flags, config_from_args
-from router.discovery import Target, parse_targets, resolve
+from router.discovery import Discovery, Target, parse_targets, resolve
 from router.engines import EnginePool
 from tests.router.fakes import FakeEngine, serve_engine
 from tests.router.test_orchestration import Harness
@@ -96,6 +96,35 @@ async def test_dns_targets_resolve_to_every_address():
     addrs = await resolve(parse_targets("dns:///localhost:5000,10.0.0.1:6"))
     assert "127.0.0.1:5000" in addrs and "10.0.0.1:6" in addrs
     assert await resolve(parse_targets("dns:///no-such-host.invalid:1")) is None
+
+
+async def test_dns_names_are_re_resolved_and_a_failed_lookup_keeps_the_set():
+    answers = [{"10.0.0.1:5"}, {"10.0.0.1:5", "10.0.0.2:5"}, None, {"10.0.0.2:5"}]
+    seen = []
+
+    async def resolver(targets):
+        return answers.pop(0) if answers else {"10.0.0.2:5"}
+
+    discovery = Discovery(parse_targets("dns:///engines.svc:5"), seen.append, refresh_s=0.01, resolver=resolver)
+    await discovery.start()
+    await _until(lambda: not answers)
+    await discovery.stop()
+    assert seen == [{"10.0.0.1:5"}, {"10.0.0.1:5", "10.0.0.2:5"}, {"10.0.0.2:5"}]
+
+
+async def test_router_finds_engines_by_dns_name():
+    fake = FakeEngine("by-dns")
+    running, addr = await serve_engine(fake)
+    port = addr.rsplit(":", 1)[1]
+    pool = EnginePool(staleness_bound_s=1.0, max_message_bytes=1 << 20, heartbeat_ms=100)
+    discovery = Discovery(parse_targets(f"dns:///localhost:{port}"), pool.set_addresses, refresh_s=0.05)
+    try:
+        await discovery.start()
+        await _until(lambda: [e.address for e in pool.ready()] == [addr])  # ::1, if listed, does not answer
+    finally:
+        await discovery.stop()
+        await pool.close()
+        await running.stop(0)
 
 
 async def test_watcher_ejects_a_dead_engine_and_readmits_it_on_the_same_address():
