@@ -42,6 +42,7 @@ class ServiceProcess:
     proc: subprocess.Popen | None = None
     port: int | None = None
     _port_file: str = ""
+    _reaped: bool = False
 
     @property
     def address(self) -> str:
@@ -127,13 +128,16 @@ class ServiceProcess:
         return self._reap(time.monotonic() + timeout_s)
 
     def _reap(self, deadline: float) -> int:
-        """Wait for the child until `deadline`, SIGKILL it past that, and clean up after it."""
+        """Wait for the child until `deadline`, SIGKILL it past that, and clean up after it (once)."""
+        if self._reaped:
+            return self.proc.returncode
         try:
             return self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(5)
         finally:
+            self._reaped = True
             # The child led its own session: kill anything it left behind in its process group.
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
