@@ -23,6 +23,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("bench_router", HERE / "router.py")
 bench_router = importlib.util.module_from_spec(_spec)
+sys.modules["bench_router"] = bench_router  # dataclasses look their module up there
 _spec.loader.exec_module(bench_router)  # sets up sys.path for kvmesh as well
 
 from kvmesh.procs import stop_all  # noqa: E402
@@ -130,10 +131,7 @@ def main() -> None:
                       "Tokenize, the engine choice and DetokenizeStream; the direct path sends ids tokenized once "
                       "beforehand",
               "results": results}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    bench_router.write_report(report, args.out)
 
 
 if __name__ == "__main__":

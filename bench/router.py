@@ -37,6 +37,9 @@ from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
 
 POLICIES = ["kv", "least_requests", "round_robin"]
+# One torch thread per engine (several engines share the CPU; spinning OpenMP threads would fight),
+# no trace export without a collector.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "OTEL_TRACES_EXPORTER": "none"}
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "One day, a big bird",
            "There was a girl who loved to sing", "The sun was hot and the cat", "Sam had a red ball",
            "In a small house lived an old man who"]
@@ -64,16 +67,19 @@ def environment() -> dict:
                                 cwd=REPO, capture_output=True, text=True).stdout.strip())
     return {"device": f"cpu: {cpu} x{os.cpu_count()}", "date": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds"), "git_commit": commit, "git_dirty": dirty,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            # A shared machine: other work running beside the benchmark shows here.
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def start_services(model: str, blocks: list[int], log_dir: pathlib.Path) -> tuple[ServiceProcess, list[ServiceProcess]]:
     """A tokenizer and one engine per entry of `blocks` (its KV blocks), all healthy."""
     log_dir.mkdir(parents=True, exist_ok=True)
     tok = ServiceProcess("tokenizer", "tokenizer", ["--model", model], log_path=str(log_dir / "tokenizer.log"),
-                         die_with_parent=True).start()
+                         env=CHILD_ENV, die_with_parent=True).start()
     engines = [ServiceProcess("engine", f"engine-{i}", ["--model", model, "--num-gpu-blocks-override", str(b)],
-                              log_path=str(log_dir / f"engine-{i}.log"), die_with_parent=True).start()
+                              log_path=str(log_dir / f"engine-{i}.log"), env=CHILD_ENV,
+                              die_with_parent=True).start()
                for i, b in enumerate(blocks)]
     for proc in [tok, *engines]:
         proc.wait_healthy(300)
@@ -84,7 +90,7 @@ def start_router(tok: ServiceProcess, engines: list[ServiceProcess], log_dir: pa
     proc = ServiceProcess("router", f"router-{flags[1] if len(flags) > 1 else 'x'}",
                           ["--tokenizer", tok.address, "--engines", ",".join(e.address for e in engines),
                            "--log-level", "WARNING", *flags],
-                          log_path=str(log_dir / "router.log"), die_with_parent=True).start()
+                          log_path=str(log_dir / "router.log"), env=CHILD_ENV, die_with_parent=True).start()
     proc.wait_healthy(120)
     return proc
 
@@ -115,23 +121,40 @@ class Outcome:
 
 @dataclass
 class Workload:
+    """A seeded Poisson arrival process of text requests (prompt sentences and output length drawn
+    uniformly from the given ranges)."""
+
+    name: str
     num_requests: int
     rate_rps: float
-    seed: int
+    sentences: tuple[int, int]  # prompt length in sentences of PROMPTS (about 6-8 tokens each)
     max_tokens: tuple[int, int]
+    seed: int = 0
     requests: list = field(default_factory=list)  # (delay_s, RouterGenerateRequest)
+
+    @classmethod
+    def parse(cls, spec: str, seed: int) -> "Workload":
+        """NAME:REQUESTS:RATE:SENT_MIN-SENT_MAX:TOK_MIN-TOK_MAX, e.g. short:160:16:1-6:16-96."""
+        name, n, rate, sent, toks = spec.split(":")
+        pair = lambda text: tuple(int(x) for x in text.split("-"))  # noqa: E731
+        return cls(name, int(n), float(rate), pair(sent), pair(toks), seed).build()
 
     def build(self) -> "Workload":
         rng = random.Random(self.seed)
         t = 0.0
-        for i in range(self.num_requests):
+        for _ in range(self.num_requests):
             t += rng.expovariate(self.rate_rps)
-            prompt = " ".join(rng.choice(PROMPTS) for _ in range(rng.randint(1, 6)))
+            prompt = " ".join(rng.choice(PROMPTS) for _ in range(rng.randint(*self.sentences)))
             sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True,
                                                  max_tokens=rng.randint(*self.max_tokens))
             self.requests.append((t, router_pb2.RouterGenerateRequest(text=prompt, sampling=sampling,
                                                                       return_tokens=True)))
         return self
+
+    def describe(self) -> dict:
+        return {"requests": self.num_requests, "rate_rps": self.rate_rps, "prompt_sentences": list(self.sentences),
+                "max_tokens": list(self.max_tokens), "arrivals": "poisson", "seed": self.seed,
+                "ignore_eos": True, "temperature": 0.0}
 
 
 async def _one(stub, req, delay_s: float, start: float, timeout_s: float) -> Outcome:
@@ -179,6 +202,17 @@ def summarize(outcomes: list[Outcome], duration_s: float, slo_ttft_s: float, slo
     }
 
 
+MEDIAN_KEYS = ["goodput_rps", "goodput_fraction", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+               "tpot_p99_s"]
+
+
+def median_summary(summaries: list[dict]) -> dict:
+    """Per-metric medians over repeated runs (and the total of errors)."""
+    out = {k: percentile([s[k] for s in summaries if s[k] is not None], 50) for k in MEDIAN_KEYS}
+    out["errors"] = dict(sum((collections.Counter(s["errors"]) for s in summaries), collections.Counter()))
+    return out
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -197,47 +231,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "stories260k"))
     parser.add_argument("--blocks", default="96,48,24", help="KV blocks of each engine")
-    parser.add_argument("--requests", type=int, default=160)
-    parser.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second (Poisson)")
-    parser.add_argument("--max-tokens", default="16,96", help="output length range MIN,MAX")
+    parser.add_argument("--workload", action="append", default=None,
+                        help="NAME:REQUESTS:RATE:SENT_MIN-SENT_MAX:TOK_MIN-TOK_MAX (repeatable); default: "
+                             "short:160:16:1-6:16-96 and long:96:6:10-30:32-128 (KV-bound)")
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO in seconds (goodput)")
     parser.add_argument("--slo-tpot", type=float, default=0.1, help="time per output token SLO in seconds")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request deadline in seconds")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per policy (interleaved); medians reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-router")
     args = parser.parse_args()
 
     blocks = [int(b) for b in args.blocks.split(",")]
-    lo, hi = (int(x) for x in args.max_tokens.split(","))
-    workload = Workload(args.requests, args.rate, args.seed, (lo, hi)).build()
+    specs = args.workload or ["short:160:16:1-6:16-96", "long:96:6:10-30:32-128"]
+    workloads = [Workload.parse(spec, args.seed) for spec in specs]
     log_dir = pathlib.Path(args.log_dir)
     tok, engines = start_services(args.model, blocks, log_dir)
-    results = {}
+    policies = args.policies.split(",")
+    runs: dict = {w.name: {p: [] for p in policies} for w in workloads}
     try:
         names = asyncio.run(engine_ids(engines))
-        for policy in args.policies.split(","):
-            router = start_router(tok, engines, log_dir, "--policy", policy, "--max-tokens-limit", str(hi))
-            try:
-                asyncio.run(wait_replicas(router.address, len(engines)))
-                outcomes, duration = asyncio.run(run_workload(router.address, workload, args.timeout))
-                results[policy] = summarize(outcomes, duration, args.slo_ttft, args.slo_tpot, names)
-                print(policy, json.dumps(results[policy]), flush=True)
-            finally:
-                router.stop()
-            time.sleep(1.0)  # let the engines settle between policies
+        for rep in range(args.repeats):  # policies interleaved, so that drift in the machine hits all alike
+            for policy in policies:
+                router = start_router(tok, engines, log_dir, "--policy", policy)
+                try:
+                    asyncio.run(wait_replicas(router.address, len(engines)))
+                    for w in workloads:
+                        outcomes, duration = asyncio.run(run_workload(router.address, w, args.timeout))
+                        runs[w.name][policy].append(
+                            summarize(outcomes, duration, args.slo_ttft, args.slo_tpot, names))
+                        print(rep, w.name, policy, json.dumps(runs[w.name][policy][-1]), flush=True)
+                        time.sleep(1.0)  # let the engines drain between runs
+                finally:
+                    router.stop()
     finally:
         stop_all([tok, *engines])
     report = {"bench": "router", **environment(), "model": pathlib.Path(args.model).name,
-              "engines_kv_blocks": blocks,
-              "workload": {"requests": args.requests, "rate_rps": args.rate, "max_tokens": [lo, hi],
-                           "ignore_eos": True, "temperature": 0.0, "seed": args.seed, "arrivals": "poisson",
-                           "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
-              "policies": results}
+              "engines_kv_blocks": blocks, "block_size": 16, "repeats": args.repeats,
+              "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+              "workloads": {w.name: {**w.describe(),
+                                     "median": {p: median_summary(runs[w.name][p]) for p in policies},
+                                     "runs": runs[w.name]} for w in workloads}}
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """Print the JSON report and write it to `out` when given."""
     text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+    if out:
+        pathlib.Path(out).write_text(text + "\n")
     print(text)
 
 

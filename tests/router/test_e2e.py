@@ -91,6 +91,22 @@ async def test_concurrent_identical_requests_get_identical_tokens(stub, examples
     assert len({r.engine_id for r in results}) == 2  # both engines served some
 
 
+async def test_logprobs_and_seeded_sampling_pass_through(stub, examples):
+    ex = examples[2]
+    res = await generate(stub, router_pb2.RouterGenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=ex["prompt_ids"]), return_tokens=True,
+        sampling=greedy(16, logprobs=True, top_logprobs=3)))
+    assert res.token_ids == ex["expected_ids"][:16]
+    for t in (t for r in res.responses for t in r.tokens):
+        assert t.HasField("logprob") and t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token_id == t.id  # greedy: the chosen token is the most likely
+    sampled = router_pb2.RouterGenerateRequest(
+        text=ex["prompt"], return_tokens=True,
+        sampling=common_pb2.SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True))
+    a, b = await asyncio.gather(generate(stub, sampled), generate(stub, sampled))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 24  # per-request seed, whichever engine
+
+
 async def test_stop_string_ends_the_text_and_aborts_the_engine(mesh, stub, examples):
     ex = examples[0]
     overruns = []  # tokens the engine generated past the one that completed the match

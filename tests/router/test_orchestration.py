@@ -5,6 +5,8 @@ deadlines reach the engine, limits, overload, auth. The real-process tests are i
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -185,6 +187,27 @@ async def test_bearer_token():
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         out = await h.collect(text_req(), metadata=[("authorization", "Bearer s3cret")])
         assert out[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+async def test_tls_with_bearer_token(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    async with Harness([FakeEngine("e0")], tls_cert=str(cert), tls_key=str(key), auth_token="t") as h:
+        target = f"127.0.0.1:{h.router.running.port}"
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(target, creds) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            out = [r async for r in stub.Generate(text_req(), metadata=[("authorization", "Bearer t")])]
+            assert out[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # plaintext to a TLS port fails
+            await h.collect(text_req(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        cli = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "kvmesh.cli.main", "generate", "--router", target, "--prompt", "hey",
+                              "--max-tokens", "3", "--tls-ca", str(cert), "--auth-token", "t"],
+                             capture_output=True, text=True, timeout=60)
+        assert (cli.returncode, cli.stdout) == (0, "hey\n"), cli.stderr
 
 
 async def test_info_and_models():
