@@ -192,6 +192,7 @@ class EngineWatcher:
         async for reply in health.Watch(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE)):
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 self.engine.healthy = False
+                self.engine.eject("health NOT_SERVING")
                 raise _NotServing()
         raise _NotServing()
 

@@ -127,7 +127,7 @@ class Orchestrator:
                 yield out
         finally:
             start.cancel()
-            detok.cancel()
+            await detok.close()
             if call is not None:
                 call.cancel()
             if engine is not None:

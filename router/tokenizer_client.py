@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from kvmesh.serving.errors import ServiceError, Unavailable
@@ -86,5 +88,11 @@ class DetokenizeSession:
             self.done = True
         return reply
 
-    def cancel(self) -> None:
+    async def close(self) -> None:
+        """End the stream: half-close it when it finished (so grpc's request pump ends cleanly), else cancel."""
+        if self.done:
+            try:
+                await asyncio.wait_for(self._call.done_writing(), 1.0)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+                pass
         self._call.cancel()
