@@ -135,6 +135,11 @@ class KvAwarePolicy:
     growth reservations - its queued prompt blocks - the router's unreflected reservations.
     An engine "fits" with score >= 0. One with score >= -queue_ratio x total_blocks can still queue
     the request; below that it is full. Stale engines are used only when no fresh engine fits.
+
+    Among engines that fit, the most free blocks win. Among engines that would queue, the score is
+    the deficit in units of the engine's own capacity (score / total_blocks): a queue drains in
+    proportion to the blocks that serve it, so an oversubscribed burst spreads in proportion to
+    capacity instead of piling equal absolute deficits onto the small engines.
     """
 
     queue_ratio: float = 1.0
@@ -151,6 +156,7 @@ class KvAwarePolicy:
                 tier = TIER_STALE_FITS if c.stale else TIER_FRESH_FITS
             elif score >= -self.queue_ratio * c.total_blocks:
                 tier = TIER_STALE_QUEUES if c.stale else TIER_FRESH_QUEUES
+                score = round(score / c.total_blocks, 6)
             else:
                 tier = TIER_FULL
             decision.scored.append(Scored(c, need, score, tier))

@@ -52,7 +52,7 @@ def test_queueing_allowance_then_overload():
     policy = KvAwarePolicy(queue_ratio=0.5)
     full = cand("a", free=0, total=100, pending=40)
     d = policy.choose("r", [full], 16 * 5, 16 * 5, random.Random(0))  # score -50: at the allowance
-    assert d.chosen == "a" and d.scored[0].tier == TIER_FRESH_QUEUES
+    assert d.chosen == "a" and (d.scored[0].tier, d.scored[0].score) == (TIER_FRESH_QUEUES, -0.5)
     full.pending_blocks = 41
     d = policy.choose("r", [full], 16 * 5, 16 * 5, random.Random(0))
     assert d.chosen is None and d.scored[0].tier == TIER_FULL
@@ -67,9 +67,9 @@ def test_request_larger_than_an_engine_never_goes_there():
 
 
 def simulate_burst(free: dict[str, int], num_requests: int, need_tokens: int, *, use_ledger: bool,
-                   seed: int = 0) -> collections.Counter:
+                   seed: int = 0, queue_ratio: float = 1.0) -> collections.Counter:
     """A burst dispatched between two reports: the view of `free` never changes, only the ledgers."""
-    policy, rng = KvAwarePolicy(), random.Random(seed)
+    policy, rng = KvAwarePolicy(queue_ratio=queue_ratio), random.Random(seed)
     ledgers = {a: ReservationLedger() for a in free}
     counts = collections.Counter()
     for i in range(num_requests):
@@ -93,6 +93,13 @@ def test_burst_follows_free_blocks_on_unequal_engines():
     total = sum(free.values())
     for addr, f in free.items():
         assert counts[addr] / 64 <= f / total + 0.10, counts
+
+
+def test_oversubscribed_burst_queues_in_proportion_to_capacity():
+    free = {"big": 96, "mid": 48, "small": 24}
+    counts = simulate_burst(free, 56, 160, use_ledger=True, queue_ratio=4)  # 10 blocks each: 560 of 168
+    # Equal deficits per block of capacity: 32 / 16 / 8, give or take the last request.
+    assert abs(counts["big"] - 32) <= 1 and abs(counts["mid"] - 16) <= 1 and abs(counts["small"] - 8) <= 1, counts
 
 
 def test_ledger_retires_reservations_a_report_reflects():
