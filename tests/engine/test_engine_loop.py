@@ -75,7 +75,9 @@ async def test_event_loop_never_blocked_by_a_step(engine):
     await tick
     assert sum(len(o.tokens) for o in outs) == 8
     assert len(gaps) > 8 * STEP_S / 0.01  # the ticker kept running through 8 steps of 50 ms
-    assert max(gaps) < STEP_S * 0.8, max(gaps)
+    # Blocked by steps, the ticker would see a gap of >= one step per step (8 or more); allow one
+    # stall from a busy host.
+    assert sum(g >= STEP_S * 0.9 for g in gaps) <= 1, sorted(gaps)[-3:]
 
 
 async def test_one_delivery_per_step_carries_every_request(engine):
@@ -91,8 +93,8 @@ async def test_one_delivery_per_step_carries_every_request(engine):
     results = await asyncio.gather(*[drain(q) for q in queues])
     assert all(sum(len(o.tokens) for o in outs) == 6 for outs in results)
     full = [b for b in batches if sorted(b) == ["r0", "r1", "r2", "r3"]]
-    assert len(full) >= 5  # decode steps deliver all four requests' tokens together
-    assert len(batches) <= 8  # 6 steps (+ command wake-ups), not one callback per token
+    assert len(full) >= 4  # decode steps deliver all four requests' tokens together
+    assert len(batches) <= 10  # about 6 steps (+ command wake-ups), not one callback per token (24)
 
 
 async def test_failed_step_ends_live_requests_and_engine_keeps_serving(engine):
