@@ -80,6 +80,8 @@ async def server(stories260k_dir):
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         status = await engine_pb2_grpc.EngineStub(ch).GetStatus(engine_pb2.GetStatusRequest())
         assert status.phase == engine_pb2.ENGINE_PHASE_LOADING_WEIGHTS
+        info = await engine_pb2_grpc.EngineStub(ch).GetInfo(common_pb2.GetInfoRequest())
+        assert info.model == "stories260k" and not info.HasField("kv_total_blocks")  # not sized yet
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(engine_pb2_grpc.EngineStub(ch), [1, 2, 3])
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -210,6 +212,9 @@ async def test_abort_semantics(server, stub):
         engine_pb2.ABORT_RESULT_ALREADY_FINISHED
     assert (await stub.Abort(engine_pb2.AbortRequest(request_id="never"))).result == \
         engine_pb2.ABORT_RESULT_NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Abort(engine_pb2.AbortRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("request_id:")
     await assert_baseline(server)
 
 
