@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory for weights, activations and the KV cache")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA-graph capture")
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="torch intra-op threads (0 = torch's default, one per core); several CPU engines "
+                        "on one host run far faster with 1 each than oversubscribed")
     p.add_argument("--engine-id", default=None, help="id in load reports (default: engine-<pid>-<random>)")
     return p
 
@@ -154,6 +157,9 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 async def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
     telemetry.setup("kvmesh-engine", metrics_port=args.metrics_port, host=args.host)
+    if args.cpu_threads > 0:
+        import torch  # the engine thread imports it anyway; process-wide setting
+        torch.set_num_threads(args.cpu_threads)
     config = config_from_args(args)
     hooks = TelemetryHooks(os.path.basename(config.model.rstrip("/")))  # request events, step spans, metrics
     server = EngineServer(config, host=args.host, port=args.port,
