@@ -172,12 +172,11 @@ class LocalCluster:
             share = 0.9 / -(-cfg.num_engines // len(gpus))
             self.report(f"note: {cfg.num_engines} engines share {len(gpus)} GPU(s), and each engine takes 90% of"
                         f" its GPU by default: set KVMESH_GPU_MEMORY_UTILIZATION={share:.2f} (the engines read it)")
-        threads = {}
-        if cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if cfg.device == "cpu" and not {"OMP_NUM_THREADS", "KVMESH_CPU_THREADS"} & set(os.environ):
             # CPU engines share the cores instead of each starting one thread per core.
-            threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.num_engines))}
+            engine_flags += ["--cpu-threads", str(max(1, (os.cpu_count() or 1) // cfg.num_engines))]
         for i in range(cfg.num_engines):
-            env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else dict(threads)
+            env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
             self.engines.append(self._service("engine", f"engine-{i}", [*engine_flags, *cfg.engine_args], env))
         # Popen from this (the main) thread: die_with_parent is tied to the starting thread.
         for s in (self.tokenizer, *self.engines):
