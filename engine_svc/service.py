@@ -77,6 +77,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         try:
             outputs = self.engine.add(req)
         except DuplicateRequest:
+            if req.trace is not None:
+                req.trace.rejected()
             raise AlreadyExists(f"request_id {req.request_id!r} is already live on this engine") from None
         finished = False
         try:

@@ -194,8 +194,11 @@ def _wrap_stream(method, behavior, streaming_in=False):
         try:
             result = behavior(_checked(request, streaming_in), context)
             if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
+                try:
+                    async for item in result:
+                        yield item
+                finally:  # closed early (client gone): the handler's `finally` runs now, not at GC
+                    await result.aclose()
             else:  # a coroutine that writes with context.write()
                 await result
         except BaseException as exc:  # noqa: BLE001 - mapped below, or re-raised

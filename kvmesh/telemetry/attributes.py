@@ -47,7 +47,8 @@ ENGINE_ID = "kvmesh.engine.id"  # on the router span: the engine that served; on
 NUM_CACHED_PROMPT_TOKENS = "kvmesh.usage.cached_prompt_tokens"
 NUM_PREEMPTIONS = "kvmesh.request.num_preemptions"
 
-# --- engine request span events (STYLE.md point 13: request spans carry events, steps get spans) ---
+# --- engine request span (a child of the Generate RPC's span) and its events (STYLE.md point 13: request spans carry events, steps get spans) ---
+REQUEST_SPAN_NAME = "kvmesh.engine.request"
 EVENT_QUEUED = "kvmesh.queued"  # admitted into the waiting queue
 EVENT_SCHEDULED = "kvmesh.scheduled"  # first (or, after preemption, renewed) scheduling
 EVENT_PREFILL_CHUNK = "kvmesh.prefill_chunk"  # one chunk of prompt tokens computed

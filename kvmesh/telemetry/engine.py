@@ -23,12 +23,11 @@ _EMPTY_CONTEXT = Context()  # step spans are roots of their own traces, never ch
 
 
 class RequestTrace:
-    """One engine request's span (the Generate RPC's SERVER span), carried on the request object
+    """One engine request's span (a child of the Generate RPC's SERVER span), carried on the request object
     (`Request.trace`) so that the engine thread adds events to it without any context lookup.
     Made by TelemetryHooks.begin() in the handler; the event methods are called by the hooks."""
 
-    __slots__ = ("span", "context", "metrics", "arrival", "last_token_time", "num_output_tokens", "abort_reason",
-                 "_abort_recorded")
+    __slots__ = ("span", "context", "metrics", "arrival", "last_token_time", "num_output_tokens", "abort_reason")
 
     def __init__(self, span: trace.Span, metrics: EngineMetrics | None = None):
         self.span = span
@@ -40,12 +39,9 @@ class RequestTrace:
         # Why the request is aborted, should it be: "client_cancelled" when the handler's consumer
         # went away (client_cancelled()); otherwise (Abort RPC, shutdown) "cancelled".
         self.abort_reason = "cancelled"
-        self._abort_recorded = False
 
     @property
     def recording(self) -> bool:
-        # The RPC's span ends when the RPC does, possibly before the engine thread's last event
-        # (a cancelled stream ends at once; the abort lands at the next step boundary).
         return self.span.is_recording()
 
     def start(self, request_id: str, model: str, num_prompt_tokens: int, sampling=None,
@@ -97,24 +93,29 @@ class RequestTrace:
             self.span.add_event(attrs.EVENT_PREEMPTED, {attrs.STEP_INDEX: step})
 
     def client_cancelled(self) -> None:
-        """The handler's consumer went away (client cancel, deadline): record the abort now, on the
-        event loop, while the RPC's span is still open; the engine frees the blocks at its next step."""
+        """The handler's consumer went away (client cancel, deadline); call before aborting the
+        request: the engine records the abort with this reason at its next step boundary."""
         self.abort_reason = "client_cancelled"
-        self.aborted(self.num_output_tokens)
 
     def aborted(self, num_output_tokens: int) -> None:
-        if self.recording and not self._abort_recorded:
-            self._abort_recorded = True
+        """The engine ended the request unfinished (engine thread): the event, then the span ends."""
+        if self.recording:
             self.span.add_event(attrs.EVENT_ABORTED, {attrs.ABORT_REASON: self.abort_reason})
             self.span.set_attributes({attrs.GEN_AI_USAGE_OUTPUT_TOKENS: num_output_tokens,
                                       attrs.GEN_AI_RESPONSE_FINISH_REASONS: ("cancelled",)})
+            self.span.end()
 
     def finished(self, finish_reason: str, num_output_tokens: int) -> None:
-        """`finish_reason` is an attributes.FINISH_REASON_NAMES value."""
+        """`finish_reason` is an attributes.FINISH_REASON_NAMES value; the span ends."""
         if self.recording:
             self.span.add_event(attrs.EVENT_FINISHED, {attrs.FINISH_REASON: finish_reason})
             self.span.set_attributes({attrs.GEN_AI_USAGE_OUTPUT_TOKENS: num_output_tokens,
                                       attrs.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,)})
+            self.span.end()
+
+    def rejected(self) -> None:
+        """The request never reached the engine (a live duplicate id): end the span."""
+        self.span.end()
 
 
 class StepTracer:
@@ -202,6 +203,7 @@ class TelemetryHooks(_hooks_base()):
     def __init__(self, model_name: str, engine_id: str = ""):
         self.metrics = EngineMetrics(model_name)
         self.steps = StepTracer(engine_id)
+        self._tracer = trace.get_tracer("kvmesh.engine")
         self._model_name = model_name
         self._contexts: dict[str, object] = {}  # live request id -> span context (engine thread only)
         self._ended: dict[str, object] = {}  # finished during the current step: still linked by it
@@ -214,8 +216,11 @@ class TelemetryHooks(_hooks_base()):
         self.metrics.watch_load(get_load)
 
     def begin(self, request_id: str, num_prompt_tokens: int, sampling=None) -> RequestTrace:
-        """The RequestTrace of the request being admitted, on the handler's (current) span."""
-        rt = RequestTrace(trace.get_current_span(), self.metrics)
+        """The RequestTrace of the request being admitted: a span of its own, a child of the
+        handler's (current) RPC span, ended by the engine thread when the request ends. Not the RPC
+        span itself: a cancelled RPC's span ends at once, before the abort reaches the engine."""
+        span = self._tracer.start_span(attrs.REQUEST_SPAN_NAME, kind=SpanKind.INTERNAL)
+        rt = RequestTrace(span, self.metrics)
         rt.start(request_id, self._model_name, num_prompt_tokens, sampling, self.steps.engine_id)
         return rt
 

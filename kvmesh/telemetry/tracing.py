@@ -29,7 +29,8 @@ import threading
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import _aio_client, aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import (_aio_client, _aio_server, aio_client_interceptors, aio_server_interceptor,
+                                                filters)
 from opentelemetry.trace import Status, StatusCode
 
 from kvmesh.telemetry import attributes as attrs
@@ -141,10 +142,38 @@ def _span_processor(name: str):
     return BatchSpanProcessor(OTLPSpanExporter())
 
 
+class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
+    """The library's server interceptor, closing a response stream's handler before its span ends.
+
+    When a client cancels while grpc is sending, grpc closes the outermost generator only; the
+    handler's generator (and its `finally`, where the engine records the abort on the span) would
+    run later, at garbage collection, after the span ended.
+    """
+
+    def _intercept_aio_server_stream(self, behavior, handler_call_details):
+        async def _stream_interceptor(request_or_iterator, context):
+            with self._set_remote_context(context):
+                with self._start_span(handler_call_details, context, set_status_on_exception=False) as span:
+                    context = _aio_server._OpenTelemetryAioServicerContext(context, span)
+                    responses = behavior(request_or_iterator, context)
+                    try:
+                        async for response in responses:
+                            yield response
+                    except Exception as error:
+                        if type(error) is not Exception:  # bare Exceptions are aborts, recorded already
+                            span.record_exception(error)
+                        raise
+                    finally:
+                        await responses.aclose()
+
+        return _stream_interceptor
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """Interceptors for `start_server(interceptors=...)`: extract the caller's trace context from
     the metadata and run each RPC inside a SERVER span."""
-    return [aio_server_interceptor(filter_=_TRACED)]
+    tracer = aio_server_interceptor()._tracer
+    return [_ServerInterceptor(tracer, filter_=_TRACED)]
 
 
 class _EndWithRpc:

@@ -47,6 +47,11 @@ def _by_name(exporter, name):
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
 
+def _requests(exporter):
+    """The engine request spans, by request id."""
+    return {s.attributes[attrs.REQUEST_ID]: s for s in _by_name(exporter, attrs.REQUEST_SPAN_NAME)}
+
+
 def _steps(exporter):
     return sorted(_by_name(exporter, attrs.STEP_SPAN_NAME), key=lambda s: s.attributes[attrs.STEP_INDEX])
 
@@ -61,15 +66,15 @@ def test_decode_runs_share_a_span_until_the_batch_changes_or_the_run_is_long(mem
     monkeypatch.setattr(StepTracer, "MAX_RUN_STEPS", 4)
     hooks = TelemetryHooks("m-runs")
     core = _core(hooks, budget=64)
-    a, _ = _add(core, hooks, "a", prompt_len=3, max_tokens=3)
-    b, _ = _add(core, hooks, "b", prompt_len=3, max_tokens=9)
+    a, req_a = _add(core, hooks, "a", prompt_len=3, max_tokens=3)
+    b, req_b = _add(core, hooks, "b", prompt_len=3, max_tokens=9)
     _run(core)
     a.end(), b.end()
     steps = _steps(memory_spans)
     # Step 1 prefills both; a decodes in steps 2-3 and finishes; b alone decodes steps 4-9, in runs
     # of at most 4 steps.
     assert _columns(steps) == [(1, 1, 6, 0), (2, 2, 0, 4), (4, 4, 0, 4), (8, 2, 0, 2)]
-    ids = {a.get_span_context().span_id: "a", b.get_span_context().span_id: "b"}
+    ids = {req_a.trace.context.span_id: "a", req_b.trace.context.span_id: "b"}
     assert [sorted(ids[link.context.span_id] for link in s.links) for s in steps] == [["a", "b"], ["a", "b"], ["b"], ["b"]]
     assert sum(c[1] for c in _columns(steps)) == core.num_steps
 
@@ -77,11 +82,12 @@ def test_decode_runs_share_a_span_until_the_batch_changes_or_the_run_is_long(mem
 def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
     hooks = TelemetryHooks("m", engine_id="e0")
     core = _core(hooks, budget=8)
-    span, _ = _add(core, hooks, "a", prompt_len=19, max_tokens=3)
+    span, req_a = _add(core, hooks, "a", prompt_len=19, max_tokens=3)
     outputs = _run(core)
     span.end()
     assert outputs[-1].finish_reason is FinishReason.LENGTH
-    (req,) = _by_name(memory_spans, "req-a")
+    req = _requests(memory_spans)["a"]
+    assert req.parent.span_id == span.get_span_context().span_id  # a child of the RPC's span
     names = [e.name for e in req.events]
     assert names == [attrs.EVENT_QUEUED, attrs.EVENT_SCHEDULED, attrs.EVENT_PREFILL_CHUNK, attrs.EVENT_PREFILL_CHUNK,
                      attrs.EVENT_PREFILL_CHUNK, attrs.EVENT_FIRST_TOKEN, attrs.EVENT_FINISHED]
@@ -94,7 +100,7 @@ def test_events_steps_and_links_for_a_chunked_prefill(memory_spans):
     steps = _steps(memory_spans)
     assert core.num_steps == 5  # 3 prefill chunks (the last samples the first token), then 2 decodes
     for step in steps:  # every span, the last one included, links to the request it served
-        assert [link.context.span_id for link in step.links] == [span.get_span_context().span_id]
+        assert [link.context.span_id for link in step.links] == [req_a.trace.context.span_id]
         assert step.parent is None and step.context.trace_id != span.get_span_context().trace_id
         assert step.start_time <= step.end_time
     # One span per prefill step; the two decode steps over the same batch share one.
@@ -115,13 +121,13 @@ def test_preemption_and_abort_are_recorded(memory_spans):
     core.abort("a")
     _run(core)
     a.end(), b.end()
-    spans = {s.name: s for s in memory_spans.get_finished_spans()}
-    preempted = [e for s in ("req-a", "req-b") for e in spans[s].events if e.name == attrs.EVENT_PREEMPTED]
+    spans = _requests(memory_spans)
+    preempted = [e for s in ("a", "b") for e in spans[s].events if e.name == attrs.EVENT_PREEMPTED]
     assert len(preempted) == core.scheduler.num_preemptions
-    aborted = [e for e in spans["req-a"].events if e.name == attrs.EVENT_ABORTED]
+    aborted = [e for e in spans["a"].events if e.name == attrs.EVENT_ABORTED]
     assert [e.attributes[attrs.ABORT_REASON] for e in aborted] == ["client_cancelled"]
-    assert spans["req-a"].attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("cancelled",)
-    assert spans["req-b"].events[-1].name == attrs.EVENT_FINISHED
+    assert spans["a"].attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("cancelled",)
+    assert spans["b"].events[-1].name == attrs.EVENT_FINISHED
     metrics = hooks.metrics
     assert metrics.preemptions._value.get() == core.scheduler.num_preemptions
     metrics.update_load(core.load())

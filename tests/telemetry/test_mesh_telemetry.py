@@ -129,7 +129,7 @@ def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
     assert last.usage.prompt_tokens == num_prompt
 
     def done(spans):
-        engine = [s for s in spans if s.service == "kvmesh-engine" and s.kind == "SERVER"]
+        engine = [s for s in spans if s.name == attrs.REQUEST_SPAN_NAME and s.events_named(attrs.EVENT_FINISHED)]
         steps = [s for s in spans if s.name == attrs.STEP_SPAN_NAME]
         return (_has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/Tokenize")(spans)
                 and _has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/DetokenizeStream")(spans)
@@ -172,8 +172,10 @@ def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
         assert server.parent_span_id == client.span_id, method
         assert client.parent_span_id == router.span_id, method
 
-    # The engine's request span: attributes and events in order, prefill chunks covering the prompt.
-    engine = _one(spans, "kvmesh-engine", "/kvmesh.v1.Engine/Generate", "SERVER")
+    # The engine's request span, a child of its Generate span: attributes and events in order,
+    # prefill chunks covering the prompt.
+    engine = _one(spans, "kvmesh-engine", attrs.REQUEST_SPAN_NAME, "INTERNAL")
+    assert engine.parent_span_id == _one(spans, "kvmesh-engine", "/kvmesh.v1.Engine/Generate", "SERVER").span_id
     e = engine.attributes
     assert (e[attrs.GEN_AI_USAGE_INPUT_TOKENS], e[attrs.GEN_AI_USAGE_OUTPUT_TOKENS]) == (num_prompt, max_tokens)
     assert e[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("length",)
@@ -209,10 +211,10 @@ def test_cancelled_request_records_the_abort(mesh, router_stub):
     call.cancel()
 
     def done(spans):
-        return any(s.service == "kvmesh-engine" and s.kind == "SERVER" and s.events_named(attrs.EVENT_ABORTED)
+        return any(s.name == attrs.REQUEST_SPAN_NAME and s.events_named(attrs.EVENT_ABORTED)
                    for s in spans) and _has("kvmesh-router", f"text_completion {mesh_model_name(mesh)}")(spans)
     spans = _trace_of(mesh, "trace-cancel", done)
-    engine = _one(spans, "kvmesh-engine", "/kvmesh.v1.Engine/Generate", "SERVER")
+    engine = _one(spans, "kvmesh-engine", attrs.REQUEST_SPAN_NAME, "INTERNAL")
     (aborted,) = engine.events_named(attrs.EVENT_ABORTED)
     assert aborted.attributes[attrs.ABORT_REASON] == "client_cancelled"
     assert engine.attributes[attrs.GEN_AI_RESPONSE_FINISH_REASONS] == ("cancelled",)
@@ -263,10 +265,10 @@ def test_metrics_follow_a_known_sequence(mesh, router_stub):
     assert g["kv_blocks_free"] + g["kv_blocks_cached"] + g["kv_blocks_in_use"] == g["kv_blocks_total"]
     assert g["kv_cache_usage_perc"] == pytest.approx(g["kv_blocks_in_use"] / g["kv_blocks_total"])
     deadline = time.monotonic() + 10
-    while True:  # the abort lands at the engine's next step boundary
+    while True:  # the abort lands at the engine's next step boundary; the load snapshot just after
         engine_after = mesh.scrape("engine")
-        if _delta(engine_before, engine_after, f'kvmesh:request_aborts_total{{{m},reason="client_cancelled"}}') == 1 \
-                or time.monotonic() > deadline:
+        aborted = _delta(engine_before, engine_after, f'kvmesh:request_aborts_total{{{m},reason="client_cancelled"}}')
+        if (aborted == 1 and engine_after[f"kvmesh:num_requests_running{{{m}}}"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     router_after = mesh.scrape("router")
