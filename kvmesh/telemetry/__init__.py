@@ -1,11 +1,10 @@
 """Telemetry shared by the three services: OpenTelemetry traces (W3C trace context in gRPC metadata,
 configured by the standard OTEL_* variables) and Prometheus metrics on /metrics.
 
-A service wires it in three lines:
-
-    telemetry.setup("kvmesh-engine", metrics_port=args.metrics_port, host=args.host)
-    running = await start_server(..., interceptors=telemetry.server_interceptors())
-    channel = create_channel(target, interceptors=telemetry.client_interceptors())
+A service calls `telemetry.setup("kvmesh-engine", metrics_port=args.metrics_port, host=args.host)`
+once; kvmesh.serving's start_server and create_channel add the tracing interceptors to every server
+and channel. Per tier: telemetry.router (request span, picks), telemetry.engine (request events,
+step spans, engine metrics), telemetry.tokenizer (token counts).
 """
 
 from __future__ import annotations
