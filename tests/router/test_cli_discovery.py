@@ -135,7 +135,8 @@ async def test_watcher_ejects_a_dead_engine_and_readmits_it_on_the_same_address(
         pool.set_addresses({addr})
         await _until(lambda: [e.address for e in pool.ready()] == [addr])
         await running.stop(0)
-        await _until(lambda: not pool.ready())
+        # Ejection sets several flags; wait for the state where the reason is recorded too.
+        await _until(lambda: not pool.ready() and bool(pool.engines[addr].ejected_reason))
         assert pool.engines[addr].ejected_reason
         port = int(addr.rsplit(":", 1)[1])
         running, _ = await _serve_on(FakeEngine("second"), port)
