@@ -20,12 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, module_name in SUBCOMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # not built yet
+        modules[name] = importlib.import_module(module_name)
         modules[name].add_parser(subparsers)
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)
