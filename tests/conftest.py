@@ -12,6 +12,15 @@ import pytest
 # collector and take seconds longer to exit.
 os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
 
+# Triton decides interpreter-or-compiled when a kernel is decorated, i.e. when kernels/ is first
+# imported, which engine and cluster tests do before tests/kernels is collected. So choose here, once
+# for the whole session: the interpreter on a CPU-only machine, compiled kernels on a GPU.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STORIES260K = SHARED / "models" / "stories260k"
