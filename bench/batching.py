@@ -28,9 +28,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 
@@ -44,6 +42,7 @@ from engine_svc.core.hooks import EngineHooks, StepInfo  # noqa: E402
 from engine_svc.core.request import Request  # noqa: E402
 from engine_svc.engine_loop import build_engine_core  # noqa: E402
 from engine_svc.sampling_params import SamplingParams  # noqa: E402
+from bench.provenance import cpu_name, git_commit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORIES260K = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260k")
@@ -129,22 +128,7 @@ def run_mode(core: EngineCore, work: list[tuple[list[int], int]], mode: str, bat
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"cpu: {name} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = out.stdout.strip()
-    except OSError:
-        commit = ""
-    return commit or os.environ.get("KVMESH_COMMIT", "unknown")
+    return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,6 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # bench/ is sys.path[0] when run as a script, where this file would shadow the `router` package;
 # nothing here imports it (routers run as child processes).
+from bench.provenance import cpu_name, git_commit  # noqa: E402
 from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
@@ -56,13 +57,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def environment() -> dict:
     """Device, date and git commit for a results file."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    cpu, commit = cpu_name(), git_commit()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "router", "engine_svc", "tokenizer_svc"],
                                 cwd=REPO, capture_output=True, text=True).stdout.strip())
     return {"device": f"cpu: {cpu} x{os.cpu_count()}", "date": datetime.datetime.now(datetime.timezone.utc)

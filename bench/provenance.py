@@ -1,0 +1,31 @@
+"""Where a benchmark result came from: the CPU's name and the git commit, for every results file."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
+def git_commit() -> str:
+    """HEAD of this checkout; KVMESH_COMMIT where the tree travelled without .git (the GPU machine)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        commit = out.stdout.strip()
+    except OSError:
+        commit = ""
+    return commit or os.environ.get("KVMESH_COMMIT", "unknown")
