@@ -23,12 +23,15 @@ if "TRITON_INTERPRET" not in os.environ:
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-STORIES260K = SHARED / "models" / "stories260k"
+# KVMESH_TEST_MODELS points elsewhere (the GPU machine gets ../shared/models carried as ./models).
+MODELS = pathlib.Path(os.environ.get("KVMESH_TEST_MODELS", SHARED / "models"))
+STORIES260K = MODELS / "stories260k"
 
 
 @pytest.fixture(scope="session")
 def stories260k_dir() -> pathlib.Path:
     """The real tiny Llama checkpoint that tests use; CI has ../shared beside the clone."""
     if not (STORIES260K / "model.safetensors").exists():
-        raise RuntimeError(f"missing test fixture {STORIES260K}: ../shared must sit beside the repository")
+        raise RuntimeError(f"missing test fixture {STORIES260K}: ../shared must sit beside the repository "
+                           f"(or set KVMESH_TEST_MODELS to a folder holding stories260k/)")
     return STORIES260K
