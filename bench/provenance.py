@@ -29,3 +29,12 @@ def git_commit() -> str:
     except OSError:
         commit = ""
     return commit or os.environ.get("KVMESH_COMMIT", "unknown")
+
+
+def device_name(device: str) -> str:
+    """What ran the benchmark: the GPU's name for cuda[:N], else the CPU's with torch's thread count."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)"
