@@ -4,7 +4,7 @@ engine, in the same run, on the same engine process.
     # GPU: the 8B shape, random weights (a vocabulary-sized word-level tokenizer stands in for the
     # missing tokenizer; see below)
     python3 bench/serving.py --device cuda --model bench/configs/llama3-8b --load-format dummy \
-        --rates 4,8,16,32 --num-requests 300
+        --rates 8,16,32 --num-requests 200
     # CPU smoke (stories260k, its own tokenizer)
     python bench/serving.py --rates 2 --num-requests 6 --input-mean 16 --output-mean 8
 
@@ -194,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_engine_args(p, **harness.GPU_ENGINE)
     harness.add_mix_args(p, num_requests=200)
-    p.add_argument("--rates", default="4,8,16", help="comma-separated request rates (req/s)")
+    p.add_argument("--rates", default="8,16,32", help="comma-separated request rates (req/s)")
     p.add_argument("--paths", default=",".join(PATHS), help="engine, router or both")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--slo-ttft", type=float, default=None, help="seconds (default: 2 on CUDA, 10 on CPU)")

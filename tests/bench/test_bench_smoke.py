@@ -20,6 +20,16 @@ def _no_out(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)  # results go to --out only
 
 
+@pytest.fixture
+def config_only_model(tmp_path, stories260k_dir):
+    """A config-only directory, as bench/configs/llama3-8b is: for --load-format dummy (random
+    weights; serving.py adds a word-level tokenizer), the way the GPU runs go."""
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(stories260k_dir / "config.json", model / "config.json")
+    return model
+
+
 def written(path) -> dict:
     return json.loads(path.read_text())
 
@@ -75,9 +85,9 @@ def test_latency_smoke(tmp_path, capsys):
     assert "x floor" in capsys.readouterr().out
 
 
-def test_baseline_hf_smoke(tmp_path, capsys):
+def test_baseline_hf_smoke_with_dummy_weights(tmp_path, config_only_model, capsys):
     out = tmp_path / "baseline.json"
-    report = baseline_hf.main([*ENGINE, "--num-requests", "4", "--input-mean", "8", "--output-mean", "6",
+    report = baseline_hf.main([*ENGINE, "--model", str(config_only_model), "--load-format", "dummy", "--num-requests", "4", "--input-mean", "8", "--output-mean", "6",
                                "--hf-batch-size", "2", "--out", str(out)])
     assert written(out) == report
     check_provenance(report, "baseline_hf")
@@ -89,13 +99,9 @@ def test_baseline_hf_smoke(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_serving_smoke_with_a_config_only_model(tmp_path, stories260k_dir, capsys):
-    # A config-only directory (as bench/configs/llama3-8b): dummy weights, the word-level tokenizer.
-    model = tmp_path / "model"
-    model.mkdir()
-    shutil.copy(stories260k_dir / "config.json", model / "config.json")
+def test_serving_smoke_with_a_config_only_model(tmp_path, config_only_model, capsys):
     out = tmp_path / "serving.json"
-    report = serving.main([*ENGINE, "--model", str(model), "--load-format", "dummy", "--rates", "20",
+    report = serving.main([*ENGINE, "--model", str(config_only_model), "--load-format", "dummy", "--rates", "20",
                            "--num-requests", "3", *SHORT_MIX, "--out", str(out)])
     assert written(out) == report
     check_provenance(report, "serving")
