@@ -60,7 +60,11 @@ def weight_bytes(core) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_bytes_per_token(info) -> int:
+def kv_bytes_per_token(core, info) -> int:
+    """K and V bytes of one token over all layers, as the runner allocated them (an FP8 cache too)."""
+    per_block = getattr(core.runner, "kv_bytes_per_block", None)
+    if per_block is not None:
+        return per_block() // core.block_manager.block_size
     element = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
     return 2 * info.num_layers * info.num_kv_heads * info.head_dim * element
 
@@ -120,7 +124,7 @@ def main(argv=None) -> dict:
     bandwidth = copy_bandwidth(args.device, copy_mib << 20)  # before the engine takes the memory
     core, info = build_engine_core(harness.engine_config(args, harness.effective_max_model_len(args)))
     weights = weight_bytes(core)
-    kv_token = kv_bytes_per_token(info)
+    kv_token = kv_bytes_per_token(core, info)
     floor_ms = weights / bandwidth * 1e3
     rows, results = [], {"batch": [], "steady": None}
     decode_ms_per_step(core, args.device, 1, args.prompt_len, 4, info.vocab_size, args.seed)  # warm-up
