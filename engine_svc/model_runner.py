@@ -140,7 +140,8 @@ class ModelRunner:
         # The sampler's worst case too: sort (top-p), penalties, noise and logprobs over every row.
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
                                 frequency_penalty=0.1, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS)
-        self.sampler(self.model.compute_logits(hidden[:rows]), [SampleRequest(params, [0], [0])] * rows)
+        self.sampler(self.model.compute_logits(hidden[:rows]),
+                     [SampleRequest(f"profile-{i}", params, [0], [0]) for i in range(rows)])
         scratch = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
         self.kv_caches = []
         if self.device.type == "cuda":
@@ -191,7 +192,7 @@ class ModelRunner:
         ends = self._last_token_index  # [num_seqs] index of each seq's last token in `hidden`
         idx = torch.from_numpy(ends[sample_rows]).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[idx])
-        reqs = [SampleRequest(seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids)
+        reqs = [SampleRequest(seqs[i].request_id, seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids)
                 for i in sample_rows]
         for i, tok in zip(sample_rows, self.sampler(logits, reqs)):
             results[i] = tok

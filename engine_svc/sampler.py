@@ -1,12 +1,37 @@
-"""Batched sampling on the device: one pass over [num_rows, vocab] tensors, no per-row vocab loops.
+"""Batched sampling on the device: per-request state persists on the device, every step is vectorised.
+
+Contract:
+
+    sampler = Sampler(vocab_size, device, eos_token_ids, seed)
+    pending = sampler.sample(logits, reqs)   # launches everything and one non-blocking D2H copy
+    pending.token_ids                        # device int64 [rows]: feed the next step without a sync
+    pending.result() -> list[SampledToken]   # waits for that copy only
+    sampler(logits, reqs)                    # == sampler.sample(logits, reqs).result()
+    sampler.forget(request_ids)              # drop finished requests' state now
+
+- ``logits`` is ``[rows, vocab_size]``, one row per SampleRequest, and is CONSUMED: the sampler works
+  on it in place (it is the model's scratch output); pass a clone to keep it. Non-fp32 or
+  non-contiguous logits are converted first (one copy).
+- State per request id (engine_svc/sampling/state.py): parameters, seed, step counter and penalty
+  histories are uploaded once when a request joins, from its SampleRequest (prompt and output token
+  ids), and then advanced on the device with the tokens this sampler sampled; the token ids of later
+  SampleRequests are not read, only their number: len(output_token_ids) must count every token
+  sampled for the request so far (under overlap the newest may be a placeholder). A row whose count
+  or params object differs from the sampler's is rebuilt from its histories (a new request under a
+  reused id, or a history the engine changed).
+- Rows absent from a call stay until their slot is needed (least recently used first) or forget();
+  a request that returns after being dropped (e.g. preempted, then recomputed) is rebuilt from its
+  histories, which must then be complete, and continues with the same draws.
+- Per call on the steady path (same rows as the last call): three C-level passes over the rows
+  (ids, params, lengths) and their comparison, then only device work; per-row Python runs when rows join or leave, and in result() to build SampledTokens.
 
 Order of operations (transformers' order, so a plain HF-style reference reproduces it):
 
     raw fp32 logits
     -> repetition penalty (HF: prompt + output tokens; x/p where x > 0, x*p where x < 0)
-    -> frequency / presence penalties (OpenAI: output tokens; x - f*count - p*[count > 0])
+    -> frequency / presence penalties (OpenAI: output tokens; x - (f*count + p*[count > 0]))
     -> min_tokens: stop ids (EOS unless ignore_eos, plus stop_token_ids) set to -inf
-    -> / temperature (greedy rows: 1)
+    -> / temperature (greedy rows: 1; temperatures below MIN_TEMPERATURE = 1e-5 are greedy)
     => logprobs are taken HERE: log_softmax of these "processed" logits, before truncation, so
        top candidates always have finite logprobs. (vLLM's default is the raw model logprobs;
        we include penalties and temperature because they are what the request asked the
@@ -16,209 +41,157 @@ Order of operations (transformers' order, so a plain HF-style reference reproduc
     -> greedy rows: argmax; others: Gumbel-max with counter-based noise.
 
 Randomness: the noise for vocabulary entry v of a row is a hash of (seed, number of tokens the
-request has generated so far, v). A seeded request therefore draws the same token whatever the
-batch around it, across runs, and after a preemption that recomputes it. Unseeded rows get a fresh
-seed from the engine's generator every step.
+request has generated so far, v) (kernels/sampling.py). A seeded request therefore draws the same
+token whatever the batch around it, across runs, and after a preemption that recomputes it. An
+unseeded request gets a seed from the engine's generator when it joins. On CUDA the noise, the
+argmax and the penalties are Triton kernels; on the CPU the same maths in PyTorch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from engine_svc.sampling import processing
+from engine_svc.sampling.state import BatchView, RequestStates
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken
+from kernels.sampling import mix32, vocab_hash
 
-M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c: int):
-    """(x * c) mod 2^32 for x in [0, 2^32), exactly, without int64 overflow (works on ints and tensors)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
-
-
-def mix32(x):
-    """A 32-bit integer permutation with good avalanche (Wellons' lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def row_keys(seed: int, step: int) -> tuple[int, int]:
-    """Two 32-bit keys for the noise of one row: a function of (seed, step) only."""
-    k1 = mix32(mix32((seed & M32) ^ 0x68BC21EB) ^ (step & M32))
-    k2 = mix32(mix32(((seed >> 32) & M32) ^ k1) ^ 0x02E5BE93)
-    return k1, k2
-
-
-def uniform_noise(vocab_hash: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-    """vocab_hash [V] int64, k1/k2 [N] int64 -> uniforms in (0, 1), fp32 [N, V]."""
-    h = mix32(mix32(vocab_hash[None, :] ^ k1[:, None]) ^ k2[:, None])
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+__all__ = ["PendingSample", "SampleRequest", "Sampler", "mix32"]
 
 
 @dataclass(slots=True)
 class SampleRequest:
     """What the sampler needs to know about one row."""
 
+    request_id: str  # the key of the row's persistent state
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    prompt_token_ids: list[int]  # read when the request joins (repetition penalty)
+    output_token_ids: list[int]  # read when the request joins (penalties, min_tokens, the RNG step)
 
 
-def _padded(rows: list[list[int]], fill: int) -> np.ndarray:
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), max(width, 1)), fill, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
+class PendingSample:
+    """One call's tokens: on the device now, on the host once the single copy has landed."""
+
+    def __init__(self, token_ids: torch.Tensor, payload: torch.Tensor, view: BatchView | None):
+        self.token_ids = token_ids  # device int64 [rows]
+        self._view = view
+        self._results: list[SampledToken] | None = None
+        self._event = None
+        if payload.device.type == "cuda":
+            self._host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            self._host.copy_(payload, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = payload
+
+    def result(self) -> list[SampledToken]:
+        """Wait for the copy and decode it: one SampledToken per row, in row order."""
+        if self._results is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._results = self._decode(self._host.tolist())
+        return self._results
+
+    def _decode(self, rows: list) -> list[SampledToken]:
+        view = self._view
+        if view is None or not any(view.want_logprobs):  # payload: the token ids alone
+            return [SampledToken(t) for t in rows]
+        k_max = view.max_top_logprobs
+        out = []
+        for row, want, k in zip(rows, view.want_logprobs, view.top_logprobs):
+            token = int(row[0])
+            if not want:
+                out.append(SampledToken(token))
+                continue
+            cands = None
+            if k:
+                k = min(k, k_max)
+                cands = [(int(t), lp) for t, lp in zip(row[2:2 + k], row[2 + k_max:2 + k_max + k])]
+            out.append(SampledToken(token, row[1], cands))
+        return out
 
 
 class Sampler:
-    """Samples one token per row of logits. Stateless apart from the engine's generator."""
+    """Samples one token per row of logits; keeps each request's sampling state on the device."""
 
-    noise_chunk_elems = 1 << 22  # rows of noise are made in chunks of about this many entries
+    noise_chunk_elems = 1 << 22  # CPU path: noise is made in row chunks of about this many entries
 
     def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: list[int], seed: int = 0):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.eos_token_ids = list(eos_token_ids)
-        self.generator = torch.Generator().manual_seed(seed)  # host: draws seeds for unseeded rows
-        self.vocab_hash = mix32(torch.arange(vocab_size, dtype=torch.int64, device=self.device) ^ 0x5BD1E995)
+        self.generator = torch.Generator().manual_seed(seed)  # host: seeds for unseeded requests
+        self.states = RequestStates(vocab_size, self.device, self.eos_token_ids, self.generator)
+        self.use_triton = self.device.type == "cuda"
+        self._vhash = None if self.use_triton else vocab_hash(vocab_size, self.device)
 
     def __call__(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampledToken]:
-        """logits: [N, V] fp32 on the device, one row per request -> one SampledToken per row."""
-        params = [r.params for r in reqs]
-        n = len(reqs)
-        if n == 0:
-            return []
-        greedy = [p.temperature == 0.0 for p in params]
-        want_logprobs = any(p.logprobs or p.top_logprobs for p in params)
-        needs_work = want_logprobs or not all(greedy) or any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-            or len(r.output_token_ids) < p.min_tokens for p, r in zip(params, reqs))
-        if not needs_work:  # the common all-greedy case: one argmax, one host copy
-            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+        """logits: [N, V] on the device (consumed), one row per request -> one SampledToken per row."""
+        return self.sample(logits, reqs).result()
 
-        logits, logprobs = self.process(logits, reqs, want_logprobs)
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, g in enumerate(greedy) if not g]
-        if rows:
-            idx = torch.tensor(rows, device=self.device)
-            tokens[idx] = self._draw(logits[idx], [reqs[i] for i in rows])
-        return self._results(tokens, logprobs, params)
+    def forget(self, request_ids) -> None:
+        """Drop these requests' state (finished or aborted); unknown ids are ignored."""
+        self.states.forget(request_ids)
 
-    def process(self, logits: torch.Tensor, reqs: list[SampleRequest],
-                want_logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Apply everything but the draw (see the module docstring for the order).
+    def sample(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> PendingSample:
+        """Launch the whole sampling of one step and the copy of its results; do not wait."""
+        if not reqs:
+            return PendingSample(torch.empty(0, dtype=torch.int64, device=self.device),
+                                 torch.empty(0, dtype=torch.int64), None)
+        view = self.states.prepare(reqs)
+        x = self._working_logits(logits, len(reqs))
+        want_logprobs = view.max_top_logprobs > 0 or any(view.want_logprobs)
+        min_tokens = self.states.min_tokens_active(view)
+        if view.all_greedy and not (want_logprobs or view.any_penalty or min_tokens):
+            tokens = x.argmax(dim=-1)  # the common all-greedy case
+            self.states.advance(view, tokens)
+            return PendingSample(tokens, tokens, view)
+        steps = self.states.steps(view)
+        self._process(x, view, steps, min_tokens)
+        if want_logprobs:
+            lse = torch.logsumexp(x, dim=-1)
+            top = x.topk(view.max_top_logprobs, dim=-1) if view.max_top_logprobs else None
+        if not view.all_greedy:
+            processing.truncate(x, view)
+        tokens = processing.draw(x, view, steps, self.use_triton, self.noise_chunk_elems, self._vhash)
+        self.states.advance(view, tokens)
+        if not want_logprobs:
+            return PendingSample(tokens, tokens, view)
+        chosen = x.gather(1, tokens[:, None]) - lse[:, None]  # truncation keeps the chosen token
+        parts = [tokens[:, None].double(), chosen.double()]
+        if top is not None:
+            parts += [top.indices.double(), (top.values - lse[:, None]).double()]
+        return PendingSample(tokens, torch.cat(parts, dim=1), view)
 
-        Returns (truncated logits [N, V] with -inf for removed tokens, logprobs [N, V] or None).
+    def process(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything but the draw, on a copy, without advancing any state (for tests and tools).
+
+        Returns (truncated logits [N, V] with -inf for removed tokens, logprobs [N, V]).
         Greedy rows are not truncated: truncation always keeps the argmax.
         """
-        params = [r.params for r in reqs]
-        logits = logits.float().clone()
-        self._apply_penalties(logits, reqs)
-        self._apply_min_tokens(logits, reqs)
-        temps = [1.0 if p.temperature == 0.0 else p.temperature for p in params]
-        logits.div_(torch.tensor(temps, device=self.device)[:, None])
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(p.temperature != 0.0 for p in params):
-            self._truncate(logits, params)
-        return logits, logprobs
+        view = self.states.prepare(reqs)
+        x = logits.float().clone()
+        self._process(x, view, self.states.steps(view), self.states.min_tokens_active(view))
+        logprobs = torch.log_softmax(x, dim=-1)
+        if not view.all_greedy:
+            processing.truncate(x, view)
+        return x, logprobs
 
-    def _apply_penalties(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
-        V = self.vocab_size
-        rep = [r.params.repetition_penalty for r in reqs]
-        if any(p != 1.0 for p in rep):
-            ids = _padded([r.prompt_token_ids + r.output_token_ids if p != 1.0 else []
-                           for r, p in zip(reqs, rep)], V)
-            seen = torch.zeros(len(reqs), V + 1, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, torch.from_numpy(ids).to(self.device), True)
-            seen = seen[:, :V]
-            pen = torch.tensor(rep, device=self.device)[:, None]
-            penalised = torch.where(logits < 0, logits * pen, logits / pen)
-            logits.copy_(torch.where(seen, penalised, logits))
-        freq = [r.params.frequency_penalty for r in reqs]
-        pres = [r.params.presence_penalty for r in reqs]
-        if any(freq) or any(pres):
-            ids = _padded([r.output_token_ids for r in reqs], V)
-            counts = torch.zeros(len(reqs), V + 1, device=self.device)
-            counts.scatter_add_(1, torch.from_numpy(ids).to(self.device), torch.ones(ids.shape, device=self.device))
-            counts = counts[:, :V]
-            f = torch.tensor(freq, device=self.device)[:, None]
-            p = torch.tensor(pres, device=self.device)[:, None]
-            logits.sub_(f * counts + p * (counts > 0).float())
+    def _working_logits(self, logits: torch.Tensor, rows: int) -> torch.Tensor:
+        if logits.shape != (rows, self.vocab_size):
+            raise ValueError(f"logits: expected [{rows}, {self.vocab_size}], got {list(logits.shape)}")
+        if logits.dtype == torch.float32 and logits.is_contiguous():
+            return logits
+        return logits.float().contiguous()
 
-    def _apply_min_tokens(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> None:
-        rows, cols = [], []
-        for i, r in enumerate(reqs):
-            p = r.params
-            if len(r.output_token_ids) < p.min_tokens:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
-                rows += [i] * len(stops)
-                cols += sorted(stops)
-        if rows:
-            logits[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
-
-    def _truncate(self, logits: torch.Tensor, params: list[SamplingParams]) -> None:
-        V = self.vocab_size
-        top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-        if any(top_k):
-            k = torch.tensor(top_k, device=self.device)
-            kth = logits.topk(max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
-            kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
-            logits.masked_fill_(logits < kth, float("-inf"))
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=self.device)
-            sorted_logits, order = logits.sort(dim=-1)  # ascending
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop = cum <= (1.0 - top_p)[:, None]
-            drop[:, -1] = False  # always keep the most likely token
-            logits.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=self.device)
-            probs = logits.softmax(dim=-1)
-            drop = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-            logits.masked_fill_(drop, float("-inf"))
-
-    def _draw(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> torch.Tensor:
-        """Gumbel-max: argmax(logits + Gumbel noise) samples softmax(logits). [n, V] -> [n].
-
-        The noise is made in row chunks (noise_chunk_elems) to bound the int64 temporaries."""
-        fresh = torch.randint(0, 2**62, (len(reqs),), generator=self.generator).tolist()
-        keys = torch.tensor([row_keys(r.params.seed if r.params.seed is not None else s, len(r.output_token_ids))
-                             for r, s in zip(reqs, fresh)], dtype=torch.int64, device=self.device)
-        out = torch.empty(len(reqs), dtype=torch.int64, device=self.device)
-        chunk = max(1, self.noise_chunk_elems // self.vocab_size)
-        for start in range(0, len(reqs), chunk):
-            k = keys[start:start + chunk]
-            u = uniform_noise(self.vocab_hash, k[:, 0], k[:, 1])
-            out[start:start + chunk] = torch.argmax(logits[start:start + chunk] - torch.log(-torch.log(u)), dim=-1)
-        return out
-
-    @staticmethod
-    def _results(tokens: torch.Tensor, logprobs: torch.Tensor | None,
-                 params: list[SamplingParams]) -> list[SampledToken]:
-        token_list = tokens.tolist()
-        if logprobs is None:
-            return [SampledToken(t) for t in token_list]
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        max_top = min(max(p.top_logprobs for p in params), logprobs.shape[-1])
-        top_vals = top_ids = None
-        if max_top:
-            top = logprobs.topk(max_top, dim=-1)
-            top_vals, top_ids = top.values.tolist(), top.indices.tolist()
-        out = []
-        for i, (t, p) in enumerate(zip(token_list, params)):
-            if not (p.logprobs or p.top_logprobs):
-                out.append(SampledToken(t))
-                continue
-            cands = None
-            if p.top_logprobs:
-                cands = list(zip(top_ids[i][:p.top_logprobs], top_vals[i][:p.top_logprobs]))
-            out.append(SampledToken(t, chosen[i], cands))
-        return out
+    def _process(self, x: torch.Tensor, view: BatchView, steps: torch.Tensor, min_tokens: bool) -> None:
+        if view.any_penalty:
+            processing.penalize(x, view, self.states, self.use_triton)
+        if min_tokens:
+            processing.suppress_stops(x, view, steps)
+        if view.any_temperature:
+            processing.divide_by_temperature(x, view)

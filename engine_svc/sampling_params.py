@@ -19,12 +19,14 @@ class SamplingParamsError(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): logits / 1e-38 overflow to inf.
+MIN_TEMPERATURE = 1e-5
 MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(slots=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy (so is anything below MIN_TEMPERATURE)
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
@@ -41,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise SamplingParamsError naming the field, the value and the accepted range."""

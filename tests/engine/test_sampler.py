@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -74,8 +75,8 @@ def random_params(rng: random.Random) -> SamplingParams:
 def random_batch(n: int, seed: int) -> tuple[torch.Tensor, list[SampleRequest]]:
     rng = random.Random(seed)
     logits = torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
-    reqs = [SampleRequest(random_params(rng), [rng.randrange(V) for _ in range(rng.randrange(1, 8))],
-                          [rng.randrange(V) for _ in range(rng.randrange(0, 6))]) for _ in range(n)]
+    reqs = [SampleRequest(f"r{i}", random_params(rng), [rng.randrange(V) for _ in range(rng.randrange(1, 8))],
+                          [rng.randrange(V) for _ in range(rng.randrange(0, 6))]) for i in range(n)]
     return logits, reqs
 
 
@@ -100,7 +101,7 @@ def test_processing_matches_reference(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_results_tokens_and_logprobs(seed):
     logits, reqs = random_batch(64, 100 + seed)
-    out = Sampler(V, "cpu", EOS)(logits, reqs)
+    out = Sampler(V, "cpu", EOS)(logits.clone(), reqs)  # the sampler consumes its logits
     for i, (req, tok) in enumerate(zip(reqs, out)):
         ref_lp, ref_kept = reference(logits[i].tolist(), req, EOS)
         assert tok.token_id in ref_kept
@@ -118,8 +119,8 @@ def test_results_tokens_and_logprobs(seed):
 
 def test_all_greedy_fast_path_is_argmax():
     logits = torch.randn(9, V, generator=torch.Generator().manual_seed(3))
-    reqs = [SampleRequest(SamplingParams(temperature=0.0), [1], []) for _ in range(9)]
-    out = Sampler(V, "cpu", EOS)(logits, reqs)
+    reqs = [SampleRequest(f"r{i}", SamplingParams(temperature=0.0), [1], []) for i in range(9)]
+    out = Sampler(V, "cpu", EOS)(logits.clone(), reqs)
     assert [t.token_id for t in out] == logits.argmax(-1).tolist()
     assert all(t.logprob is None and t.top_logprobs is None for t in out)
 
@@ -129,18 +130,21 @@ def test_min_tokens_suppresses_stops_until_reached():
     logits[:, 2] = 10.0  # EOS is by far the best
     logits[:, 7] = 9.0
     mk = lambda **kw: SamplingParams(temperature=0.0, min_tokens=2, **kw)  # noqa: E731
-    reqs = [SampleRequest(mk(), [1], [9]),  # 1 < 2 generated: EOS suppressed
-            SampleRequest(mk(), [1], [9, 9]),  # reached: EOS allowed
-            SampleRequest(mk(ignore_eos=True), [1], [9]),  # EOS does not stop, so it is not suppressed
-            SampleRequest(mk(stop_token_ids=[7]), [1], [])]  # stop ids and EOS (2, 5) suppressed
+    reqs = [SampleRequest("a", mk(), [1], [9]),  # 1 < 2 generated: EOS suppressed
+            SampleRequest("b", mk(), [1], [9, 9]),  # reached: EOS allowed
+            SampleRequest("c", mk(ignore_eos=True), [1], [9]),  # EOS does not stop, so it is not suppressed
+            SampleRequest("d", mk(stop_token_ids=[7]), [1], [])]  # stop ids and EOS (2, 5) suppressed
     out = [t.token_id for t in Sampler(V, "cpu", EOS)(logits, reqs)]
     assert out[0] == 7 and out[1] == 2 and out[2] == 2 and out[3] not in (2, 5, 7)
 
 
+_ids = itertools.count()
+
+
 def _draw(sampler, logits_row, params, num_generated, others=()):
-    """Sample one row with `params` at step `num_generated`, placed among other rows."""
+    """Sample one row with `params` at step `num_generated` (a new request), placed among other rows."""
     rows = [logits_row] + [o[0] for o in others]
-    reqs = [SampleRequest(params, [1], [0] * num_generated)] + [o[1] for o in others]
+    reqs = [SampleRequest(f"draw{next(_ids)}", params, [1], [0] * num_generated)] + [o[1] for o in others]
     return sampler(torch.stack(rows), reqs)[0].token_id
 
 
@@ -151,7 +155,8 @@ def test_seeded_reproducible_across_runs_and_batch_compositions():
     alone = [_draw(Sampler(V, "cpu", EOS, seed=1), row, params, n) for n in range(40)]
     rng = random.Random(0)
     for n in range(40):
-        others = [(torch.randn(V, generator=gen), SampleRequest(random_params(rng), [3], [4] * rng.randrange(5)))
+        others = [(torch.randn(V, generator=gen),
+                   SampleRequest(f"other{next(_ids)}", random_params(rng), [3], [4] * rng.randrange(5)))
                   for _ in range(rng.randrange(1, 6))]
         assert _draw(Sampler(V, "cpu", EOS, seed=99), row, params, n, others) == alone[n]
     assert len(set(alone)) > 5  # the draws vary with the step
@@ -175,7 +180,7 @@ def test_draws_follow_the_processed_distribution(params):
     row = torch.randn(V, generator=torch.Generator().manual_seed(11)) * 2
     n = 8000
     sampler = Sampler(V, "cpu", EOS)
-    reqs = [SampleRequest(SamplingParams(**{**_fields(params), "seed": s}), [1], []) for s in range(n)]
+    reqs = [SampleRequest(f"r{s}", SamplingParams(**{**_fields(params), "seed": s}), [1], []) for s in range(n)]
     counts = torch.bincount(torch.tensor([t.token_id for t in sampler(row.expand(n, V), reqs)]), minlength=V)
     ref_lp, kept = reference(row.tolist(), reqs[0], EOS)
     z = sum(math.exp(ref_lp[t]) for t in kept)
@@ -205,10 +210,10 @@ def test_mix32_matches_python_reference_and_is_a_bijection_sample():
 
 def test_noise_chunking_and_greedy_rows_do_not_change_draws():
     logits, reqs = random_batch(40, 77)
-    whole = Sampler(V, "cpu", EOS)(logits, reqs)
+    whole = Sampler(V, "cpu", EOS)(logits.clone(), reqs)
     chunked = Sampler(V, "cpu", EOS)
     chunked.noise_chunk_elems = 3 * V  # 3 rows per chunk
-    assert [t.token_id for t in chunked(logits, reqs)] == [t.token_id for t in whole]
+    assert [t.token_id for t in chunked(logits.clone(), reqs)] == [t.token_id for t in whole]
     sampled_only = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
     alone = Sampler(V, "cpu", EOS)(logits[sampled_only], [reqs[i] for i in sampled_only])
     assert [t.token_id for t in alone] == [whole[i].token_id for i in sampled_only]
@@ -216,7 +221,7 @@ def test_noise_chunking_and_greedy_rows_do_not_change_draws():
 
 def test_top_logprobs_capped_by_a_small_vocabulary():
     logits = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
-    reqs = [SampleRequest(SamplingParams(temperature=0.0, top_logprobs=20), [1], [])] * 2
+    reqs = [SampleRequest(f"r{i}", SamplingParams(temperature=0.0, top_logprobs=20), [1], []) for i in range(2)]
     out = Sampler(8, "cpu", EOS)(logits, reqs)
     assert [len(t.top_logprobs) for t in out] == [8, 8]
     assert sorted(t for t, _ in out[0].top_logprobs) == list(range(8))

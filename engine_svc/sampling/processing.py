@@ -1,0 +1,62 @@
+"""The logits processing steps, each in place on the [rows, V] fp32 logits of one batch view.
+
+Every step reads its per-row parameters from device tensors of the BatchView and its on/off switch
+from the view's host flags, so no step looks at a row in Python or reads the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine_svc.sampling.state import F_MIN_P, F_REPETITION, F_TEMPERATURE, F_TOP_P, BatchView, RequestStates
+from kernels.sampling import gumbel_argmax, gumbel_argmax_reference
+from kernels.sampling_penalties import apply_penalties, apply_penalties_reference
+
+NEG_INF = float("-inf")
+
+
+def penalize(x: torch.Tensor, view: BatchView, states: RequestStates, use_triton: bool) -> None:
+    """Repetition (prompt + output tokens), then frequency / presence (output tokens)."""
+    fn = apply_penalties if use_triton else apply_penalties_reference
+    fn(x, view.table_rows, view.fparams[:, F_REPETITION:], states.prompt_mask, states.output_counts)
+
+
+def suppress_stops(x: torch.Tensor, view: BatchView, steps: torch.Tensor) -> None:
+    """min_tokens: the row's stop ids (and EOS unless ignore_eos) are -inf until enough were generated.
+
+    The stop table is padded with each row's first id, so duplicate targets get the same value."""
+    active = (steps < view.min_tokens)[:, None]
+    values = x.gather(1, view.stop_ids).masked_fill_(active, NEG_INF)
+    x.scatter_(1, view.stop_ids, values)
+
+
+def divide_by_temperature(x: torch.Tensor, view: BatchView) -> None:
+    x.div_(view.fparams[:, F_TEMPERATURE, None])  # greedy rows hold 1
+
+
+def truncate(x: torch.Tensor, view: BatchView) -> None:
+    """top-k (keep >= the k-th largest), then top-p (drop the low tail of mass <= 1 - p), then min-p.
+
+    Greedy rows hold top_k 0, top_p 1, min_p 0: they are left as they are."""
+    if view.max_top_k:
+        k = view.top_k
+        kth = x.topk(view.max_top_k, dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        kth.masked_fill_(k[:, None] == 0, NEG_INF)
+        x.masked_fill_(x < kth, NEG_INF)
+    if view.any_top_p:
+        sorted_x, order = x.sort(dim=-1)  # ascending
+        cum = sorted_x.softmax(dim=-1).cumsum_(dim=-1)
+        drop = cum <= (1.0 - view.fparams[:, F_TOP_P, None])
+        drop[:, -1] = False  # always keep the most likely token
+        x.masked_fill_(drop.scatter(1, order, drop), NEG_INF)
+    if view.any_min_p:
+        probs = x.softmax(dim=-1)
+        x.masked_fill_(probs < view.fparams[:, F_MIN_P, None] * probs.amax(dim=-1, keepdim=True), NEG_INF)
+
+
+def draw(x: torch.Tensor, view: BatchView, steps: torch.Tensor, use_triton: bool,
+         chunk_elems: int, vhash: torch.Tensor | None) -> torch.Tensor:
+    """[rows] int64: argmax for greedy rows, Gumbel-max with (seed, step, v) noise for the others."""
+    if use_triton:
+        return gumbel_argmax(x, view.seeds, steps, view.greedy)
+    return gumbel_argmax_reference(x, view.seeds, steps, view.greedy, vhash, chunk_elems)
