@@ -225,3 +225,141 @@ def test_top_logprobs_capped_by_a_small_vocabulary():
     out = Sampler(8, "cpu", EOS)(logits, reqs)
     assert [len(t.top_logprobs) for t in out] == [8, 8]
     assert sorted(t for t, _ in out[0].top_logprobs) == list(range(8))
+
+
+# ---- persistent per-request state ----
+
+def _stateful_params(rng: random.Random) -> SamplingParams:
+    p = random_params(rng)
+    p.top_logprobs = rng.choice([0, 2])
+    return p
+
+
+def _same(a, b):
+    assert [t.token_id for t in a] == [t.token_id for t in b]
+    for x, y in zip(a, b):
+        assert (x.logprob is None) == (y.logprob is None)
+        if x.logprob is not None:
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+        assert (x.top_logprobs is None) == (y.top_logprobs is None)
+        if x.top_logprobs:
+            assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
+
+
+def test_state_persists_across_calls_as_rows_join_leave_and_reorder():
+    """A long-lived sampler (state uploaded once, advanced on the device) against a fresh sampler
+    per call (state rebuilt from the full histories every time): same tokens, same logprobs."""
+    rng = random.Random(21)
+    pool = [SampleRequest(f"q{i}", _stateful_params(rng), [rng.randrange(V) for _ in range(rng.randrange(1, 6))], [])
+            for i in range(10)]
+    live = Sampler(V, "cpu", EOS, seed=3)
+    gen = torch.Generator().manual_seed(21)
+    for call in range(14):
+        rows = rng.sample(pool, rng.randrange(1, 8)) if call % 3 else pool[:4]  # repeats and changes
+        logits = torch.randn(len(rows), V, generator=gen) * 3
+        got = live(logits.clone(), rows)
+        _same(got, Sampler(V, "cpu", EOS)(logits, rows))
+        for r, t in zip(rows, got):
+            r.output_token_ids.append(t.token_id)
+    assert sum(len(r.output_token_ids) for r in pool) >= 40
+
+
+def test_known_rows_read_only_the_number_of_output_tokens():
+    rng = random.Random(4)
+    reqs = [SampleRequest(f"k{i}", _stateful_params(rng), [1, 2, 3], [4, 4]) for i in range(5)]
+    a, b = Sampler(V, "cpu", EOS), Sampler(V, "cpu", EOS)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        logits = torch.randn(5, V, generator=gen) * 3
+        ta = a(logits.clone(), reqs)
+        # b's rows carry placeholders where the last token goes (as under overlap): same draws
+        blind = [SampleRequest(r.request_id, r.params, r.prompt_token_ids, r.output_token_ids[:-1] + [0]
+                               if len(r.output_token_ids) > 2 else r.output_token_ids) for r in reqs]
+        _same(b(logits, blind), ta)
+        for r, t in zip(reqs, ta):
+            r.output_token_ids.append(t.token_id)
+
+
+def test_forget_and_reused_ids_rebuild_state():
+    params = SamplingParams(temperature=1.0, seed=9, frequency_penalty=1.5, min_tokens=1)
+    row = torch.randn(1, V, generator=torch.Generator().manual_seed(8)) * 2
+    s = Sampler(V, "cpu", EOS)
+    first = [s(row.clone(), [SampleRequest("x", params, [1], [0] * n)])[0].token_id for n in range(3)]
+    assert "x" in s.states.slot_of
+    free = len(s.states.free_slots)
+    s.forget(["x", "never-seen"])
+    assert "x" not in s.states.slot_of and len(s.states.free_slots) == free + 1
+    # The same id and params object again from the start (a new request): the same draws as the first time
+    again = [s(row.clone(), [SampleRequest("x", params, [1], [0] * n)])[0].token_id for n in range(3)]
+    assert again == first
+    # ... and without forget(): the output count gives the reuse away
+    assert [s(row.clone(), [SampleRequest("x", params, [1], [0] * n)])[0].token_id for n in range(3)] == first
+
+
+def test_request_dropped_for_room_rejoins_with_the_same_draws():
+    """Preemption: a request leaves the batch, its slot goes to others, it returns with its histories."""
+    p = SamplingParams(temperature=0.8, seed=77, repetition_penalty=1.4, top_k=10)
+    gen = torch.Generator().manual_seed(77)
+    logits = [torch.randn(1, V, generator=gen) * 3 for _ in range(8)]
+    steady = Sampler(V, "cpu", EOS)
+    out: list[int] = []
+    for i in range(8):
+        out.append(steady(logits[i].clone(), [SampleRequest("p", p, [3, 4], list(out))])[0].token_id)
+    s = Sampler(V, "cpu", EOS)
+    hist: list[int] = []
+    for i in range(8):
+        if i == 4:  # others take every slot meanwhile: "p" is dropped (least recently used)
+            n = s.states.capacity + 1
+            crowd = [SampleRequest(f"c{j}", SamplingParams(seed=j), [1], []) for j in range(n)]
+            s(torch.randn(n, V), crowd)
+            assert "p" not in s.states.slot_of
+        hist.append(s(logits[i].clone(), [SampleRequest("p", p, [3, 4], list(hist))])[0].token_id)
+    assert hist == out
+
+
+def test_pending_sample_equals_the_sync_result_and_may_overlap():
+    rng = random.Random(12)
+    reqs = [SampleRequest(f"o{i}", _stateful_params(rng), [1, 2], []) for i in range(6)]
+    sync, lazy = Sampler(V, "cpu", EOS, seed=5), Sampler(V, "cpu", EOS, seed=5)
+    gen = torch.Generator().manual_seed(12)
+    steps = [torch.randn(6, V, generator=gen) * 3 for _ in range(5)]
+    hist = [[] for _ in reqs]
+    expected = []
+    for x in steps:
+        out = sync(x.clone(), [SampleRequest(r.request_id, r.params, r.prompt_token_ids, h) for r, h in zip(reqs, hist)])
+        expected.append(out)
+        for h, t in zip(hist, out):
+            h.append(t.token_id)
+    pending = []
+    for i, x in enumerate(steps):  # each step is launched before the previous result is read
+        rows = [SampleRequest(r.request_id, r.params, r.prompt_token_ids, [-1] * i) for r in reqs]
+        pending.append(lazy.sample(x.clone(), rows))
+    for p, out in zip(pending, expected):
+        assert p.token_ids.dtype == torch.int64 and p.token_ids.tolist() == [t.token_id for t in out]
+        _same(p.result(), out)
+        assert p.result() is p.result()
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 9.9e-6])
+def test_tiny_temperatures_are_greedy_with_finite_logprobs(temperature):
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(15)) * 3
+    greedy = Sampler(V, "cpu", EOS)(logits.clone(), [SampleRequest(f"g{i}", SamplingParams(
+        temperature=0.0, logprobs=True, top_logprobs=3), [1], []) for i in range(3)])
+    tiny = Sampler(V, "cpu", EOS)(logits.clone(), [SampleRequest(f"t{i}", SamplingParams(
+        temperature=temperature, top_p=0.5, logprobs=True, top_logprobs=3), [1], []) for i in range(3)])
+    assert all(math.isfinite(t.logprob) and all(math.isfinite(lp) for _, lp in t.top_logprobs) for t in tiny)
+    _same(tiny, greedy)
+    assert [t.token_id for t in tiny] == logits.argmax(-1).tolist()
+    assert SamplingParams(temperature=temperature).greedy
+
+
+def test_temperature_at_the_greedy_bound_still_samples_sharply():
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(16)) * 3
+    out = Sampler(V, "cpu", EOS)(logits.clone(), [SampleRequest(f"b{i}", SamplingParams(
+        temperature=1e-5, logprobs=True, top_logprobs=2), [1], []) for i in range(2)])
+    assert [t.token_id for t in out] == logits.argmax(-1).tolist()
+    for t, row in zip(out, logits):
+        ref = torch.log_softmax(row.double() / 1e-5, -1)  # the sharp distribution, not temperature 1
+        assert t.logprob == pytest.approx(0.0, abs=1e-6) and math.isfinite(t.top_logprobs[1][1])
+        assert t.top_logprobs[1][1] == pytest.approx(float(ref.topk(2).values[1]), rel=1e-4)
+    assert not SamplingParams(temperature=1e-5).greedy
