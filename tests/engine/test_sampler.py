@@ -229,6 +229,9 @@ def test_top_logprobs_capped_by_a_small_vocabulary():
 
 # ---- persistent per-request state ----
 
+# On CUDA the sampler runs the Triton kernels: `pytest -m gpu` repeats these tests there.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
 def _stateful_params(rng: random.Random) -> SamplingParams:
     p = random_params(rng)
     p.top_logprobs = rng.choice([0, 2])
@@ -246,19 +249,20 @@ def _same(a, b):
             assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
 
 
-def test_state_persists_across_calls_as_rows_join_leave_and_reorder():
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_persists_across_calls_as_rows_join_leave_and_reorder(device):
     """A long-lived sampler (state uploaded once, advanced on the device) against a fresh sampler
     per call (state rebuilt from the full histories every time): same tokens, same logprobs."""
     rng = random.Random(21)
     pool = [SampleRequest(f"q{i}", _stateful_params(rng), [rng.randrange(V) for _ in range(rng.randrange(1, 6))], [])
             for i in range(10)]
-    live = Sampler(V, "cpu", EOS, seed=3)
+    live = Sampler(V, device, EOS, seed=3)
     gen = torch.Generator().manual_seed(21)
     for call in range(14):
         rows = rng.sample(pool, rng.randrange(1, 8)) if call % 3 else pool[:4]  # repeats and changes
-        logits = torch.randn(len(rows), V, generator=gen) * 3
+        logits = (torch.randn(len(rows), V, generator=gen) * 3).to(device)
         got = live(logits.clone(), rows)
-        _same(got, Sampler(V, "cpu", EOS)(logits, rows))
+        _same(got, Sampler(V, device, EOS)(logits, rows))
         for r, t in zip(rows, got):
             r.output_token_ids.append(t.token_id)
     assert sum(len(r.output_token_ids) for r in pool) >= 40
@@ -317,12 +321,13 @@ def test_request_dropped_for_room_rejoins_with_the_same_draws():
     assert hist == out
 
 
-def test_pending_sample_equals_the_sync_result_and_may_overlap():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_sample_equals_the_sync_result_and_may_overlap(device):
     rng = random.Random(12)
     reqs = [SampleRequest(f"o{i}", _stateful_params(rng), [1, 2], []) for i in range(6)]
-    sync, lazy = Sampler(V, "cpu", EOS, seed=5), Sampler(V, "cpu", EOS, seed=5)
+    sync, lazy = Sampler(V, device, EOS, seed=5), Sampler(V, device, EOS, seed=5)
     gen = torch.Generator().manual_seed(12)
-    steps = [torch.randn(6, V, generator=gen) * 3 for _ in range(5)]
+    steps = [(torch.randn(6, V, generator=gen) * 3).to(device) for _ in range(5)]
     hist = [[] for _ in reqs]
     expected = []
     for x in steps:
@@ -340,12 +345,13 @@ def test_pending_sample_equals_the_sync_result_and_may_overlap():
         assert p.result() is p.result()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, 9.9e-6])
-def test_tiny_temperatures_are_greedy_with_finite_logprobs(temperature):
-    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(15)) * 3
-    greedy = Sampler(V, "cpu", EOS)(logits.clone(), [SampleRequest(f"g{i}", SamplingParams(
+def test_tiny_temperatures_are_greedy_with_finite_logprobs(temperature, device):
+    logits = (torch.randn(3, V, generator=torch.Generator().manual_seed(15)) * 3).to(device)
+    greedy = Sampler(V, device, EOS)(logits.clone(), [SampleRequest(f"g{i}", SamplingParams(
         temperature=0.0, logprobs=True, top_logprobs=3), [1], []) for i in range(3)])
-    tiny = Sampler(V, "cpu", EOS)(logits.clone(), [SampleRequest(f"t{i}", SamplingParams(
+    tiny = Sampler(V, device, EOS)(logits.clone(), [SampleRequest(f"t{i}", SamplingParams(
         temperature=temperature, top_p=0.5, logprobs=True, top_logprobs=3), [1], []) for i in range(3)])
     assert all(math.isfinite(t.logprob) and all(math.isfinite(lp) for _, lp in t.top_logprobs) for t in tiny)
     _same(tiny, greedy)
