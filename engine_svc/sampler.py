@@ -23,7 +23,8 @@ Contract:
   a request that returns after being dropped (e.g. preempted, then recomputed) is rebuilt from its
   histories, which must then be complete, and continues with the same draws.
 - Per call on the steady path (same rows as the last call): three C-level passes over the rows
-  (ids, params, lengths) and their comparison, then only device work; per-row Python runs when rows join or leave, and in result() to build SampledTokens.
+  (ids, params, lengths) and their comparison, then only device work; per-row Python runs when
+  rows join or leave, and in result() to build the SampledTokens.
 
 Order of operations (transformers' order, so a plain HF-style reference reproduces it):
 
@@ -98,7 +99,7 @@ class PendingSample:
 
     def _decode(self, rows: list) -> list[SampledToken]:
         view = self._view
-        if view is None or not any(view.want_logprobs):  # payload: the token ids alone
+        if view is None or not view.any_logprobs:  # payload: the token ids alone
             return [SampledToken(t) for t in rows]
         k_max = view.max_top_logprobs
         out = []
@@ -144,7 +145,7 @@ class Sampler:
                                  torch.empty(0, dtype=torch.int64), None)
         view = self.states.prepare(reqs)
         x = self._working_logits(logits, len(reqs))
-        want_logprobs = view.max_top_logprobs > 0 or any(view.want_logprobs)
+        want_logprobs = view.any_logprobs
         min_tokens = self.states.min_tokens_active(view)
         if view.all_greedy and not (want_logprobs or view.any_penalty or min_tokens):
             tokens = x.argmax(dim=-1)  # the common all-greedy case

@@ -62,6 +62,7 @@ class BatchView:
     any_penalty: bool
     any_min_tokens: bool
     max_top_logprobs: int
+    any_logprobs: bool
     want_logprobs: list[bool]  # per row
     top_logprobs: list[int]  # per row
 
@@ -147,6 +148,14 @@ class RequestStates:
         self.free_table_rows += list(range(rows - 1, max(old, 1) - 1, -1))
         self.num_table_rows = rows
 
+    def _upload(self, a: np.ndarray) -> torch.Tensor:
+        """Host array -> device tensor without waiting: a pageable H2D copy would first wait for the
+        whole stream (it would stall the runner's overlap at every batch change)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # ---- joining, leaving ----
 
     def forget(self, request_ids) -> None:
@@ -231,11 +240,11 @@ class RequestStates:
                 pen.append((row, r))
             i[k, I_TABLE_ROW] = self.table_row_of[slot]
             self.num_generated_np[slot] = len(r.output_token_ids)
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        self.fparams[idx] = torch.from_numpy(f).to(self.device)
-        self.iparams[idx] = torch.from_numpy(i).to(self.device)
-        self.stop_ids[idx] = torch.from_numpy(stops).to(self.device)
-        self.num_generated[idx] = torch.from_numpy(self.num_generated_np[slots]).to(self.device)
+        idx = self._upload(np.array(slots, dtype=np.int64))
+        self.fparams[idx] = self._upload(f)
+        self.iparams[idx] = self._upload(i)
+        self.stop_ids[idx] = self._upload(stops)
+        self.num_generated[idx] = self._upload(self.num_generated_np[slots])
         if pen:
             self._fill_tables(pen)
 
@@ -261,7 +270,7 @@ class RequestStates:
 
     def _fill_tables(self, pen) -> None:
         """Rebuild the joining rows' prompt mask and output counts from their histories."""
-        rows = torch.tensor([row for row, _ in pen], dtype=torch.int64, device=self.device)
+        rows = self._upload(np.array([row for row, _ in pen], dtype=np.int64))
         self.prompt_mask[rows] = False
         self.output_counts[rows] = 0
         pr = np.concatenate([np.full(len(r.prompt_token_ids), row) for row, r in pen]).astype(np.int64)
@@ -269,16 +278,16 @@ class RequestStates:
         orow = np.concatenate([np.full(len(r.output_token_ids), row) for row, r in pen]).astype(np.int64)
         oc = np.concatenate([np.asarray(r.output_token_ids, dtype=np.int64) for _, r in pen])
         if pr.size:
-            self.prompt_mask[torch.from_numpy(pr).to(self.device), torch.from_numpy(pc).to(self.device)] = True
+            self.prompt_mask[self._upload(pr), self._upload(pc)] = True
         if orow.size:
             ones = torch.ones(orow.size, dtype=torch.int32, device=self.device)
-            self.output_counts.index_put_((torch.from_numpy(orow).to(self.device),
-                                           torch.from_numpy(oc).to(self.device)), ones, accumulate=True)
+            self.output_counts.index_put_((self._upload(orow),
+                                           self._upload(oc)), ones, accumulate=True)
 
     # ---- the batch view, and advancing it ----
 
     def _gather(self, ids, params, slots_np: np.ndarray) -> BatchView:
-        slots = torch.from_numpy(slots_np).to(self.device)
+        slots = self._upload(slots_np)
         f = self.fparams[slots]
         i = self.iparams[slots]
         greedy = [p.greedy for p in params]
@@ -297,7 +306,8 @@ class RequestStates:
             max_top_k=max((p.top_k if 0 < p.top_k < self.vocab_size else 0 for p in sampled), default=0),
             any_top_p=any(p.top_p < 1.0 for p in sampled), any_min_p=any(p.min_p > 0.0 for p in sampled),
             any_penalty=any(map(self._has_penalty, params)), any_min_tokens=bool(min_tokens_np.any()),
-            max_top_logprobs=min(max(top, default=0), self.vocab_size), want_logprobs=want, top_logprobs=top)
+            max_top_logprobs=min(max(top, default=0), self.vocab_size), any_logprobs=any(want),
+            want_logprobs=want, top_logprobs=top)
 
     def min_tokens_active(self, view: BatchView) -> bool:
         return view.any_min_tokens and bool((self.num_generated_np[view.slots_np] < view.min_tokens_np).any())

@@ -331,7 +331,8 @@ def test_pending_sample_equals_the_sync_result_and_may_overlap(device):
     hist = [[] for _ in reqs]
     expected = []
     for x in steps:
-        out = sync(x.clone(), [SampleRequest(r.request_id, r.params, r.prompt_token_ids, h) for r, h in zip(reqs, hist)])
+        rows = [SampleRequest(r.request_id, r.params, r.prompt_token_ids, h) for r, h in zip(reqs, hist)]
+        out = sync(x.clone(), rows)
         expected.append(out)
         for h, t in zip(hist, out):
             h.append(t.token_id)
