@@ -28,14 +28,22 @@ SPLIT = 8192  # vocabulary entries per program of the argmax (V=128256 -> 16 pro
 
 
 # ---- the hash, in Triton (uint32 arithmetic wraps mod 2^32) ----
+# Constants as constexpr ints, as triton.language.random's Philox uses them: an int above 2^31 is
+# uint32, so uint32 * C and uint32 ^ C stay uint32.
+MUL_A: tl.constexpr = 0x7FEB352D
+MUL_B: tl.constexpr = 0x846CA68B
+VOCAB_SALT: tl.constexpr = 0x5BD1E995
+SEED_SALT: tl.constexpr = 0x68BC21EB
+KEY_SALT: tl.constexpr = 0x02E5BE93
+
 
 @triton.jit
 def _mix32(x):
     """Wellons' lowbias32 on uint32."""
     x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x * MUL_A
     x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    x = x * MUL_B
     return x ^ (x >> 16)
 
 
@@ -45,16 +53,15 @@ def _row_keys(seed, step):
     lo = (seed & 0xFFFFFFFF).to(tl.uint32)
     hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     s = (step & 0xFFFFFFFF).to(tl.uint32)
-    k1 = _mix32(_mix32(lo ^ tl.full(lo.shape, 0x68BC21EB, tl.uint32)) ^ s)
-    k2 = _mix32(_mix32(hi ^ k1) ^ tl.full(k1.shape, 0x02E5BE93, tl.uint32))
+    k1 = _mix32(_mix32(lo ^ SEED_SALT) ^ s)
+    k2 = _mix32(_mix32(hi ^ k1) ^ KEY_SALT)
     return k1, k2
 
 
 @triton.jit
 def _uniform(cols, k1, k2):
     """cols: int32 block of vocabulary ids -> uniforms in (0, 1), fp32."""
-    v = cols.to(tl.uint32)
-    h = _mix32(_mix32(_mix32(v ^ tl.full(v.shape, 0x5BD1E995, tl.uint32)) ^ k1) ^ k2)
+    h = _mix32(_mix32(_mix32(cols.to(tl.uint32) ^ VOCAB_SALT) ^ k1) ^ k2)
     return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
 
 
