@@ -38,12 +38,16 @@ def truncate(x: torch.Tensor, view: BatchView) -> None:
     """top-k (keep >= the k-th largest), then top-p (drop the low tail of mass <= 1 - p), then min-p.
 
     Greedy rows hold top_k 0, top_p 1, min_p 0: they are left as they are."""
+    top = kth = None
     if view.max_top_k:
         k = view.top_k
-        kth = x.topk(view.max_top_k, dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        top = x.topk(view.max_top_k, dim=-1).values  # descending
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])
         kth.masked_fill_(k[:, None] == 0, NEG_INF)
         x.masked_fill_(x < kth, NEG_INF)
-    if view.any_top_p:
+    if view.any_top_p and view.top_p_within_top_k:
+        _top_p_among_top_k(x, view, top, kth)
+    elif view.any_top_p:
         sorted_x, order = x.sort(dim=-1)  # ascending
         cum = sorted_x.softmax(dim=-1).cumsum_(dim=-1)
         drop = cum <= (1.0 - view.fparams[:, F_TOP_P, None])
@@ -52,6 +56,22 @@ def truncate(x: torch.Tensor, view: BatchView) -> None:
     if view.any_min_p:
         probs = x.softmax(dim=-1)
         x.masked_fill_(probs < view.fparams[:, F_MIN_P, None] * probs.amax(dim=-1, keepdim=True), NEG_INF)
+
+
+def _top_p_among_top_k(x: torch.Tensor, view: BatchView, top: torch.Tensor, kth: torch.Tensor) -> None:
+    """top-p when every row that asks for it also has a top-k: the nucleus lies in the top-k list
+    already sorted by topk(), so no [rows, V] sort. Keeps a token while the mass before it < p (the
+    sort path's rule, "drop where the ascending cumulative mass <= 1 - p"), as a threshold on values:
+    tokens tied with the last one kept are kept too. The mass is normalised over everything top-k
+    kept (one logsumexp over the row), so ties beyond the list still count."""
+    p = view.fparams[:, F_TOP_P, None]
+    vals = top.masked_fill(top < kth, NEG_INF)
+    probs = (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp_()
+    before = probs.cumsum(dim=-1).sub_(probs)
+    keep = (before < p) & (vals > NEG_INF)
+    threshold = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+    threshold.masked_fill_(p >= 1.0, NEG_INF)  # rows without top-p (their list may not be the whole row)
+    x.masked_fill_(x < threshold, NEG_INF)
 
 
 def draw(x: torch.Tensor, view: BatchView, steps: torch.Tensor, use_triton: bool,

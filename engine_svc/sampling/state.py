@@ -29,6 +29,7 @@ from engine_svc.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 F_TEMPERATURE, F_TOP_P, F_MIN_P, F_REPETITION, F_PRESENCE, F_FREQUENCY = range(6)
 I_SEED, I_GREEDY, I_TOP_K, I_MIN_TOKENS, I_TABLE_ROW = range(5)
 NUM_F, NUM_I = 6, 5
+TOP_P_IN_TOP_K_MAX = 1024  # above this, topk() costs about what the full sort does
 TRASH_TABLE_ROW = 0  # counts of rows without penalties go here (never read): one scatter for all rows
 
 
@@ -58,6 +59,7 @@ class BatchView:
     any_temperature: bool  # some row divides by a temperature other than 1
     max_top_k: int
     any_top_p: bool
+    top_p_within_top_k: bool  # every top-p row has a top-k of at most TOP_P_IN_TOP_K_MAX: no full sort
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
@@ -296,6 +298,9 @@ class RequestStates:
         want = [bool(p.logprobs or p.top_logprobs) for p in params]
         top = [p.top_logprobs for p in params]
         min_tokens_np = self.min_tokens_np[slots_np]
+        max_top_k = max((p.top_k if 0 < p.top_k < self.vocab_size else 0 for p in sampled), default=0)
+        within = max_top_k <= TOP_P_IN_TOP_K_MAX and all(0 < p.top_k < self.vocab_size for p in sampled
+                                                         if p.top_p < 1.0)
         return BatchView(
             request_ids=ids, params=params, slots_np=slots_np, slots=slots, fparams=f,
             seeds=i[:, I_SEED].contiguous(), greedy=i[:, I_GREEDY].contiguous(),
@@ -303,8 +308,8 @@ class RequestStates:
             table_rows=table_rows, count_rows=table_rows.clamp(min=TRASH_TABLE_ROW),
             stop_ids=self.stop_ids[slots], min_tokens_np=min_tokens_np,
             all_greedy=not sampled, any_temperature=any(p.temperature != 1.0 for p in sampled),
-            max_top_k=max((p.top_k if 0 < p.top_k < self.vocab_size else 0 for p in sampled), default=0),
-            any_top_p=any(p.top_p < 1.0 for p in sampled), any_min_p=any(p.min_p > 0.0 for p in sampled),
+            max_top_k=max_top_k, any_top_p=any(p.top_p < 1.0 for p in sampled), top_p_within_top_k=within,
+            any_min_p=any(p.min_p > 0.0 for p in sampled),
             any_penalty=any(map(self._has_penalty, params)), any_min_tokens=bool(min_tokens_np.any()),
             max_top_logprobs=min(max(top, default=0), self.vocab_size), any_logprobs=any(want),
             want_logprobs=want, top_logprobs=top)

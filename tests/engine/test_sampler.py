@@ -83,7 +83,23 @@ def random_batch(n: int, seed: int) -> tuple[torch.Tensor, list[SampleRequest]]:
 @pytest.mark.parametrize("seed", range(6))
 def test_processing_matches_reference(seed):
     logits, reqs = random_batch(64, seed)
+    _check_processing(Sampler(V, "cpu", EOS), logits, reqs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_p_within_top_k_matches_reference_without_a_sort(seed):
+    """When every top-p row also has a top-k, the nucleus is found in the top-k list."""
+    logits, reqs = random_batch(64, 50 + seed)
+    rng = random.Random(seed)
+    for r in reqs:
+        if r.params.top_p < 1.0:
+            r.params.top_k = rng.choice([1, 3, 10, 20])
     sampler = Sampler(V, "cpu", EOS)
+    _check_processing(sampler, logits, reqs)
+    assert sampler.states.view.top_p_within_top_k and sampler.states.view.any_top_p
+
+
+def _check_processing(sampler, logits, reqs):
     truncated, logprobs = sampler.process(logits, reqs)
     for i, req in enumerate(reqs):
         ref_lp, ref_kept = reference(logits[i].tolist(), req, EOS)
