@@ -95,22 +95,22 @@ def _gumbel_argmax_kernel(
     split = tl.program_id(1)
     greedy = tl.load(greedy_ptr + row)
     k1, k2 = _row_keys(tl.load(seeds_ptr + row), tl.load(steps_ptr + row))
-    best_val = float("-inf")
-    best_idx = (split * SPLIT).to(tl.int64)
+    # Per lane: the best value seen and its id (strict ">": the earliest, i.e. lowest, id on ties).
+    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = split * SPLIT + tl.arange(0, BLOCK)
     for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < V
-        x = tl.load(logits_ptr + row * stride_l + cols, mask=mask, other=float("-inf"))
+        x = tl.load(logits_ptr + row * stride_l + cols, mask=cols < V, other=float("-inf"))
         if greedy == 0:
-            u = _uniform(cols, k1, k2)
-            x = x - tl.log(-tl.log(u))
-        # ties go to the lowest index, as torch.argmax does: left in a block, strict ">" across blocks
-        val, idx = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        better = val > best_val
-        best_idx = tl.where(better, (start + idx).to(tl.int64), best_idx)
-        best_val = tl.where(better, val, best_val)
-    tl.store(best_val_ptr + row * num_splits + split, best_val)
-    tl.store(best_idx_ptr + row * num_splits + split, best_idx)
+            x = x - tl.log(-tl.log(_uniform(cols, k1, k2)))
+        better = x > best_val
+        best_val = tl.where(better, x, best_val)
+        best_idx = tl.where(better, cols, best_idx)
+    val = tl.max(best_val, axis=0)
+    # ties across lanes go to the lowest id, as torch.argmax does
+    idx = tl.min(tl.where(best_val == val, best_idx, V + SPLIT), axis=0)
+    tl.store(best_val_ptr + row * num_splits + split, val)
+    tl.store(best_idx_ptr + row * num_splits + split, idx.to(tl.int64))
 
 
 def _check_rows(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ def _apply_penalties_kernel(
     logits_ptr,  # [num_rows, V] fp32, updated in place, row stride free
     table_row_ptr,  # [num_rows] int64: the row of prompt_mask / output_counts, -1 = no penalties
     params_ptr,  # [num_rows, >= 3] fp32: repetition, presence, frequency (row stride free)
-    mask_ptr,  # [num_table_rows, V] bool
+    mask_ptr,  # [num_table_rows, V] uint8 (the bool table's bytes)
     counts_ptr,  # [num_table_rows, V] int32
     stride_l, stride_p, stride_m, stride_c, V,
     BLOCK: tl.constexpr,  # columns per program
@@ -41,7 +41,7 @@ def _apply_penalties_kernel(
         presence = tl.load(params_ptr + row * stride_p + 1)
         frequency = tl.load(params_ptr + row * stride_p + 2)
         x = tl.load(logits_ptr + row * stride_l + cols, mask=ok, other=0.0)
-        in_prompt = tl.load(mask_ptr + t * stride_m + cols, mask=ok, other=0).to(tl.int32) != 0
+        in_prompt = tl.load(mask_ptr + t * stride_m + cols, mask=ok, other=0) != 0
         count = tl.load(counts_ptr + t * stride_c + cols, mask=ok, other=0).to(tl.float32)
         x = tl.where(in_prompt | (count > 0), tl.where(x < 0, x * rep, x / rep), x)
         x = x - (frequency * count + presence * (count > 0).to(tl.float32))
@@ -80,7 +80,7 @@ def apply_penalties(logits: torch.Tensor, table_rows: torch.Tensor, params: torc
     if n == 0:
         return
     _apply_penalties_kernel[(n, triton.cdiv(V, BLOCK))](
-        logits, table_rows, params, prompt_mask, output_counts,
+        logits, table_rows, params, prompt_mask.view(torch.uint8), output_counts,
         logits.stride(0), params.stride(0), prompt_mask.stride(0), output_counts.stride(0), V,
         BLOCK=BLOCK, num_warps=4)
 
