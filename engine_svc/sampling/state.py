@@ -12,7 +12,8 @@ its state is rebuilt from the histories, which must then be complete.
 
 Slots of requests absent from the current call are dropped lazily, least recently used first, when
 a joining request needs a slot; forget() drops them at once. Capacity doubles when every slot is in
-the current call. Rows with penalties also hold a row of the [rows, V] tables (grown the same way).
+the current call. Rows with penalties also hold a row of the [rows, V] tables, which grow to what
+the joining rows need (in steps of 16 rows: at 128256 ids a row of mask and counts is 641 KB).
 """
 
 from __future__ import annotations
@@ -227,6 +228,9 @@ class RequestStates:
         f = np.zeros((n, NUM_F), dtype=np.float32)
         i = np.zeros((n, NUM_I), dtype=np.int64)
         stops = np.zeros((n, self.stop_width), dtype=np.int64)
+        short = sum(map(self._has_penalty, (r.params for r in reqs))) - len(self.free_table_rows)
+        if short > 0:  # grow once, to what is needed (plus the trash row), rounded up to 16 rows
+            self._grow_tables(-(-(max(self.num_table_rows, 1) + short) // 16) * 16)
         pen = []
         for k, (r, slot) in enumerate(zip(reqs, slots)):
             self.slot_of[r.request_id] = slot
@@ -235,8 +239,6 @@ class RequestStates:
             f[k], i[k], stops[k] = self._row(r.params, fresh[k])
             self.min_tokens_np[slot] = i[k, I_MIN_TOKENS]
             if self._has_penalty(r.params):
-                if not self.free_table_rows:
-                    self._grow_tables(max(8, 2 * self.num_table_rows))
                 row = self.free_table_rows.pop()
                 self.table_row_of[slot] = row
                 pen.append((row, r))
