@@ -45,33 +45,43 @@ def truncate(x: torch.Tensor, view: BatchView) -> None:
         kth = top.gather(1, (k - 1).clamp(min=0)[:, None])
         kth.masked_fill_(k[:, None] == 0, NEG_INF)
         x.masked_fill_(x < kth, NEG_INF)
-    if view.any_top_p and view.top_p_within_top_k:
+    if view.any_top_p_in_top_k:
         _top_p_among_top_k(x, view, top, kth)
-    elif view.any_top_p:
-        sorted_x, order = x.sort(dim=-1)  # ascending
-        cum = sorted_x.softmax(dim=-1).cumsum_(dim=-1)
-        drop = cum <= (1.0 - view.fparams[:, F_TOP_P, None])
-        drop[:, -1] = False  # always keep the most likely token
-        x.masked_fill_(drop.scatter(1, order, drop), NEG_INF)
+    if view.top_p_sort_rows is not None:
+        _top_p_sorted(x, view)
     if view.any_min_p:
         probs = x.softmax(dim=-1)
         x.masked_fill_(probs < view.fparams[:, F_MIN_P, None] * probs.amax(dim=-1, keepdim=True), NEG_INF)
 
 
 def _top_p_among_top_k(x: torch.Tensor, view: BatchView, top: torch.Tensor, kth: torch.Tensor) -> None:
-    """top-p when every row that asks for it also has a top-k: the nucleus lies in the top-k list
-    already sorted by topk(), so no [rows, V] sort. Keeps a token while the mass before it < p (the
-    sort path's rule, "drop where the ascending cumulative mass <= 1 - p"), as a threshold on values:
-    tokens tied with the last one kept are kept too. The mass is normalised over everything top-k
-    kept (one logsumexp over the row), so ties beyond the list still count."""
+    """top-p for the rows that also have a top-k (view.top_p_in_top_k): the nucleus lies in the top-k
+    list that topk() already sorted, so no [rows, V] sort. Keeps a token while the mass before it < p
+    (the sort path's rule, "drop where the ascending cumulative mass <= 1 - p") as a threshold on
+    values: tokens tied with the last one kept are kept too. The mass is normalised over everything
+    top-k kept (one logsumexp over the row), so ties beyond the list still count. Which path a row
+    takes depends on its own parameters only, so its draws do not depend on the batch."""
     p = view.fparams[:, F_TOP_P, None]
     vals = top.masked_fill(top < kth, NEG_INF)
     probs = (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp_()
     before = probs.cumsum(dim=-1).sub_(probs)
     keep = (before < p) & (vals > NEG_INF)
     threshold = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
-    threshold.masked_fill_(p >= 1.0, NEG_INF)  # rows without top-p (their list may not be the whole row)
+    threshold.masked_fill_(~view.top_p_in_top_k[:, None], NEG_INF)  # other rows: untouched
     x.masked_fill_(x < threshold, NEG_INF)
+
+
+def _top_p_sorted(x: torch.Tensor, view: BatchView) -> None:
+    """top-p by a full sort, for the rows without a (small) top-k (view.top_p_sort_rows)."""
+    rows = view.top_p_sort_rows
+    sub = x if view.top_p_sort_all else x[rows]
+    sorted_x, order = sub.sort(dim=-1)  # ascending
+    cum = sorted_x.softmax(dim=-1).cumsum_(dim=-1)
+    drop = cum <= (1.0 - view.fparams[rows, F_TOP_P, None])
+    drop[:, -1] = False  # always keep the most likely token
+    sub.masked_fill_(drop.scatter(1, order, drop), NEG_INF)
+    if not view.top_p_sort_all:
+        x[rows] = sub
 
 
 def draw(x: torch.Tensor, view: BatchView, steps: torch.Tensor, use_triton: bool,

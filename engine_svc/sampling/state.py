@@ -59,8 +59,10 @@ class BatchView:
     all_greedy: bool
     any_temperature: bool  # some row divides by a temperature other than 1
     max_top_k: int
-    any_top_p: bool
-    top_p_within_top_k: bool  # every top-p row has a top-k of at most TOP_P_IN_TOP_K_MAX: no full sort
+    any_top_p_in_top_k: bool
+    top_p_in_top_k: torch.Tensor  # [rows] bool: top-p with a top-k <= TOP_P_IN_TOP_K_MAX (no full sort)
+    top_p_sort_rows: torch.Tensor | None  # [n] int64: the other top-p rows (a full sort); None: none
+    top_p_sort_all: bool  # ... and they are all the rows
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
@@ -301,8 +303,9 @@ class RequestStates:
         top = [p.top_logprobs for p in params]
         min_tokens_np = self.min_tokens_np[slots_np]
         max_top_k = max((p.top_k if 0 < p.top_k < self.vocab_size else 0 for p in sampled), default=0)
-        within = max_top_k <= TOP_P_IN_TOP_K_MAX and all(0 < p.top_k < self.vocab_size for p in sampled
-                                                         if p.top_p < 1.0)
+        in_k = [not g and p.top_p < 1.0 and 0 < p.top_k <= min(TOP_P_IN_TOP_K_MAX, self.vocab_size - 1)
+                for p, g in zip(params, greedy)]
+        sort_rows = [i for i, (p, g, k) in enumerate(zip(params, greedy, in_k)) if not g and p.top_p < 1.0 and not k]
         return BatchView(
             request_ids=ids, params=params, slots_np=slots_np, slots=slots, fparams=f,
             seeds=i[:, I_SEED].contiguous(), greedy=i[:, I_GREEDY].contiguous(),
@@ -310,7 +313,10 @@ class RequestStates:
             table_rows=table_rows, count_rows=table_rows.clamp(min=TRASH_TABLE_ROW),
             stop_ids=self.stop_ids[slots], min_tokens_np=min_tokens_np,
             all_greedy=not sampled, any_temperature=any(p.temperature != 1.0 for p in sampled),
-            max_top_k=max_top_k, any_top_p=any(p.top_p < 1.0 for p in sampled), top_p_within_top_k=within,
+            max_top_k=max_top_k, any_top_p_in_top_k=any(in_k),
+            top_p_in_top_k=self._upload(np.array(in_k, dtype=bool)),
+            top_p_sort_rows=self._upload(np.array(sort_rows, dtype=np.int64)) if sort_rows else None,
+            top_p_sort_all=len(sort_rows) == len(params),
             any_min_p=any(p.min_p > 0.0 for p in sampled),
             any_penalty=any(map(self._has_penalty, params)), any_min_tokens=bool(min_tokens_np.any()),
             max_top_logprobs=min(max(top, default=0), self.vocab_size), any_logprobs=any(want),

@@ -96,7 +96,8 @@ def test_top_p_within_top_k_matches_reference_without_a_sort(seed):
             r.params.top_k = rng.choice([1, 3, 10, 20])
     sampler = Sampler(V, "cpu", EOS)
     _check_processing(sampler, logits, reqs)
-    assert sampler.states.view.top_p_within_top_k and sampler.states.view.any_top_p
+    view = sampler.states.view
+    assert view.any_top_p_in_top_k and view.top_p_sort_rows is None
 
 
 def _check_processing(sampler, logits, reqs):
@@ -386,3 +387,14 @@ def test_temperature_at_the_greedy_bound_still_samples_sharply():
         assert t.logprob == pytest.approx(0.0, abs=1e-6) and math.isfinite(t.top_logprobs[1][1])
         assert t.top_logprobs[1][1] == pytest.approx(float(ref.topk(2).values[1]), rel=1e-4)
     assert not SamplingParams(temperature=1e-5).greedy
+
+
+def test_a_rows_truncation_does_not_depend_on_the_other_rows():
+    """top-p takes the top-k path or the sort path by the row's own parameters, never the batch's."""
+    gen = torch.Generator().manual_seed(31)
+    row = torch.randn(1, V, generator=gen) * 3
+    mine = SampleRequest("me", SamplingParams(temperature=0.9, top_p=0.8, top_k=6, seed=3), [1], [])
+    alone, _ = Sampler(V, "cpu", EOS).process(row, [mine])
+    others = [SampleRequest(f"o{i}", SamplingParams(top_p=0.7, top_k=k), [1], []) for i, k in enumerate([0, 0, 9])]
+    mixed, _ = Sampler(V, "cpu", EOS).process(torch.cat([row, torch.randn(3, V, generator=gen)]), [mine] + others)
+    assert torch.equal(mixed[0], alone[0])
