@@ -3,8 +3,6 @@
     python bench/sampler.py                                  # CUDA if present: vocab 128256
     python bench/sampler.py --device cpu --vocab 4096        # small vocabulary on the CPU
     python bench/sampler.py --profile                        # also cProfile + torch.profiler counts
-    TRITON_INTERPRET=1 python bench/sampler.py --device cpu --profile --cases greedy --rows 1
-                                                             # + the CUDA path's op counts, on the CPU
 
 Each case is a steady decode step: the same requests every call (ShareGPT-like prompts of ~215 ids,
 ~100 tokens generated already, one more each call), every row seeded, logits random per row. Timing:
@@ -141,10 +139,7 @@ def profile_case(device, vocab: int, rows: int, params: dict, calls: int = 20) -
     """Per call, old and new: Python function calls and torch calls (cProfile), host syncs
     (tolist/item/cpu), aten ops launched at the top level (torch.profiler)."""
     out = {}
-    variants = ["old", "new"]
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        variants.append("new-triton")  # the CUDA code path, its kernels interpreted (op counts only)
-    for name in variants:
+    for name in ("old", "new"):
         new_reqs, old_reqs = make_requests(rows, vocab, params, random.Random(1))
         x = torch.randn(rows, vocab, device=device)
         if name == "old":
@@ -152,10 +147,8 @@ def profile_case(device, vocab: int, rows: int, params: dict, calls: int = 20) -
             call = lambda: _append(new_reqs, s(x, old_reqs))  # noqa: E731
         else:  # the clone (the new sampler consumes its logits) counts 1 op here
             s = Sampler(vocab, device, EOS)
-            s.use_triton = s.use_triton or name == "new-triton"
             call = lambda: _append(new_reqs, s(x.clone(), new_reqs))  # noqa: E731
         call()  # joins the rows (new) and warms up
-        calls = 2 if name == "new-triton" else calls
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(calls):
