@@ -398,3 +398,28 @@ def test_a_rows_truncation_does_not_depend_on_the_other_rows():
     others = [SampleRequest(f"o{i}", SamplingParams(top_p=0.7, top_k=k), [1], []) for i, k in enumerate([0, 0, 9])]
     mixed, _ = Sampler(V, "cpu", EOS).process(torch.cat([row, torch.randn(3, V, generator=gen)]), [mine] + others)
     assert torch.equal(mixed[0], alone[0])
+
+
+def test_a_repeated_batch_joins_and_gathers_nothing(monkeypatch):
+    """The steady decode path: the same rows again (one more output token each) reuse the view."""
+    rng = random.Random(8)
+    reqs = [SampleRequest(f"s{i}", _stateful_params(rng), [1, 2], [3]) for i in range(5)]
+    s = Sampler(V, "cpu", EOS)
+    gen = torch.Generator().manual_seed(8)
+    _append_tokens(reqs, s(torch.randn(5, V, generator=gen), reqs))
+    view = s.states.view
+
+    def fail(*args):
+        raise AssertionError("per-row work on a repeated batch")
+    monkeypatch.setattr(s.states, "_join", fail)
+    monkeypatch.setattr(s.states, "_gather", fail)
+    for _ in range(3):
+        _append_tokens(reqs, s(torch.randn(5, V, generator=gen), reqs))
+    assert s.states.view is view
+    with pytest.raises(AssertionError, match="per-row work"):  # a changed batch does join
+        s(torch.randn(5, V, generator=gen), reqs[1:] + [SampleRequest("new", SamplingParams(), [1], [])])
+
+
+def _append_tokens(reqs, out):
+    for r, t in zip(reqs, out):
+        r.output_token_ids.append(t.token_id)
