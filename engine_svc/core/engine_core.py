@@ -61,14 +61,16 @@ class EngineCore:
         eos_token_ids: the model's EOS ids (ModelInfo.eos_token_ids).
         max_model_len: the longest sequence; requests are cut there with LENGTH.
         max_num_batched_tokens, max_num_seqs, enable_chunked_prefill: scheduling limits.
+        enable_prefix_caching: reuse the KV of cached prompt prefixes (engine_svc/core/prefix_cache.py).
         hooks: tracing/metrics hook points (no-ops by default).
     """
 
     def __init__(self, runner: Runner, *, num_blocks: int, block_size: int, eos_token_ids: list[int],
                  max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None):
+                 enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None,
+                 enable_prefix_caching: bool = False):
         self.runner = runner
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
                                    enable_chunked_prefill)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -177,7 +179,7 @@ class EngineCore:
             req.request_id, tokens, req.num_output_tokens - len(tokens), finished=True,
             finish_reason=req.finish_reason, stop_token_id=req.stop_token_id,
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
-            error=req.error, error_kind=req.error_kind)
+            error=req.error, error_kind=req.error_kind, num_cached_tokens=req.num_cached_tokens or 0)
 
     # ---- load ----
 
