@@ -95,6 +95,8 @@ class EngineLoop:
         self.num_blocks = 0
         self.max_model_len = 0
         self.load: LoadSnapshot | None = None  # latest snapshot (event loop side)
+        # KV events (engine_svc/kv_events.py): the block manager appends, the event loop pops.
+        self.kv_events: collections.deque | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}  # live requests (event loop side)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -224,6 +226,8 @@ class EngineLoop:
     def _build(self) -> EngineCore:
         core, info = build_engine_core(self.config, self.status, self.hooks, self._runner_factory)
         self.info, self.num_blocks, self.max_model_len = info, core.block_manager.num_blocks, core.max_model_len
+        if self.config.enable_prefix_caching:
+            self.kv_events = core.block_manager.enable_events()
         return core
 
     def _run(self) -> None:

@@ -69,6 +69,7 @@ class EngineServer:
         """
         try:
             await self.engine.start()
+            self.service.start_kv_events()
             self.status.enter(Phase.ENGINE_PHASE_WARMING_UP, "one generation through the engine loop")
             await self._warmup()
         except BaseException as exc:
@@ -113,6 +114,7 @@ class EngineServer:
         await self.drain(grace_s)
         if self.running is not None:
             await self.running.server.stop(1.0)
+        await self.service.close()
         await self.engine.stop()
 
 
@@ -176,6 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
     startup = asyncio.create_task(server.startup())
     startup.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
     await wait_for_stop(server.running, stop, args.grace, before_stop=lambda: server.drain(args.grace))
+    await server.service.close()
     await server.engine.stop()
     if startup.done() and not startup.cancelled() and startup.exception() is not None:
         log.error("startup failed: %s", startup.exception())

@@ -44,6 +44,9 @@ class LoadSnapshot:
     num_waiting_requests: int
     num_running_tokens: int
     num_waiting_tokens: int
+    # Prefix cache since start, in tokens (cumulative; not part of counts()): metrics only.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def counts(self) -> tuple:
         """Everything but the version: equal counts mean "no change" for WatchLoad."""
@@ -192,7 +195,8 @@ class EngineCore:
             free_blocks=bm.num_free_blocks, cached_blocks=bm.num_cached_blocks,
             in_use_blocks=bm.num_in_use_blocks, reserved_blocks=sched.num_reserved_blocks(),
             num_running_requests=len(sched.running), num_waiting_requests=len(sched.waiting),
-            num_running_tokens=sched.num_running_tokens(), num_waiting_tokens=sched.num_waiting_tokens())
+            num_running_tokens=sched.num_running_tokens(), num_waiting_tokens=sched.num_waiting_tokens(),
+            prefix_cache_queries=sched.prefix_cache_queries, prefix_cache_hits=sched.prefix_cache_hits)
 
 
 __all__ = ["EngineCore", "LoadSnapshot", "Runner", "SchedulerOutput"]
