@@ -48,7 +48,8 @@ def record_decision(decision: Decision) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("route %s -> %s (%s) %s", decision.request_id, decision.chosen, decision.reason,
                   [(s.candidate.address, s.candidate.free_blocks, s.candidate.reserved_blocks,
-                    s.candidate.waiting_tokens, s.candidate.pending_blocks, s.score) for s in decision.scored])
+                    s.candidate.waiting_tokens, s.candidate.pending_blocks, s.matched_blocks, s.score)
+                   for s in decision.scored])
 
 
 async def _start_detokenizer(detok: DetokenizeSession, prompt: list[int], req) -> grpc.aio.AioRpcError | None:

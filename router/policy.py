@@ -210,23 +210,23 @@ def _choose_by_tier(decision: Decision, rng: random.Random, any_candidates: bool
 
 @dataclass
 class CacheAwarePolicy:
-    """The KV-aware policy's tiers, scored by expected prefix-cache hit AND load after the request.
+    """Expected prefix-cache hit, free blocks after the request, and queue balance, in one score.
 
     For each engine: m = leading blocks of the prompt it holds (PrefixIndex: its KV events, or the
-    router's own decisions), new = need - m (the blocks the request takes there: matched ones are
-    shared), free_after = available_blocks - new, used_after = total_blocks - free_after (blocks in
-    use, promised to growth, queued, or reserved by this router, this request included). Tiers as
-    in KvAwarePolicy (fits: free_after >= 0). Within "fits":
+    router's own decisions), new = need - m (matched blocks are shared, not taken), free_after =
+    available_blocks - new. Tiers as in KvAwarePolicy (fits: free_after >= 0; stale engines only
+    when no fresh one fits). Within the best tier:
 
-        score = cache_weight * m - used_after
+        score = cache_weight x m / P  +  free_weight x free_after / total_blocks
+                - (in_flight - the tier's least in_flight) / balance_requests
 
-    the negated cost NVIDIA Dynamo's KV router gives a worker (overlap weight x blocks to prefill +
-    active blocks), up to a constant: each matched block is one block less to hold (used_after
-    counts only new blocks) and cache_weight blocks' worth of prefill not to compute. At equal load the engine with the longest cached prefix wins; a hot
-    prefix stays on its engine until that engine is (1 + cache_weight) x m blocks busier than
-    another, which then computes the prefix once and shares the traffic from then on. Load is in
-    absolute blocks, so engines of unequal capacity compare by the work they hold, not by room.
-    Queueing engines score (free_after + cache_weight x m) / total_blocks, as in KvAwarePolicy.
+    with P the prompt's full blocks. A whole-prompt hit is worth cache_weight; each request an
+    engine has in flight beyond the least busy one costs 1 / balance_requests. So an engine that
+    holds the prefix keeps its traffic until it is about balance_requests x cache_weight requests
+    busier than another, which then computes the prefix once and, holding it too, shares the hot
+    traffic from then on (SGLang's cache-aware router makes the same trade with two thresholds;
+    here it is one continuous score, so every decision is explained by its numbers). Free blocks
+    break ties between equally cached, equally busy engines and keep new prefixes where room is.
 
     Every decision feeds the index's approximate part (the prompt's blocks on the chosen engine).
     """
@@ -234,6 +234,8 @@ class CacheAwarePolicy:
     index: PrefixIndex
     queue_ratio: float = 1.0
     cache_weight: float = 1.0
+    free_weight: float = 0.25
+    balance_requests: float = 4.0
     name: str = "cache_aware"
 
     def choose(self, request_id, candidates, num_prompt_tokens, max_tokens, rng, prompt=None):
@@ -244,17 +246,20 @@ class CacheAwarePolicy:
             hashes = self._hashes(prompt, c.block_size, hashes_by_size)
             matched, source = self.index.match(c.address, hashes)
             free_after = c.available_blocks() - (need - matched)
-            if need > c.total_blocks:
-                tier, score = TIER_FULL, float(free_after)
+            if need > c.total_blocks or free_after < -self.queue_ratio * c.total_blocks:
+                tier = TIER_FULL
             elif free_after >= 0:
                 tier = TIER_STALE_FITS if c.stale else TIER_FRESH_FITS
-                score = self.cache_weight * matched - (c.total_blocks - free_after)
-            elif free_after >= -self.queue_ratio * c.total_blocks:
-                tier = TIER_STALE_QUEUES if c.stale else TIER_FRESH_QUEUES
-                score = round((free_after + self.cache_weight * matched) / c.total_blocks, 6)
             else:
-                tier, score = TIER_FULL, float(free_after)
+                tier = TIER_STALE_QUEUES if c.stale else TIER_FRESH_QUEUES
+            hit = matched / len(hashes) if hashes else 0.0
+            score = self.cache_weight * hit + self.free_weight * free_after / c.total_blocks
             decision.scored.append(Scored(c, need, score, tier, matched, source))
+        for tier in TIERS:  # the busy term is relative to the least busy engine of the same tier
+            group = [s for s in decision.scored if s.tier == tier]
+            least = min((s.candidate.in_flight for s in group), default=0)
+            for s in group:
+                s.score = round(s.score - (s.candidate.in_flight - least) / self.balance_requests, 6)
         _choose_by_tier(decision, rng, bool(candidates))
         if decision.chosen is not None:
             chosen = decision.chosen_scored
@@ -326,13 +331,14 @@ POLICIES = {"kv": KvAwarePolicy, "cache_aware": CacheAwarePolicy, "round_robin":
 
 
 def make_policy(name: str, *, queue_ratio: float = 1.0, prefix_index: PrefixIndex | None = None,
-                cache_weight: float = 1.0) -> Policy:
+                cache_weight: float = 1.0, balance_requests: float = 4.0) -> Policy:
     """Build a policy by its flag name (kv, cache_aware, round_robin, least_requests)."""
     if name == "kv":
         return KvAwarePolicy(queue_ratio=queue_ratio)
     if name == "cache_aware":
         return CacheAwarePolicy(prefix_index if prefix_index is not None else PrefixIndex(),
-                                queue_ratio=queue_ratio, cache_weight=cache_weight)
+                                queue_ratio=queue_ratio, cache_weight=cache_weight,
+                                balance_requests=balance_requests)
     if name not in POLICIES:
         raise ValueError(f"policy={name!r}: use one of {', '.join(POLICIES)}")
     return POLICIES[name]()

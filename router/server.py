@@ -66,7 +66,7 @@ class Router:
         self.deployment = Deployment(config, self.pool)
         self._tokenizer_channel = create_channel(config.tokenizer, max_message_bytes=max_message_bytes)
         policy = make_policy(config.policy, queue_ratio=config.queue_ratio, prefix_index=self.prefix_index,
-                             cache_weight=config.cache_weight)
+                             cache_weight=config.cache_weight, balance_requests=config.balance_requests)
         self.orchestrator = Orchestrator(
             config=config, pool=self.pool, policy=policy,
             tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)

@@ -79,37 +79,43 @@ def _policy(**kw) -> CacheAwarePolicy:
     return CacheAwarePolicy(PrefixIndex(), **kw)
 
 
-def test_score_counts_matched_blocks_and_load_after_the_request():
-    policy = _policy(cache_weight=1.0)
+def _holding(policy, address, hashes):
+    rep = policy.index.replica(address)
+    apply_batch(rep, batch(1, stored=hashes, snapshot=True), now=0.0)
+    rep.last_event_at = float("inf")  # always fresh
+
+
+def test_score_counts_the_hit_free_blocks_after_and_queue_balance():
+    policy = _policy()
     h = prompt_block_hashes(SYSTEM, BS)  # the policy hashes prompt[:-1]: 65 tokens -> 4 blocks
-    apply_batch(policy.index.replica("b"), batch(1, stored=h, snapshot=True), now=0.0)
-    policy.index.replica("b").last_event_at = float("inf")  # always fresh
+    _holding(policy, "b", h[:2])
     prompt = PromptKey(SYSTEM + [7])
-    a, b = cand("a", 100, total=100), cand("b", 100, total=100)
+    a, b = cand("a", 100, total=100), cand("b", 100, total=100, in_flight=1)
     d = policy.choose("r", [a, b], 65, 31, random.Random(0), prompt)  # need 6 blocks
     sa, sb = d.scored
-    assert (sa.matched_blocks, sa.need_blocks, sa.score, sa.prefix_source) == (0, 6, -6, SOURCE_ROUTED)
-    # b: 4 matched, 2 new blocks: used_after = 2, score = 1 * 4 - 2.
-    assert (sb.matched_blocks, sb.new_blocks, sb.score, sb.prefix_source) == (4, 2, 2, SOURCE_EVENTS)
-    assert d.chosen == "b" and d.reserve_blocks == 2 and d.reason.startswith(TIER_FRESH_FITS)
+    # a: no hit, free after 94/100, least busy.
+    assert (sa.matched_blocks, sa.need_blocks, sa.score, sa.prefix_source) == (0, 6, 0.25 * 0.94, SOURCE_ROUTED)
+    # b: half the prompt cached, 4 new blocks (free after 96), one request busier: 1/4 off.
+    assert (sb.matched_blocks, sb.new_blocks, sb.prefix_source) == (2, 4, SOURCE_EVENTS)
+    assert sb.score == round(0.5 + 0.25 * 0.96 - 0.25, 6)
+    assert d.chosen == "b" and d.reserve_blocks == 4 and d.reason.startswith(TIER_FRESH_FITS)
     attrs = d.attributes()
-    assert attrs["kvmesh.route.matched_blocks"] == [0, 4]
+    assert attrs["kvmesh.route.matched_blocks"] == [0, 2]
     assert attrs["kvmesh.route.prefix_sources"] == [SOURCE_ROUTED, SOURCE_EVENTS]
-    # The decision fed the approximate index: a's view of b now includes the prompt's blocks.
+    assert attrs["kvmesh.route.in_flight"] == [0, 1]
+    # The decision fed the approximate index: the prompt's blocks are now "routed" to b.
     assert list(policy.index.replica("b").routed) == h
 
 
-def test_hot_prefix_moves_only_when_its_engine_is_busier_by_the_cache_value():
-    policy = _policy(cache_weight=1.0)
-    h = prompt_block_hashes(SYSTEM, BS)
-    apply_batch(policy.index.replica("b"), batch(1, stored=h, snapshot=True), now=0.0)
-    policy.index.replica("b").last_event_at = float("inf")
+def test_hot_prefix_moves_only_when_its_engine_is_busier_by_balance_requests():
+    policy = _policy()
+    _holding(policy, "b", prompt_block_hashes(SYSTEM, BS))
     prompt = PromptKey(SYSTEM + [7])
-    # b holds the prefix: 4 blocks it need not hold + 1 x 4 blocks of prefill = 8 blocks of load.
-    for pending_b, want in ((7, "b"), (9, "a")):
-        d = policy.choose("r", [cand("a", 100), cand("b", 100, pending=pending_b)], 65, 31,
+    for in_flight_b, want in ((3, "b"), (5, "a")):  # a whole hit is worth 4 requests of imbalance
+        policy.index.replica("b").routed.clear()
+        d = policy.choose("r", [cand("a", 100), cand("b", 100, in_flight=in_flight_b)], 65, 31,
                           random.Random(0), prompt)
-        assert d.chosen == want, (pending_b, [s.score for s in d.scored])
+        assert d.chosen == want, (in_flight_b, [s.score for s in d.scored])
 
 
 def test_no_prompt_or_opt_out_scores_like_load_alone():
