@@ -209,14 +209,21 @@ def start_engines(args, log_dir: pathlib.Path) -> list[ServiceProcess]:
         flags += ["--num-gpu-blocks-override", str(args.blocks)]
     gpus = args.gpus.split(",") if args.gpus else []
     procs = []
+    pythonpath = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
     for i in range(args.engines):
-        env = dict(CHILD_ENV)
+        env = {**CHILD_ENV, "PYTHONPATH": pythonpath}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         procs.append(ServiceProcess("engine", f"engine-{i}", flags, log_path=str(log_dir / f"engine-{i}.log"),
                                     env=env, die_with_parent=True).start())
-    for p in procs:
-        p.wait_healthy(args.startup_timeout)
+    try:
+        for p in procs:
+            p.wait_healthy(args.startup_timeout)
+    except BaseException:
+        stop_all(procs, timeout_s=10)
+        for log in sorted(log_dir.glob("engine-*.log")):
+            print(f"--- {log}\n{log.read_text()[-3000:]}", flush=True)
+        raise
     return procs
 
 
@@ -263,7 +270,10 @@ async def bench(args, shape: Shape, engines: list[ServiceProcess]) -> dict:
 
 def _median(runs: list[dict], key: str):
     values = sorted(r[key] for r in runs if r.get(key) is not None)
-    return values[len(values) // 2] if values else None
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 5)
 
 
 def ratios(results: dict) -> dict:
