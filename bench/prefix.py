@@ -8,7 +8,10 @@ The workload (seeded): C conversations, each opening with one of S shared system
 each; a turn's prompt is the system prompt + every earlier user turn and the tokens the engine
 actually generated for it + a new user turn, so later turns can reuse blocks of earlier prompts AND
 of earlier outputs. `--concurrency` conversations run at once (closed loop). Token ids in, token
-ids out (ignore_eos): the text tiers are not part of what is measured.
+ids out (ignore_eos): the text tiers are not part of what is measured. The KV cache of one engine
+is sized below the conversations' working set and the engines' together above it (CPU: --blocks,
+GPU: --kv-cache-memory), as in a real deployment: a router that sends a conversation wherever
+there is room makes every engine cache every conversation, one that follows the cache does not.
 
 Two comparisons over the same engine processes (started once; runs are kept apart by cache_salt,
 so no run finds another's blocks):
@@ -311,7 +314,7 @@ def device_name(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the H200 preset: 8B shape (bench/configs/llama3-8b), "
-                   "dummy weights, cuda, 2 engines with 24 GiB of KV each, the GPU workload shape")
+                   "dummy weights, cuda, 2 engines with 16 GiB of KV each, the GPU workload shape")
     p.add_argument("--model", default=str(REPO.parent / "shared/models/stories260k"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default=None)
@@ -329,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shape = GPU_SHAPE if args.gpu else CPU_SHAPE
     if args.gpu:
+        # 16 GiB = 131k tokens of 8B KV per engine; 96 conversations grow to ~250k tokens.
         args.model, args.device, args.load_format = str(REPO / "bench/configs/llama3-8b"), "cuda", "dummy"
-        args.kv_cache_memory = args.kv_cache_memory or 24 << 30
+        args.kv_cache_memory = args.kv_cache_memory or 16 << 30
+    elif args.device == "cpu" and args.blocks is None:
+        args.blocks = 320  # 5k tokens per engine; 24 conversations grow to ~7.5k tokens
     if args.conversations or args.concurrency:
         shape = Shape(**{**shape.__dict__, "conversations": args.conversations or shape.conversations,
                          "concurrency": args.concurrency or shape.concurrency})
