@@ -209,7 +209,10 @@ class Scheduler:
         """Make the request's fully computed blocks findable (before its blocks are released)."""
         if not (self.bm.enable_prefix_caching and req.use_prefix_cache):
             return
-        num_full = req.num_computed_tokens // self.bm.block_size
+        # Only positions whose token ids are known (an overlapped step may have computed a token
+        # the engine then discarded, past a stop) and whose KV is computed.
+        known = req.num_prompt_tokens + req.num_output_tokens
+        num_full = min(req.num_computed_tokens, known) // self.bm.block_size
         if num_full > self.bm.num_hashed(req.request_id):
             self.bm.cache_blocks(req.request_id, self._hashes(req, num_full), num_full, req.token_ids,
                                  req.cache_salt)
