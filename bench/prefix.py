@@ -129,14 +129,15 @@ class Routed:
 
 
 async def _stream(engine, req: engine_pb2.GenerateRequest, out: Outcome) -> list[int]:
-    """Run one Generate on a router.engines.Engine; apply its attached load reports as the router does."""
+    """Run one Generate on an engine of the router's table, taking its attached load reports and
+    acknowledging the request's pending blocks as the router's request path does."""
     tokens: list[int] = []
     out.engine = engine.address
     try:
-        async for resp in engine.stub.Generate(req, timeout=600):
-            if resp.HasField("load"):
-                if not tokens and out.first_at is None:
-                    engine.ledger.ack(req.request_id, resp.load.sequence)
+        async for resp in _generate(engine, req):
+            if out.first_at is None and (resp.tokens or resp.finish_reason):
+                _first_response(engine, req.request_id, resp)
+            elif resp.HasField("load"):
                 engine.apply_report(resp.load)
             if resp.tokens and out.first_at is None:
                 out.first_at = time.monotonic()
@@ -148,6 +149,23 @@ async def _stream(engine, req: engine_pb2.GenerateRequest, out: Outcome) -> list
     out.num_tokens = len(tokens)
     out.end_at = time.monotonic()
     return tokens
+
+
+# The engine table's request-path surface: router/engines.py's Engine (stub + ledger) today; the
+# EngineClient of the router refactor (generate / first_response) when it lands. Either works.
+def _generate(engine, req):
+    if hasattr(engine, "generate"):
+        return engine.generate(req, timeout=600)
+    return engine.stub.Generate(req, timeout=600)
+
+
+def _first_response(engine, request_id: str, resp) -> None:
+    if hasattr(engine, "first_response"):
+        engine.first_response(request_id, resp)
+        return
+    if resp.HasField("load"):
+        engine.apply_report(resp.load)
+    engine.ledger.ack(request_id, resp.load.sequence if resp.HasField("load") else None)
 
 
 # ---- the workload ----

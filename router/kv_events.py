@@ -15,7 +15,7 @@ import time
 
 import grpc
 
-from kvmesh.v1 import engine_pb2
+from kvmesh.v1 import engine_pb2, engine_pb2_grpc
 from router.prefix_index import PrefixIndex, ReplicaIndex
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ class KvEventFollowers:
             delay = min(5.0, delay * 2)
 
     async def _read(self, engine, index: ReplicaIndex) -> None:
-        call = engine.stub.SubscribeKvEvents(engine_pb2.SubscribeKvEventsRequest(heartbeat_ms=self.heartbeat_ms))
+        # Its own stub on the engine's channel: the stream is this follower's, not the request path's.
+        stub = engine_pb2_grpc.EngineStub(engine.channel)
+        call = stub.SubscribeKvEvents(engine_pb2.SubscribeKvEventsRequest(heartbeat_ms=self.heartbeat_ms))
         try:
             async for batch in call:
                 apply_batch(index, batch, time.monotonic())
