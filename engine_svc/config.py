@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # requests in one step at most
     max_num_batched_tokens: int = 2048  # tokens in one step at most (the token budget)
     enable_chunked_prefill: bool = True  # split long prompts over steps within the token budget
+    enable_prefix_caching: bool = True  # reuse the KV blocks of cached prompt prefixes across requests
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 256 MiB); overrides utilization
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV cache
     num_gpu_blocks_override: int | None = None  # tests: force a number of KV blocks

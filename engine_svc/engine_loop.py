@@ -70,7 +70,8 @@ def build_engine_core(config: EngineConfig, status: EngineStatusTracker | None =
     core = EngineCore(
         runner, num_blocks=num_blocks, block_size=config.block_size, eos_token_ids=info.eos_token_ids,
         max_model_len=max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill, hooks=hooks)
+        max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill, hooks=hooks,
+        enable_prefix_caching=config.enable_prefix_caching)
     return core, info
 
 
@@ -94,6 +95,8 @@ class EngineLoop:
         self.num_blocks = 0
         self.max_model_len = 0
         self.load: LoadSnapshot | None = None  # latest snapshot (event loop side)
+        # KV events (engine_svc/kv_events.py): the block manager appends, the event loop pops.
+        self.kv_events: collections.deque | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}  # live requests (event loop side)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -223,6 +226,8 @@ class EngineLoop:
     def _build(self) -> EngineCore:
         core, info = build_engine_core(self.config, self.status, self.hooks, self._runner_factory)
         self.info, self.num_blocks, self.max_model_len = info, core.block_manager.num_blocks, core.max_model_len
+        if self.config.enable_prefix_caching:
+            self.kv_events = core.block_manager.enable_events()
         return core
 
     def _run(self) -> None:

@@ -69,6 +69,7 @@ class EngineServer:
         """
         try:
             await self.engine.start()
+            self.service.start_kv_events()
             self.status.enter(Phase.ENGINE_PHASE_WARMING_UP, "one generation through the engine loop")
             await self._warmup()
         except BaseException as exc:
@@ -87,7 +88,7 @@ class EngineServer:
         prompt_len = max(1, min(16, max_len - 4))
         prompt = [(7 * i + 1) % info.vocab_size for i in range(prompt_len)]
         params = SamplingParams(temperature=0.0, max_tokens=min(4, max_len - prompt_len), ignore_eos=True)
-        req = Request(WARMUP_REQUEST_ID, prompt, params)
+        req = Request(WARMUP_REQUEST_ID, prompt, params, use_prefix_cache=False)  # leaves no cached blocks
         last = None
         async for last in self.service.stream(req):
             pass
@@ -113,6 +114,7 @@ class EngineServer:
         await self.drain(grace_s)
         if self.running is not None:
             await self.running.server.stop(1.0)
+        await self.service.close()
         await self.engine.stop()
 
 
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per step at most (the scheduler's token budget)")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=d.enable_chunked_prefill, help="split long prompts across steps")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching,
+                   help="reuse the KV blocks of cached prompt prefixes across requests (automatic prefix caching)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU default 256 MiB)")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of GPU memory for weights, activations and the KV cache")
@@ -150,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
         block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override, enforce_eager=args.enforce_eager).validate()
 
@@ -172,6 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
     startup = asyncio.create_task(server.startup())
     startup.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
     await wait_for_stop(server.running, stop, args.grace, before_stop=lambda: server.drain(args.grace))
+    await server.service.close()
     await server.engine.stop()
     if startup.done() and not startup.cancelled() and startup.exception() is not None:
         log.error("startup failed: %s", startup.exception())

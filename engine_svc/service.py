@@ -14,18 +14,22 @@ import time
 import uuid
 
 from kvmesh import __version__
-from kvmesh.serving.errors import AlreadyExists, InvalidArgument, Unavailable
+from kvmesh.serving.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from kvmesh.prefix_hash import prompt_block_hashes
 from kvmesh.telemetry.engine import TelemetryHooks
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
 
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
 from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop
+from engine_svc.kv_events import KvEventPublisher
 from engine_svc.sampling_params import SamplingParams, SamplingParamsError
 
 SERVICE_NAME = "kvmesh.v1.Engine"
 DEFAULT_MAX_TOKENS = 256
 CAPABILITIES = ["logprobs", "top_logprobs", "seed", "stop_token_ids", "min_tokens", "ignore_eos",
-                "priority", "chunked_prefill", "abort", "watch_load"]
+                "priority", "chunked_prefill", "abort", "watch_load", "cache_salt"]
+PREFIX_CAPABILITIES = ["prefix_caching", "kv_events"]  # added when prefix caching is on
+MAX_CACHE_SALT_BYTES = 256
 
 _FINISH = {
     FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
@@ -58,6 +62,22 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.ready = False
         self.draining = False
         self._report_seq = itertools.count(1)
+        self.kv_events: KvEventPublisher | None = None
+        self._kv_task: asyncio.Task | None = None
+
+    def start_kv_events(self) -> None:
+        """Start publishing KV events (after the engine started; a no-op without prefix caching)."""
+        if self.engine.kv_events is None or self.kv_events is not None:
+            return
+        self.kv_events = KvEventPublisher(self.engine.kv_events, self.engine_id, self.engine.config.block_size)
+        self._kv_task = asyncio.create_task(self.kv_events.run(self.engine.wait_load_change),
+                                            name="kv-event-publisher")
+
+    async def close(self) -> None:
+        if self._kv_task is not None:
+            self._kv_task.cancel()
+            await asyncio.gather(self._kv_task, return_exceptions=True)
+            self._kv_task = None
 
     # ---- Generate ----
 
@@ -116,9 +136,19 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise InvalidArgument("sampling.max_tokens", (
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks "
                 f"of {block_size} tokens; this engine's cache holds {self.engine.num_blocks}: lower max_tokens"))
+        if len(request.cache_salt.encode("utf-8")) > MAX_CACHE_SALT_BYTES:
+            raise InvalidArgument("cache_salt", f"is {len(request.cache_salt.encode('utf-8'))} bytes; "
+                                                f"at most {MAX_CACHE_SALT_BYTES}")
         request_id = request.request_id or uuid.uuid4().hex
         priority = request.priority if request.HasField("priority") else 0
-        return Request(request_id, prompt, params, priority=priority)
+        use_cache = request.prefix_cache if request.HasField("prefix_cache") else True
+        req = Request(request_id, prompt, params, priority=priority, cache_salt=request.cache_salt,
+                      use_prefix_cache=use_cache)
+        if use_cache and self.engine.config.enable_prefix_caching:
+            # Hashed here, on the event loop, so the engine thread does not (it extends them as the
+            # sequence grows). Full blocks of the prompt but its last token's block (never shared).
+            req.block_hashes = prompt_block_hashes(prompt[:-1], block_size, request.cache_salt)
+        return req
 
     @staticmethod
     def _sampling(wire: common_pb2.SamplingParams, prompt_len: int, max_len: int,
@@ -148,6 +178,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 resp.matched_stop_token_id = out.stop_token_id
             resp.usage.prompt_tokens = out.num_prompt_tokens
             resp.usage.completion_tokens = out.num_output_tokens
+            resp.usage.cached_prompt_tokens = resp.num_cached_prompt_tokens = out.num_cached_tokens
             if out.finish_reason is FinishReason.ERROR:
                 code, reason = _ERRORS[out.error_kind or ErrorKind.INTERNAL]
                 resp.error.CopyFrom(common_pb2.StreamError(code=code, message=out.error or "", reason=reason))
@@ -205,10 +236,19 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     def _counts(self) -> tuple | None:
         return self.engine.load.counts() if self.engine.load is not None else None
 
+    async def SubscribeKvEvents(self, request: engine_pb2.SubscribeKvEventsRequest, context):
+        """A snapshot of the block hashes held, then one batch per step that changed them."""
+        if self.kv_events is None:
+            raise FailedPrecondition("prefix caching is off on this engine (--enable-prefix-caching): no KV events")
+        heartbeat = max((request.heartbeat_ms if request.HasField("heartbeat_ms") else 1000) / 1000, 0.001)
+        async for batch in self.kv_events.subscribe(heartbeat):
+            yield batch
+
     async def GetInfo(self, request, context) -> common_pb2.ServiceInfo:
+        caps = CAPABILITIES + (PREFIX_CAPABILITIES if self.engine.config.enable_prefix_caching else [])
         info = common_pb2.ServiceInfo(name="kvmesh-engine", version=__version__,
                                       schema_revision=SCHEMA_REVISION, pid=os.getpid(),
-                                      capabilities=CAPABILITIES, model=self._model_name())
+                                      capabilities=caps, model=self._model_name())
         mi = self.engine.info
         if mi is not None:
             info.max_model_len, info.vocab_size = self.engine.max_model_len, mi.vocab_size

@@ -17,9 +17,11 @@ class ConfigError(ValueError):
 class RouterConfig:
     tokenizer: str  # HOST:PORT (or any gRPC target) of tokenizer_svc
     engines: list[Target]  # static addresses and dns:/// names
-    policy: str = "kv"  # kv | round_robin | least_requests
+    policy: str = "kv"  # kv | cache_aware | round_robin | least_requests
     staleness_bound_s: float = 2.0  # a report older than this is stale
     queue_ratio: float = 1.0  # kv policy: an engine may be asked to queue up to this x its blocks
+    cache_weight: float = 1.0  # cache_aware policy: score of a whole-prompt prefix-cache hit
+    balance_requests: float = 4.0  # cache_aware policy: requests in flight beyond the least busy engine that cost 1
     dns_refresh_s: float = 5.0  # re-resolve dns:/// targets this often
     heartbeat_ms: int = 500  # WatchLoad heartbeat asked of engines
     min_report_interval_ms: int = 20  # WatchLoad change-driven report rate limit
@@ -48,6 +50,10 @@ class RouterConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name}={value}: must be > 0")
+        if self.cache_weight < 0:
+            raise ConfigError(f"cache_weight={self.cache_weight}: must be >= 0 (0 = ignore cached prefixes)")
+        if self.balance_requests <= 0:
+            raise ConfigError(f"balance_requests={self.balance_requests}: must be > 0")
         if self.queue_ratio < 0:
             raise ConfigError(f"queue_ratio={self.queue_ratio}: must be >= 0 (0 = never queue at an engine)")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -72,7 +78,13 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         help="engine replicas: HOST:PORT[,HOST:PORT...] and/or dns:///NAME:PORT")
     parser.add_argument("--policy", default=d["policy"].default, choices=sorted(POLICIES),
                         type=lambda name: name.replace("-", "_"),
-                        help="replica choice: kv (free KV blocks), round_robin, least_requests")
+                        help="replica choice: kv (free KV blocks), cache_aware (prefix-cache hits and free "
+                             "KV blocks, from the engines' KV events), round_robin, least_requests")
+    parser.add_argument("--cache-weight", type=float, default=d["cache_weight"].default,
+                        help="cache_aware policy: score of a whole-prompt prefix-cache hit (a half hit, half)")
+    parser.add_argument("--balance-requests", type=float, default=d["balance_requests"].default,
+                        help="cache_aware policy: requests in flight beyond the least busy engine that "
+                             "outweigh a whole-prompt hit (at --cache-weight 1)")
     parser.add_argument("--staleness-bound", type=float, default=d["staleness_bound_s"].default,
                         help="seconds after which an engine's load report counts as stale")
     parser.add_argument("--queue-ratio", type=float, default=d["queue_ratio"].default,
@@ -109,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ConfigError(str(exc)) from None
     return RouterConfig(
         tokenizer=args.tokenizer, engines=engines, policy=args.policy,
-        staleness_bound_s=args.staleness_bound, queue_ratio=args.queue_ratio,
+        staleness_bound_s=args.staleness_bound, queue_ratio=args.queue_ratio, cache_weight=args.cache_weight,
+        balance_requests=args.balance_requests,
         dns_refresh_s=args.dns_refresh, heartbeat_ms=args.heartbeat_ms,
         default_max_tokens=args.default_max_tokens, max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens, max_stop_strings=args.max_stop_strings,

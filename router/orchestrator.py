@@ -28,7 +28,7 @@ from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
 from router.config import RouterConfig
 from router.engines import Engine, EnginePool
-from router.policy import Decision, Policy
+from router.policy import Decision, Policy, PromptKey
 from router.stream import CommittedStream
 from router.tokenizer_client import DetokenizeSession, TokenizerClient, downstream_error
 from router.validation import Limits, check_request, resolve_max_tokens
@@ -48,7 +48,8 @@ def record_decision(decision: Decision) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("route %s -> %s (%s) %s", decision.request_id, decision.chosen, decision.reason,
                   [(s.candidate.address, s.candidate.free_blocks, s.candidate.reserved_blocks,
-                    s.candidate.waiting_tokens, s.candidate.pending_blocks, s.score) for s in decision.scored])
+                    s.candidate.waiting_tokens, s.candidate.pending_blocks, s.matched_blocks, s.score)
+                   for s in decision.scored])
 
 
 async def _start_detokenizer(detok: DetokenizeSession, prompt: list[int], req) -> grpc.aio.AioRpcError | None:
@@ -116,6 +117,9 @@ class Orchestrator:
                                                 sampling=sampling, include_load=True)
         if req.HasField("priority"):
             engine_req.priority = req.priority
+        engine_req.cache_salt = req.cache_salt
+        if req.HasField("prefix_cache"):
+            engine_req.prefix_cache = req.prefix_cache
 
         detok = self._tokenizer.detokenizer(deadline.remaining())
         engine = call = None
@@ -141,10 +145,12 @@ class Orchestrator:
         (engine, call, first response); the caller owns the reservation from then on."""
         excluded: list[str] = []
         last_error = ""
+        use_cache = not engine_req.HasField("prefix_cache") or engine_req.prefix_cache
+        prompt = PromptKey(engine_req.prompt_token_ids, engine_req.cache_salt) if use_cache else None
         for attempt in range(self._config.max_attempts):
             candidates = self._pool.candidates(set(excluded))
             decision = self._policy.choose(engine_req.request_id, candidates, num_prompt_tokens, max_tokens,
-                                           self._rng)
+                                           self._rng, prompt)
             decision.attempt, decision.excluded = attempt, list(excluded)
             self.on_decision(decision)
             if decision.chosen is None:
@@ -160,9 +166,7 @@ class Orchestrator:
                         f"no engine can admit the request now ({len(candidates)} ready, request needs "
                         f"{needs[0]} KV blocks)", retry_after_s=self._config.retry_after_s)
                 raise Unavailable("no ready engine" + (f" (last failure: {last_error})" if last_error else ""))
-            chosen = decision.chosen_candidate
-            engine = self._pool.begin(decision.chosen, engine_req.request_id,
-                                      chosen.need_blocks(num_prompt_tokens, max_tokens))
+            engine = self._pool.begin(decision.chosen, engine_req.request_id, decision.reserve_blocks)
             call = engine.stub.Generate(engine_req, timeout=deadline.remaining())
             try:
                 first = await call.read()

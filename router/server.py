@@ -23,8 +23,10 @@ from router.config import ConfigError, RouterConfig, add_router_flags, config_fr
 from router.deployment import Deployment
 from router.discovery import Discovery
 from router.engines import Backoff, EnginePool
+from router.kv_events import KvEventFollowers
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
+from router.prefix_index import PrefixIndex
 from router.servicer import RouterServicer
 from router.tokenizer_client import TokenizerClient
 
@@ -54,18 +56,26 @@ class Router:
         self.config = config
         self._host, self._port, self._max_message_bytes = host, port, max_message_bytes
         self.running: RunningServer | None = None
+        # Cache-aware routing: a prefix index per engine, fed by the engines' KV events.
+        self.prefix_index = PrefixIndex(staleness_s=config.staleness_bound_s)
+        self.kv_followers = (KvEventFollowers(self.prefix_index, heartbeat_ms=config.heartbeat_ms)
+                             if config.policy == "cache_aware" else None)
         self.pool = EnginePool(staleness_bound_s=config.staleness_bound_s, max_message_bytes=max_message_bytes,
                                min_interval_ms=config.min_report_interval_ms, heartbeat_ms=config.heartbeat_ms,
                                on_change=self._on_pool_change)
         self.deployment = Deployment(config, self.pool)
         self._tokenizer_channel = create_channel(config.tokenizer, max_message_bytes=max_message_bytes)
+        policy = make_policy(config.policy, queue_ratio=config.queue_ratio, prefix_index=self.prefix_index,
+                             cache_weight=config.cache_weight, balance_requests=config.balance_requests)
         self.orchestrator = Orchestrator(
-            config=config, pool=self.pool, policy=make_policy(config.policy, queue_ratio=config.queue_ratio),
+            config=config, pool=self.pool, policy=policy,
             tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
 
     def _on_pool_change(self) -> None:
+        if self.kv_followers is not None:
+            self.kv_followers.sync(self.pool.engines)
         serving = self.deployment.tokenizer is not None and bool(self.pool.ready())
         if self.running is not None and serving != self._serving:
             self._serving = serving
@@ -103,6 +113,8 @@ class Router:
         await self.close()
 
     async def close(self) -> None:
+        if self.kv_followers is not None:
+            await self.kv_followers.close()
         await self.discovery.stop()
         await self.pool.close()
         await self._tokenizer_channel.close()

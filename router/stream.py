@@ -137,6 +137,7 @@ class CommittedStream:
             out.error.CopyFrom(resp.error)
         completion = resp.usage.completion_tokens if resp.HasField("usage") else None
         out.usage.CopyFrom(self._usage(completion or self.num_tokens))
+        out.usage.cached_prompt_tokens = resp.usage.cached_prompt_tokens  # the engine's prefix-cache hit
 
     async def _stop_engine(self, match_index: int) -> int:
         """Abort the engine request at once, then read its stream out to learn how many tokens it

@@ -44,6 +44,9 @@ class LoadSnapshot:
     num_waiting_requests: int
     num_running_tokens: int
     num_waiting_tokens: int
+    # Prefix cache since start, in tokens (cumulative; not part of counts()): metrics only.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def counts(self) -> tuple:
         """Everything but the version: equal counts mean "no change" for WatchLoad."""
@@ -61,14 +64,16 @@ class EngineCore:
         eos_token_ids: the model's EOS ids (ModelInfo.eos_token_ids).
         max_model_len: the longest sequence; requests are cut there with LENGTH.
         max_num_batched_tokens, max_num_seqs, enable_chunked_prefill: scheduling limits.
+        enable_prefix_caching: reuse the KV of cached prompt prefixes (engine_svc/core/prefix_cache.py).
         hooks: tracing/metrics hook points (no-ops by default).
     """
 
     def __init__(self, runner: Runner, *, num_blocks: int, block_size: int, eos_token_ids: list[int],
                  max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None):
+                 enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None,
+                 enable_prefix_caching: bool = False):
         self.runner = runner
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
                                    enable_chunked_prefill)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -177,7 +182,7 @@ class EngineCore:
             req.request_id, tokens, req.num_output_tokens - len(tokens), finished=True,
             finish_reason=req.finish_reason, stop_token_id=req.stop_token_id,
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
-            error=req.error, error_kind=req.error_kind)
+            error=req.error, error_kind=req.error_kind, num_cached_tokens=req.num_cached_tokens or 0)
 
     # ---- load ----
 
@@ -190,7 +195,8 @@ class EngineCore:
             free_blocks=bm.num_free_blocks, cached_blocks=bm.num_cached_blocks,
             in_use_blocks=bm.num_in_use_blocks, reserved_blocks=sched.num_reserved_blocks(),
             num_running_requests=len(sched.running), num_waiting_requests=len(sched.waiting),
-            num_running_tokens=sched.num_running_tokens(), num_waiting_tokens=sched.num_waiting_tokens())
+            num_running_tokens=sched.num_running_tokens(), num_waiting_tokens=sched.num_waiting_tokens(),
+            prefix_cache_queries=sched.prefix_cache_queries, prefix_cache_hits=sched.prefix_cache_hits)
 
 
 __all__ = ["EngineCore", "LoadSnapshot", "Runner", "SchedulerOutput"]

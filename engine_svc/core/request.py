@@ -59,6 +59,12 @@ class Request:
     stop_token_id: int | None = None  # with FinishReason.STOP_TOKEN: the id that matched
     error: str | None = None  # with FinishReason.ERROR: a precise message
     error_kind: ErrorKind | None = None  # with FinishReason.ERROR
+    # Prefix caching. cache_salt: requests share cached blocks only with requests of the same salt
+    # (a tenant's own namespace); use_prefix_cache False: neither reuses nor leaves cached blocks.
+    cache_salt: str = ""
+    use_prefix_cache: bool = True
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
     # The request's telemetry (kvmesh.telemetry.engine.RequestTrace), set by the service and read by
     # the hooks; opaque to the core. None: not traced.
     trace: object | None = None
@@ -122,3 +128,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     error: str | None = None
     error_kind: ErrorKind | None = None
+    num_cached_tokens: int = 0  # on finished outputs: prompt tokens whose KV came from the prefix cache

@@ -7,7 +7,10 @@ sequences, running requests first, then waiting ones. Decode (one token), prefil
 and recompute after preemption are all the same thing: computing the positions in between.
 
 The scheduler owns the waiting and running queues and talks to the block manager only through
-``allocate`` / ``free`` (it never sees the free list).
+``lookup`` / ``take_prefix`` / ``allocate`` / ``cache_blocks`` / ``free`` (it never sees the free list).
+Prefix caching enters at admission only: a request starts with num_computed_tokens = its longest
+cached prefix (full blocks, at least its last token left to compute), so the rule above computes
+just the uncached suffix.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import bisect
 from dataclasses import dataclass, field
 
 from engine_svc.core.block_manager import BlockManager
+from engine_svc.core.prefix_cache import PrefixHit
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestStatus
 from engine_svc.step import ScheduledSeq
+from kvmesh.prefix_hash import extend_block_hashes
 
 
 @dataclass(slots=True)
@@ -71,6 +76,10 @@ class Scheduler:
         self._next_arrival = 0
         self._next_front = -1  # keys below every arrival: requeued-at-the-front requests
         self.num_preemptions = 0  # total since start (metrics)
+        # Prefix cache, in tokens, since start (metrics): queries = the tokens of every admitted
+        # sequence that looked the cache up, hits = the tokens found cached (vLLM's definition).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ---- queue changes (commands from the engine core) ----
 
@@ -88,6 +97,7 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             i = self.waiting.index(request)
             del self.waiting[i], self._waiting_keys[i]
+        self._cache_computed(request)
         self.bm.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -111,6 +121,8 @@ class Scheduler:
         """
         out = SchedulerOutput()
         budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
+        for req in self.running:  # blocks the last step filled become findable by later requests
+            self._cache_computed(req)
         self._schedule_running(out, budget)
         if not out.preempted:  # a step that had to preempt admits nothing (it would thrash)
             self._schedule_waiting(out, budget)
@@ -151,19 +163,59 @@ class Scheduler:
                              f"more than the cache holds ({self.bm.num_blocks})")
                 out.failed.append(req)
                 continue
-            if need > self.bm.num_free_blocks - promised:
+            hit = self._lookup(req)
+            num_cached = len(hit.block_ids) * self.bm.block_size
+            if need - len(hit.block_ids) > self.bm.num_available_blocks - hit.num_evictable - promised:
                 break  # head of line waits: FCFS, and admission never overcommits
+            req.num_computed_tokens = num_cached
             num_new = self._chunk(req, budget)
             if num_new == 0:
+                req.num_computed_tokens = 0
                 break
-            allocation = self.bm.allocate(req.request_id, num_new)
-            assert allocation is not None, "admission checked the free blocks"
+            self._count_prefix_hit(req, num_cached)
+            self.bm.take_prefix(req.request_id, hit)
+            allocation = self.bm.allocate(req.request_id, num_cached + num_new)
+            assert allocation is not None, "admission checked the available blocks"
             promised += need - allocation.num_blocks
             self._pop_waiting()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.admitted.append(req)
             self._add_seq(out, budget, req, num_new)
+
+    # ---- prefix caching ----
+
+    def _hashes(self, req: Request, num_blocks: int) -> list[int]:
+        """The request's block hashes, grown to cover its first num_blocks blocks."""
+        bs = self.bm.block_size
+        return extend_block_hashes(req.block_hashes, num_blocks,
+                                   lambda i: req.token_ids(i * bs, (i + 1) * bs), req.cache_salt)
+
+    def _lookup(self, req: Request) -> PrefixHit:
+        """The request's longest cached prefix (nothing when caching is off or the request opts out)."""
+        if not (self.bm.enable_prefix_caching and req.use_prefix_cache):
+            return PrefixHit([], 0)
+        self._hashes(req, (req.num_tokens - 1) // self.bm.block_size)
+        return self.bm.lookup(req.block_hashes, req.token_ids, req.num_tokens)
+
+    def _count_prefix_hit(self, req: Request, num_cached: int) -> None:
+        if req.num_cached_tokens is None:  # the first admission is what the client sees
+            req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
+        if self.bm.enable_prefix_caching and req.use_prefix_cache:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += num_cached
+
+    def _cache_computed(self, req: Request) -> None:
+        """Make the request's fully computed blocks findable (before its blocks are released)."""
+        if not (self.bm.enable_prefix_caching and req.use_prefix_cache):
+            return
+        # Only positions whose token ids are known (an overlapped step may have computed a token
+        # the engine then discarded, past a stop) and whose KV is computed.
+        known = req.num_prompt_tokens + req.num_output_tokens
+        num_full = min(req.num_computed_tokens, known) // self.bm.block_size
+        if num_full > self.bm.num_hashed(req.request_id):
+            self.bm.cache_blocks(req.request_id, self._hashes(req, num_full), num_full, req.token_ids,
+                                 req.cache_salt)
 
     # ---- helpers ----
 
@@ -199,6 +251,7 @@ class Scheduler:
             budget.tokens += num_new
             budget.seqs += 1
         self.running.remove(req)
+        self._cache_computed(req)  # its recompute will find these blocks, unless they are evicted
         self.bm.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1

@@ -12,7 +12,8 @@ pays one locked add or set per update and formats nothing.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 # Bucket bounds recommended by the GenAI semantic conventions.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -51,6 +52,37 @@ REQUEST_SUCCESS = Counter("kvmesh:request_success", "Requests that finished, by 
                           (*_MODEL, "finished_reason"))
 REQUEST_ABORTS = Counter("kvmesh:request_aborts", "Requests aborted before finishing, by reason.",
                          (*_MODEL, "reason"))
+
+
+
+class _CounterFromLoad:
+    """A counter whose value the engine keeps (a cumulative LoadSnapshot field), read at scrape
+    time: the step loop pays nothing. One source per model name (the engine process's)."""
+
+    def __init__(self, name: str, documentation: str, field: str):
+        self.name, self.documentation, self.field = name, documentation, field
+        self._sources: dict[str, object] = {}
+        REGISTRY.register(self)
+
+    def watch(self, model_name: str, get_load) -> None:
+        self._sources[model_name] = get_load
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=_MODEL)
+        for model_name, get_load in self._sources.items():
+            family.add_metric([model_name], getattr(get_load(), self.field, 0))
+        yield family
+
+    def describe(self):
+        yield CounterMetricFamily(self.name, self.documentation, labels=_MODEL)
+
+
+PREFIX_CACHE_QUERIES = _CounterFromLoad(
+    "kvmesh:prefix_cache_queries", "Prefix cache queries, in tokens: the tokens of every admitted sequence "
+    "that looked the cache up.", "prefix_cache_queries")
+PREFIX_CACHE_HITS = _CounterFromLoad(
+    "kvmesh:prefix_cache_hits", "Prefix cache hits, in tokens: tokens whose KV was found cached.",
+    "prefix_cache_hits")
 
 # --- router ---
 ROUTER_PICKS = Counter("kvmesh:router_picks", "Routing decisions, by chosen engine.", ("engine_id",))
@@ -127,6 +159,9 @@ class EngineMetrics:
                             (self.cached, "cached_blocks"), (self.in_use, "in_use_blocks"),
                             (self.reserved, "reserved_blocks")):
             gauge.set_function(field(name))
+
+        for counter in (PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS):
+            counter.watch(self._model, get_load)
 
         def usage():
             load = get_load()

@@ -65,6 +65,11 @@ class EngineStub:
                 request_serializer=kvmesh_dot_v1_dot_engine__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_engine__pb2.EngineStatus.FromString,
                 _registered_method=True)
+        self.SubscribeKvEvents = channel.unary_stream(
+                '/kvmesh.v1.Engine/SubscribeKvEvents',
+                request_serializer=kvmesh_dot_v1_dot_engine__pb2.SubscribeKvEventsRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_engine__pb2.KvEventBatch.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -118,6 +123,18 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeKvEvents(self, request, context):
+        """A long-lived stream of prefix-cache events, for cache-aware routers (capability "kv_events";
+        in the spirit of Dynamo's and SGLang's KV event streams): which block hashes (see
+        kvmesh/prefix_hash.py) this engine holds. The first batch is a snapshot of every hash it holds
+        now; then one batch per engine step that stored or evicted blocks, with consecutive sequence
+        numbers, and an empty heartbeat batch when nothing changed for heartbeat_ms. A subscriber too
+        slow to keep up gets a fresh snapshot instead of the batches it missed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +167,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=kvmesh_dot_v1_dot_engine__pb2.GetStatusRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_engine__pb2.EngineStatus.SerializeToString,
+            ),
+            'SubscribeKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeKvEvents,
+                    request_deserializer=kvmesh_dot_v1_dot_engine__pb2.SubscribeKvEventsRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_engine__pb2.KvEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +336,33 @@ class Engine:
             '/kvmesh.v1.Engine/GetStatus',
             kvmesh_dot_v1_dot_engine__pb2.GetStatusRequest.SerializeToString,
             kvmesh_dot_v1_dot_engine__pb2.EngineStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvmesh.v1.Engine/SubscribeKvEvents',
+            kvmesh_dot_v1_dot_engine__pb2.SubscribeKvEventsRequest.SerializeToString,
+            kvmesh_dot_v1_dot_engine__pb2.KvEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

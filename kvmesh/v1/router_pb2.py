@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xc3\x01\n\tChatInput\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x03(\t\x12!\n\x14template_kwargs_json\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x17\n\x15_template_kwargs_json\"\xa4\x03\n\x15RouterGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x14.kvmesh.v1.ChatInputH\x00\x12(\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12 \n\x13include_stop_string\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x1a\n\rreturn_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x12\x15\n\x08priority\x18\x0b \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_include_stop_stringB\x16\n\x14_skip_special_tokensB\x10\n\x0e_return_tokensB\x0b\n\t_priority\"\xdf\x02\n\x16RouterGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12 \n\x06tokens\x18\x03 \x03(\x0b\x32\x10.kvmesh.v1.Token\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12 \n\x13matched_stop_string\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\"\n\x15matched_stop_token_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.kvmesh.v1.StreamError\x12\x11\n\tengine_id\x18\t \x01(\tB\x16\n\x14_matched_stop_stringB\x18\n\x16_matched_stop_token_id\"\x13\n\x11ListModelsRequest\"M\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1a\n\x12num_ready_replicas\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.ModelEntry2\xe4\x01\n\x06Router\x12Q\n\x08Generate\x12 .kvmesh.v1.RouterGenerateRequest\x1a!.kvmesh.v1.RouterGenerateResponse0\x01\x12<\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x16.kvmesh.v1.ServiceInfo\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xc3\x01\n\tChatInput\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x03(\t\x12!\n\x14template_kwargs_json\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x17\n\x15_template_kwargs_json\"\xe4\x03\n\x15RouterGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x14.kvmesh.v1.ChatInputH\x00\x12(\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12 \n\x13include_stop_string\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x1a\n\rreturn_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x12\x15\n\x08priority\x18\x0b \x01(\x05H\x04\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0c \x01(\t\x12\x19\n\x0cprefix_cache\x18\r \x01(\x08H\x05\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_include_stop_stringB\x16\n\x14_skip_special_tokensB\x10\n\x0e_return_tokensB\x0b\n\t_priorityB\x0f\n\r_prefix_cache\"\xdf\x02\n\x16RouterGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12 \n\x06tokens\x18\x03 \x03(\x0b\x32\x10.kvmesh.v1.Token\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12 \n\x13matched_stop_string\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\"\n\x15matched_stop_token_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.kvmesh.v1.StreamError\x12\x11\n\tengine_id\x18\t \x01(\tB\x16\n\x14_matched_stop_stringB\x18\n\x16_matched_stop_token_id\"\x13\n\x11ListModelsRequest\"M\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1a\n\x12num_ready_replicas\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.ModelEntry2\xe4\x01\n\x06Router\x12Q\n\x08Generate\x12 .kvmesh.v1.RouterGenerateRequest\x1a!.kvmesh.v1.RouterGenerateResponse0\x01\x12<\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x16.kvmesh.v1.ServiceInfo\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATINPUT']._serialized_start=62
   _globals['_CHATINPUT']._serialized_end=257
   _globals['_ROUTERGENERATEREQUEST']._serialized_start=260
-  _globals['_ROUTERGENERATEREQUEST']._serialized_end=680
-  _globals['_ROUTERGENERATERESPONSE']._serialized_start=683
-  _globals['_ROUTERGENERATERESPONSE']._serialized_end=1034
-  _globals['_LISTMODELSREQUEST']._serialized_start=1036
-  _globals['_LISTMODELSREQUEST']._serialized_end=1055
-  _globals['_MODELENTRY']._serialized_start=1057
-  _globals['_MODELENTRY']._serialized_end=1134
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1136
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1195
-  _globals['_ROUTER']._serialized_start=1198
-  _globals['_ROUTER']._serialized_end=1426
+  _globals['_ROUTERGENERATEREQUEST']._serialized_end=744
+  _globals['_ROUTERGENERATERESPONSE']._serialized_start=747
+  _globals['_ROUTERGENERATERESPONSE']._serialized_end=1098
+  _globals['_LISTMODELSREQUEST']._serialized_start=1100
+  _globals['_LISTMODELSREQUEST']._serialized_end=1119
+  _globals['_MODELENTRY']._serialized_start=1121
+  _globals['_MODELENTRY']._serialized_end=1198
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1200
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1259
+  _globals['_ROUTER']._serialized_start=1262
+  _globals['_ROUTER']._serialized_end=1490
 # @@protoc_insertion_point(module_scope)

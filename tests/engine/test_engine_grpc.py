@@ -105,11 +105,13 @@ async def collect(stub, prompt, sampling=None, **kw) -> list[engine_pb2.Generate
 
 
 async def assert_baseline(server, timeout: float = 5.0) -> None:
-    """All blocks free, nothing running or waiting (waiting at most `timeout` for the engine thread)."""
+    """No block in use (all free, or cached: evictable prefix blocks, prefix caching is on), nothing
+    running or waiting (waiting at most `timeout` for the engine thread)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         load = server.engine.load
-        if load.free_blocks == NUM_BLOCKS and load.num_running_requests == load.num_waiting_requests == 0 \
+        if load.in_use_blocks == 0 and load.free_blocks + load.cached_blocks == NUM_BLOCKS \
+                and load.num_running_requests == load.num_waiting_requests == 0 \
                 and server.engine.num_live == 0:
             return
         await server.engine.wait_load_change(0.05)
@@ -256,7 +258,8 @@ async def test_invalid_argument(server, stub, prompt, sampling, field, words):
 async def test_load_reports_move_as_requests_start_and_finish(server, stub):
     watch = stub.WatchLoad(engine_pb2.WatchLoadRequest(min_interval_ms=0, heartbeat_ms=200))
     first = await watch.read()
-    assert (first.free_blocks, first.in_use_blocks, first.num_running_requests) == (NUM_BLOCKS, 0, 0)
+    assert (first.free_blocks + first.cached_blocks, first.in_use_blocks, first.num_running_requests) == \
+        (NUM_BLOCKS, 0, 0)
     assert first.free_blocks + first.cached_blocks + first.in_use_blocks == first.total_blocks
     gen = asyncio.ensure_future(collect(stub, [1] + [40] * 40, common_pb2.SamplingParams(
         temperature=0.0, max_tokens=40, ignore_eos=True)))
@@ -268,7 +271,8 @@ async def test_load_reports_move_as_requests_start_and_finish(server, stub):
         assert report.free_blocks + report.cached_blocks + report.in_use_blocks == report.total_blocks
         if report.num_running_requests == 1 and busy is None:
             busy = report
-        if busy is not None and report.num_running_requests == 0 and report.free_blocks == NUM_BLOCKS:
+        if busy is not None and report.num_running_requests == 0 and report.in_use_blocks == 0 \
+                and report.free_blocks + report.cached_blocks == NUM_BLOCKS:
             idle_again = report
     await gen
     watch.cancel()
@@ -284,7 +288,7 @@ async def test_heartbeat_when_idle(stub):
     watch = stub.WatchLoad(engine_pb2.WatchLoadRequest(heartbeat_ms=50))
     reports = [await asyncio.wait_for(watch.read(), 2) for _ in range(3)]
     watch.cancel()
-    assert [r.free_blocks for r in reports] == [NUM_BLOCKS] * 3
+    assert [(r.free_blocks + r.cached_blocks, r.in_use_blocks) for r in reports] == [(NUM_BLOCKS, 0)] * 3
     assert reports[2].engine_time - reports[0].engine_time >= 0.09
 
 

@@ -66,7 +66,9 @@ async def test_drain_ends_long_requests_with_draining_error(stories260k_dir):
         last = rest[-1]
         assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
         assert last.error.reason == common_pb2.ERROR_REASON_DRAINING and last.error.code == 14
-        assert srv.engine.load.free_blocks == NUM_BLOCKS and srv.engine.num_live == 0
+        load = srv.engine.load  # nothing in use; cached prefix blocks stay (evictable)
+        assert load.in_use_blocks == 0 and load.free_blocks + load.cached_blocks == NUM_BLOCKS
+        assert srv.engine.num_live == 0
         watch.cancel()
 
 
@@ -85,7 +87,8 @@ async def test_two_max_length_sequences_share_a_cache_that_holds_one(stories260k
         # 3 + 509 = 512 tokens = 32 blocks each; 40 blocks hold one: they preempt, and both finish.
         outs = await asyncio.gather(*[_tokens(gen(stub, f"big{i}", 509)) for i in range(2)])
         assert outs[0] == outs[1] and len(outs[0]) == 509
-        assert srv.engine.load.free_blocks == NUM_BLOCKS
+        load = srv.engine.load
+        assert load.in_use_blocks == 0 and load.free_blocks + load.cached_blocks == NUM_BLOCKS
 
 
 async def test_sequence_larger_than_the_whole_cache_is_rejected(stories260k_dir):
