@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from kvmesh.blocks import blocks_for
+
 
 @dataclass(slots=True)
 class Allocation:
@@ -66,7 +68,7 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """Blocks the request still lacks to hold num_tokens tokens (0 if it has enough)."""
