@@ -18,16 +18,16 @@ from kvmesh.serving.errors import InvalidArgument
 from kvmesh.telemetry.tokenizer import record_tokens
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.chat import parse_chat_request, render_chat
-from tokenizer_svc.limits import Limits, check_ids, check_stops, check_text
+from tokenizer_svc.limits import TokenizerLimits, check_ids, check_stops, check_text
 from tokenizer_svc.loader import LoadedTokenizer
-from tokenizer_svc.stream import DetokenizeSession, StreamStep
+from tokenizer_svc.stream import StreamDetokenizer, StreamStep
 
 SERVICE_NAME = "kvmesh.v1.Tokenizer"
 # Stream batches up to this many ids are detokenized on the event loop (see the module docstring).
 INLINE_STREAM_IDS = 64
 
 
-def tokenizer_info(tok: LoadedTokenizer, limits: Limits) -> tokenizer_pb2.TokenizerInfo:
+def tokenizer_info(tok: LoadedTokenizer, limits: TokenizerLimits) -> tokenizer_pb2.TokenizerInfo:
     """GetInfo's answer; fixed for the life of the process."""
     capabilities = ["tokenize", "detokenize", "detokenize_stream", "stop_strings", "parse_special_tokens"]
     if tok.has_chat_template:
@@ -58,7 +58,7 @@ def _flag(message, field: str, default: bool) -> bool:
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     """Serves one loaded tokenizer. Stateless between RPCs; each stream owns its session."""
 
-    def __init__(self, tok: LoadedTokenizer, limits: Limits, executor: ThreadPoolExecutor):
+    def __init__(self, tok: LoadedTokenizer, limits: TokenizerLimits, executor: ThreadPoolExecutor):
         self._tok = tok
         self._limits = limits
         self._executor = executor
@@ -95,7 +95,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return self._info
 
     async def DetokenizeStream(self, request_iterator, context) -> AsyncIterator:
-        session: DetokenizeSession | None = None
+        session: StreamDetokenizer | None = None
         async for request in request_iterator:
             kind = request.WhichOneof("kind")
             if session is None:
@@ -118,16 +118,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 record_tokens("detokenize_stream", step.num_tokens)
                 return  # the stream ends; nothing after a stop match or finish is ever answered
 
-    def _start_session(self, start) -> DetokenizeSession:
+    def _start_session(self, start) -> StreamDetokenizer:
         check_ids("start.prompt_token_ids", start.prompt_token_ids, self._tok.vocab_size, self._limits,
                   allow_empty=True)
         check_stops("start.stop", start.stop, self._limits)
-        return DetokenizeSession(self._tok.text_tokenizer, list(start.prompt_token_ids), stops=list(start.stop),
+        return StreamDetokenizer(self._tok.text_tokenizer, list(start.prompt_token_ids), stops=list(start.stop),
                                  include_stop=_flag(start, "include_stop_string", False),
                                  skip_special_tokens=_flag(start, "skip_special_tokens", True),
-                                 special_ids=self._tok.special_ids)
+                                 special_ids=self._tok.special_ids, token_bytes=self._tok.token_bytes)
 
-    async def _feed(self, session: DetokenizeSession, ids) -> StreamStep:
+    async def _feed(self, session: StreamDetokenizer, ids) -> StreamStep:
         check_ids("tokens.ids", ids, self._tok.vocab_size, self._limits, allow_empty=True)
         if len(ids) <= INLINE_STREAM_IDS:
             return session.feed(ids)
