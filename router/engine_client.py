@@ -49,6 +49,9 @@ class EngineClient:
         # Set by the request path on a failed call: the watcher drops its streams and re-checks health
         # (with backoff) before re-admitting, instead of trusting the next load report.
         self.recheck = asyncio.Event()
+        # Abort calls in flight: held here, since the event loop keeps only weak references to
+        # tasks and one collected while pending would be logged as destroyed.
+        self._aborts: set[asyncio.Future] = set()
 
     @property
     def admissible(self) -> bool:
@@ -93,7 +96,13 @@ class EngineClient:
         """Ask the engine to stop the request at its next step, without waiting for the answer."""
         call = self._stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
         task = asyncio.ensure_future(call)
-        task.add_done_callback(_ignore_outcome)  # a failure only means "already gone"
+        self._aborts.add(task)
+        task.add_done_callback(self._abort_done)
+
+    def _abort_done(self, task: asyncio.Future) -> None:
+        self._aborts.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure only means "already gone"
 
     # ---- load and admission (watcher and request path) ----
 
@@ -147,8 +156,3 @@ class EngineClient:
         """The WatchLoad stream (the caller applies each report and cancels it when done)."""
         return self._stub.WatchLoad(engine_pb2.WatchLoadRequest(min_interval_ms=min_interval_ms,
                                                                 heartbeat_ms=heartbeat_ms))
-
-
-def _ignore_outcome(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -155,6 +155,7 @@ class EnginePool:
         self._on_change = on_change
         self.engines: dict[str, EngineClient] = {}
         self._watchers: dict[str, EngineWatcher] = {}
+        self._background: set[asyncio.Future] = set()  # watcher stops and channel closes under way
 
     def set_addresses(self, addresses: set[str]) -> None:
         """Start watching new addresses; retire vanished ones (closed once their requests end)."""
@@ -170,7 +171,7 @@ class EnginePool:
         for addr in sorted(self.engines.keys() - addresses):
             log.info("engine %s left discovery", addr)
             self.engines[addr].removed = True
-            asyncio.create_task(self._watchers.pop(addr).stop())
+            self._in_background(self._watchers.pop(addr).stop())
             self._close_if_idle(addr)
         self._on_change()
 
@@ -178,7 +179,13 @@ class EnginePool:
         engine = self.engines.get(address)
         if engine is not None and engine.removed and engine.in_flight == 0:
             del self.engines[address]
-            asyncio.create_task(engine.channel.close())
+            self._in_background(engine.channel.close())
+
+    def _in_background(self, coro) -> None:
+        # The loop holds tasks weakly: keep each until it is done, or it may be collected pending.
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def ready(self) -> list[EngineClient]:
         return [e for e in self.engines.values() if e.admissible]
