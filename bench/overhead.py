@@ -1,37 +1,57 @@
 """What the router and tokenizer tiers cost: TTFT and token throughput through the router vs straight
 to the engine, in the same run, on the same engine, under the same load.
 
-    python bench/overhead.py --model ../shared/models/stories260k --out bench/results/overhead-<device>-<date>.json
+    python bench/overhead.py --model ../shared/models/stories260k --concurrency 1,8,64 \
+        --out bench/results/overhead-<device>-<date>.json
+    # a GPU engine (the GPU machine: `. scripts/device_env.sh` first):
+    python3 bench/overhead.py --model $KVMESH_TEST_MODELS/stories260k --device cuda --out $OUT/overhead.json
+    # the services of another checkout (an older commit, for a before/after on one machine):
+    python bench/overhead.py --services-from /tmp/ov-base ...
 
 For each concurrency level, rounds alternate between the two paths (direct, router, router, direct,
 ...) so that drift in the machine's state hits both alike. The direct path sends the prompt's ids,
 tokenized once beforehand (outside the timing); the router path sends the text, so its numbers
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
+
+--profile DIR samples the router and the tokenizer with py-spy while the levels run (raw stacks
+and a summary of the hottest functions per process, under DIR).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
+import collections
+import datetime
 import json
+import os
 import pathlib
+import platform
+import re
+import shutil
+import subprocess
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("bench_router", HERE / "router.py")
-bench_router = importlib.util.module_from_spec(_spec)
-sys.modules["bench_router"] = bench_router  # dataclasses look their module up there
-_spec.loader.exec_module(bench_router)  # sets up sys.path for kvmesh as well
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from kvmesh.procs import stop_all  # noqa: E402
+from bench.provenance import cpu_name, git_commit  # noqa: E402
+from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
                        tokenizer_pb2, tokenizer_pb2_grpc)
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
+# One torch thread for a CPU engine (the tiers share the cores); no trace export without a collector.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "OTEL_TRACES_EXPORTER": "none"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 async def _timed(stream) -> tuple[float | None, int, float]:
@@ -51,26 +71,45 @@ async def _worker(call_fn, num_requests: int, samples: list) -> None:
         samples.append((first - sent, n, end - sent))
 
 
-async def run_phase(call_fn, concurrency: int, per_worker: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_phase(call_fn, concurrency: int, per_worker: int, pids: dict[str, int]) -> dict:
     samples: list = []
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.monotonic()
     await asyncio.gather(*(_worker(call_fn, per_worker, samples) for _ in range(concurrency)))
     wall = time.monotonic() - start
-    return {"samples": samples, "wall_s": wall}
+    return {"samples": samples, "wall_s": wall,
+            "cpu_s": {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}}
 
 
 def merge(phases: list[dict]) -> dict:
     ttft = [s[0] for p in phases for s in p["samples"]]
     tokens = sum(s[1] for p in phases for s in p["samples"])
     wall = sum(p["wall_s"] for p in phases)
-    pct = bench_router.percentile
-    return {"requests": len(ttft), "ttft_p50_ms": round(pct(ttft, 50) * 1e3, 3),
-            "ttft_p99_ms": round(pct(ttft, 99) * 1e3, 3), "ttft_mean_ms": round(sum(ttft) / len(ttft) * 1e3, 3),
-            "throughput_tok_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 3)}
+    # CPU per generated token of each service process: what the path costs, whatever else the
+    # host runs (wall times on a shared host mostly measure the other work).
+    cpu_us = {name: round(1e6 * sum(p["cpu_s"][name] for p in phases) / tokens, 1) for name in phases[0]["cpu_s"]}
+    return {"requests": len(ttft), "ttft_p50_ms": round(percentile(ttft, 50) * 1e3, 3),
+            "ttft_p99_ms": round(percentile(ttft, 99) * 1e3, 3), "ttft_mean_ms": round(sum(ttft) / len(ttft) * 1e3, 3),
+            "throughput_tok_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 3),
+            "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1)}
 
 
-async def measure(tok_addr: str, engine_addr: str, router_addr: str, levels: list[int], rounds: int,
-                  per_worker: int, max_tokens: int) -> dict:
+def requests_per_worker(concurrency: int, override: int | None) -> int:
+    """8 sequential requests per stream at low concurrency, fewer at high (a phase stays seconds long)."""
+    return override if override else max(2, min(8, 64 // concurrency))
+
+
+async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: int, per_worker: int | None,
+                  max_tokens: int) -> dict:
+    tok_addr, engine_addr, router_addr = (procs[name].address for name in ("tokenizer", "engine", "router"))
+    pids = {name: proc.pid for name, proc in procs.items()}
     sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     async with create_channel(tok_addr) as tc, create_channel(engine_addr) as ec, create_channel(router_addr) as rc:
         ids = list((await tokenizer_pb2_grpc.TokenizerStub(tc).Tokenize(
@@ -83,55 +122,169 @@ async def measure(tok_addr: str, engine_addr: str, router_addr: str, levels: lis
                                                                                return_tokens=True)),
         }
         for fn in paths.values():  # warm up both paths (connections, caches)
-            await run_phase(fn, 2, 2)
+            await run_phase(fn, 4, 2, pids)
         results = {}
         for c in levels:
+            n = requests_per_worker(c, per_worker)
             phases = {"direct": [], "router": []}
             for r in range(rounds):
-                order = ["direct", "router"] if r % 2 == 0 else ["router", "direct"]
-                for name in order:
-                    phases[name].append(await run_phase(paths[name], c, per_worker))
+                for name in (["direct", "router"] if r % 2 == 0 else ["router", "direct"]):
+                    phases[name].append(await run_phase(paths[name], c, n, pids))
             d, rt = merge(phases["direct"]), merge(phases["router"])
             results[f"concurrency_{c}"] = {
-                "direct": d, "router": rt,
+                "requests_per_stream_per_round": n, "direct": d, "router": rt,
                 "ttft_added_p50_ms": round(rt["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
                 "throughput_ratio": round(rt["throughput_tok_s"] / d["throughput_tok_s"], 4),
+                # What the router and tokenizer tiers add to the CPU cost of a token (the engine's
+                # own share on the router path included: it attaches load reports there).
+                "cpu_added_us_per_token": round(rt["cpu_us_per_token_all_tiers"] - d["cpu_us_per_token_all_tiers"], 1),
             }
             print(f"concurrency {c}: {json.dumps(results[f'concurrency_{c}'])}", flush=True)
         return results
 
 
+def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path) -> list[ServiceProcess]:
+    """Tokenizer, one engine and a router over it, all healthy, run from `tree`'s code."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**CHILD_ENV, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    procs = []
+
+    def start(kind: str, name: str, flags: list[str]) -> ServiceProcess:
+        proc = ServiceProcess(kind, name, flags, env=env, log_path=str(log_dir / f"{name}.log"), die_with_parent=True)
+        cwd = os.getcwd()
+        os.chdir(tree)  # `python -m` finds the tree's packages first
+        try:
+            proc.start()
+        finally:
+            os.chdir(cwd)
+        procs.append(proc)
+        return proc
+
+    try:
+        tok = start("tokenizer", "tokenizer", ["--model", args.model])
+        engine = start("engine", "engine", ["--model", args.model, "--device", args.device,
+                                            "--num-gpu-blocks-override", str(args.blocks)])
+        for proc in (tok, engine):
+            proc.wait_healthy(600)
+        router = start("router", "router", ["--tokenizer", tok.address, "--engines", engine.address,
+                                            "--log-level", "WARNING"])
+        router.wait_healthy(120)
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs
+
+
+class Profiler:
+    """py-spy sampling the given processes while the levels run (a no-op without a directory)."""
+
+    def __init__(self, out_dir: str | None, procs: list[ServiceProcess]):
+        self._dir = pathlib.Path(out_dir) if out_dir else None
+        self._procs = procs
+        self._spies: list[tuple[str, subprocess.Popen, pathlib.Path]] = []
+
+    def __enter__(self) -> "Profiler":
+        if self._dir is None:
+            return self
+        spy = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for proc in self._procs:
+            raw = self._dir / f"{proc.name}.raw.txt"
+            cmd = [spy, "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "200", "--nonblocking",
+                   "-o", str(raw)]
+            self._spies.append((proc.name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                            stderr=subprocess.DEVNULL), raw))
+        time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, spy, raw in self._spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            spy.wait(30)
+            if raw.exists():
+                (self._dir / f"{name}.summary.txt").write_text(summarize_stacks(raw.read_text()))
+
+
+_LINE = re.compile(r":\d+\)$")  # "fn (file.py:12)" -> "fn (file.py)": one entry per function
+
+
+def summarize_stacks(raw: str, top: int = 30) -> str:
+    """The hottest functions of py-spy raw output ("frame;frame;... count" per line): share of
+    samples in which each function is on the stack (inclusive) and at the top (self)."""
+    inclusive, own = collections.Counter(), collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n, frames = int(count), [_LINE.sub(")", f) for f in stack.split(";")[1:]]  # [0]: the process
+        if not frames:
+            continue
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    if not total:
+        return "no samples\n"
+    lines = [f"{total} samples", "", "inclusive %  function"]
+    lines += [f"{100 * c / total:10.1f}  {f}" for f, c in inclusive.most_common(top)]
+    lines += ["", "self %  function"]
+    lines += [f"{100 * c / total:6.1f}  {f}" for f, c in own.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def environment(args, tree: pathlib.Path) -> dict:
+    """Device, date and the commit of the services measured, for the results file."""
+    device = f"cpu: {cpu_name()} x{os.cpu_count()}"
+    if args.device.startswith("cuda"):
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True).stdout.strip().splitlines()
+        device = f"{args.device}: {gpu[0] if gpu else 'unknown GPU'}; host {device}"
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": commit or git_commit(), "python": platform.python_version(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on a shared machine shows here
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(bench_router.REPO.parent / "shared" / "models" / "stories260k"))
+    parser.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "stories260k"))
+    parser.add_argument("--device", default="cpu", help="the engine's --device (cpu, cuda, cuda:N)")
     parser.add_argument("--blocks", type=int, default=512, help="KV blocks of the engine")
-    parser.add_argument("--concurrency", default="1,8", help="concurrent streams per level")
+    parser.add_argument("--concurrency", default="1,8,64", help="concurrent streams per level")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per path and level")
-    parser.add_argument("--per-worker", type=int, default=8, help="sequential requests per stream per round")
+    parser.add_argument("--per-worker", type=int, default=None,
+                        help="sequential requests per stream per round (default: 8, fewer above 8 streams)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--services-from", default=str(REPO), help="checkout whose services are measured")
+    parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-overhead")
     args = parser.parse_args()
 
-    log_dir = pathlib.Path(args.log_dir)
-    tok, engines = bench_router.start_services(args.model, [args.blocks], log_dir)
-    router = None
+    tree = pathlib.Path(args.services_from).resolve()
+    args.model = str(pathlib.Path(args.model).resolve())
+    procs = start_mesh(args, pathlib.Path(args.log_dir), tree)
+    tok, engine, router = procs
     try:
-        router = bench_router.start_router(tok, engines, log_dir)
         levels = [int(c) for c in args.concurrency.split(",")]
-        results = asyncio.run(measure(tok.address, engines[0].address, router.address, levels, args.rounds,
-                                      args.per_worker, args.max_tokens))
+        with Profiler(args.profile, [router, tok]):
+            results = asyncio.run(measure({p.name: p for p in procs}, levels, args.rounds, args.per_worker,
+                                          args.max_tokens))
     finally:
-        stop_all([p for p in (router, tok, *engines) if p is not None])
-    report = {"bench": "overhead", **bench_router.environment(), "model": pathlib.Path(args.model).name,
+        stop_all(procs)
+    report = {"bench": "overhead", **environment(args, tree), "model": pathlib.Path(args.model).name,
+              "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
-                           "rounds": args.rounds, "requests_per_stream_per_round": args.per_worker,
-                           "engine_kv_blocks": args.blocks},
+                           "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and DetokenizeStream; the direct path sends ids tokenized once "
-                      "beforehand",
+                      "beforehand. All tiers and the client share the host's cores.",
               "results": results}
-    bench_router.write_report(report, args.out)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

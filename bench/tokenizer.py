@@ -9,7 +9,7 @@ client is grpc.aio in this process. Measured, each `--repeats` times, medians re
     `encode_batch` (Rust threads).
   * DetokenizeStream: `--streams` concurrent streams, each fed its ids one per message in lockstep
     (write a batch, read its answer, as the router does), also 16 ids per message; against our
-    DetokenizeSession in-process, `tokenizers.decoders.DecodeStream`, and one-shot decode.
+    StreamDetokenizer in-process, `tokenizers.decoders.DecodeStream`, and one-shot decode.
 Throughput is tokens per second of wall time, and tokens per CPU-second (client and server
 processes together), which is the steadier number on a shared machine.
 """
@@ -34,7 +34,7 @@ from kvmesh.procs import ServiceProcess  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
 from tokenizer_svc.loader import load_tokenizer  # noqa: E402
-from tokenizer_svc.stream import DetokenizeSession  # noqa: E402
+from tokenizer_svc.stream import StreamDetokenizer  # noqa: E402
 
 # bench/router.py's environment() (device, date, commit), loaded by path: as a module named
 # `router` it would shadow the router package.
@@ -141,7 +141,7 @@ def in_process(tok, docs: list[str], sequences: list[list[int]]) -> dict[str, Me
     def session_stream():
         n = 0
         for ids in sequences:
-            s = DetokenizeSession(fast, ids[:1], special_ids=tok.special_ids)
+            s = StreamDetokenizer(fast, ids[:1], special_ids=tok.special_ids)
             for t in ids[1:]:
                 s.feed([t])
             n += s.finish().num_tokens

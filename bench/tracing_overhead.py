@@ -122,7 +122,7 @@ def micro_run(prompts: list[list[int]], max_tokens: int, tracer, provider) -> fl
     from engine_svc.core.engine_core import EngineCore
     from engine_svc.core.request import Request
     from engine_svc.sampling_params import SamplingParams
-    from kvmesh.telemetry.engine import TelemetryHooks
+    from engine_svc.telemetry_hooks import TelemetryHooks
 
     hooks = TelemetryHooks("micro")
     hooks.steps.enabled = provider is not None

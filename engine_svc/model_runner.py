@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kvmesh.blocks import blocks_for
+
 from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
@@ -76,7 +78,7 @@ class ModelRunner:
         self.model, self.model_cfg, self.dtype = loaded.model, loaded.cfg, loaded.dtype
         self.backend = get_attention_backend(self.device, self.backend_name)
         self.sampler = Sampler(loaded.cfg.vocab_size, self.device, loaded.eos_token_ids, cfg.seed)
-        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
         self._alloc_buffers()
         self.info = ModelInfo(
             name=loaded.name, vocab_size=loaded.cfg.vocab_size, model_max_len=model_max_len,
@@ -129,7 +131,7 @@ class ModelRunner:
         lens = [self.max_model_len] * (total // self.max_model_len)
         if total % self.max_model_len:
             lens.append(total % self.max_model_len)
-        blocks_per_seq = [-(-n // self.block_size) for n in lens]
+        blocks_per_seq = [blocks_for(n, self.block_size) for n in lens]
         self._make_caches(sum(blocks_per_seq))
         seqs, next_block = [], 0
         for n, nb in zip(lens, blocks_per_seq):

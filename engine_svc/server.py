@@ -20,7 +20,6 @@ from kvmesh import telemetry
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
                                    wait_for_stop, write_port_file)
-from kvmesh.telemetry.engine import TelemetryHooks
 from kvmesh.v1 import common_pb2, engine_pb2_grpc
 
 from engine_svc.config import ConfigError, EngineConfig
@@ -30,6 +29,7 @@ from engine_svc.engine_loop import EngineLoop
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.service import SERVICE_NAME, EngineService
 from engine_svc.status import EngineStatusTracker, Phase
+from engine_svc.telemetry_hooks import TelemetryHooks
 
 log = logging.getLogger("engine_svc")
 
@@ -50,7 +50,7 @@ class EngineServer:
         self.host, self.port, self.max_message_bytes = host, port, max_message_bytes
         self.status = EngineStatusTracker()
         self.engine = EngineLoop(self.config, self.status, hooks=hooks, runner_factory=runner_factory)
-        self.service = EngineService(self.engine, engine_id)
+        self.service = EngineService(self.engine, engine_id, hooks=hooks)
         self.running: RunningServer | None = None
 
     async def start(self) -> int:

@@ -14,11 +14,13 @@ import time
 import uuid
 
 from kvmesh import __version__
-from kvmesh.serving.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from kvmesh.blocks import blocks_for
+from kvmesh.load import to_report
 from kvmesh.prefix_hash import prompt_block_hashes
-from kvmesh.telemetry.engine import TelemetryHooks
+from kvmesh.serving.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
 
+from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
 from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop
 from engine_svc.kv_events import KvEventPublisher
@@ -56,8 +58,9 @@ _SAMPLING_SCALARS = ("temperature", "top_p", "top_k", "min_p", "repetition_penal
 class EngineService(engine_pb2_grpc.EngineServicer):
     """The servicer. ``ready`` flips after the warm-up generation; ``draining`` at shutdown."""
 
-    def __init__(self, engine: EngineLoop, engine_id: str | None = None):
+    def __init__(self, engine: EngineLoop, engine_id: str | None = None, hooks: EngineHooks | None = None):
         self.engine = engine
+        self._hooks = hooks or EngineHooks()  # the engine core's hooks: begin() gives each request its trace
         self.engine_id = engine_id or f"engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.ready = False
         self.draining = False
@@ -87,8 +90,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if not self.ready:
             raise Unavailable("the engine is not ready yet (see GetStatus): retry shortly")
         req = self.validate(request)
-        if isinstance(self.engine.hooks, TelemetryHooks):  # events on this RPC's span, metrics
-            req.trace = self.engine.hooks.begin(req.request_id, len(req.prompt_token_ids), request.sampling)
+        req.trace = self._hooks.begin(req.request_id, len(req.prompt_token_ids), request.sampling)
         async for response in self.stream(req, request.include_load):
             yield response
 
@@ -101,13 +103,18 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 req.trace.rejected()
             raise AlreadyExists(f"request_id {req.request_id!r} is already live on this engine") from None
         finished = False
+        first = True
         try:
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 if req.trace is not None:
                     req.trace.output(len(out.tokens))
-                yield self._response(out, include_load)
+                # The router reads a report on the first response (its pending blocks are now
+                # counted by the engine) and on the last (they are freed); the WatchLoad stream
+                # covers the time in between, so the responses between carry none.
+                yield self._response(out, include_load and (first or finished))
+                first = False
         finally:  # client cancel, deadline, or a closed generator: free the blocks at the next step
             if not finished:
                 if req.trace is not None:
@@ -131,7 +138,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 f"{len(prompt) + params.max_tokens} exceeds max_model_len {max_len}: "
                 f"shorten the prompt or lower max_tokens"))
         block_size = self.engine.config.block_size
-        need = -(-(len(prompt) + params.max_tokens) // block_size)
+        need = blocks_for(len(prompt) + params.max_tokens, block_size)
         if need > self.engine.num_blocks:
             raise InvalidArgument("sampling.max_tokens", (
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks "
@@ -195,19 +202,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     def load_report(self) -> common_pb2.LoadReport:
         """A new report (its own sequence number and clock) from the latest load snapshot."""
-        report = common_pb2.LoadReport(engine_id=self.engine_id, sequence=next(self._report_seq),
-                                       engine_time=time.monotonic(), draining=self.draining)
-        snap = self.engine.load
-        if snap is not None:
-            report.block_size = snap.block_size
-            report.total_blocks, report.free_blocks = snap.total_blocks, snap.free_blocks
-            report.cached_blocks, report.in_use_blocks = snap.cached_blocks, snap.in_use_blocks
-            report.reserved_blocks = snap.reserved_blocks
-            report.num_running_requests = snap.num_running_requests
-            report.num_waiting_requests = snap.num_waiting_requests
-            report.num_running_tokens = snap.num_running_tokens
-            report.num_waiting_tokens = snap.num_waiting_tokens
-        return report
+        return to_report(self.engine.load, engine_id=self.engine_id, sequence=next(self._report_seq),
+                         engine_time=time.monotonic(), draining=self.draining)
 
     async def GetLoad(self, request, context) -> common_pb2.LoadReport:
         return self.load_report()

@@ -1,4 +1,4 @@
-"""What the deployment behind this router is: model, limits, capabilities (GetInfo, ListModels, Limits)."""
+"""What the deployment behind this router is: model, limits, capabilities (GetInfo, ListModels, RequestLimits)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kvmesh.serving.errors import Unavailable
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, router_pb2, tokenizer_pb2
 from router.config import RouterConfig
 from router.engines import EnginePool
-from router.validation import Limits
+from router.validation import RequestLimits
 
 CAPABILITIES = ["text", "chat", "token_ids", "stop_strings", "logprobs", "seed", "failover",
                 "kv_aware_routing"]
@@ -41,13 +41,13 @@ class Deployment:
             return min(lens)
         return self.tokenizer.max_length if self.tokenizer is not None else 0
 
-    def limits(self) -> Limits:
+    def limits(self) -> RequestLimits:
         """The current limits. Raises Unavailable before the tokenizer and an engine were reached."""
         if self.tokenizer is None or not self._engine_infos():
             raise Unavailable("the router has not reached its tokenizer and an engine yet")
         max_len = self.max_model_len
         c = self._config
-        return Limits(model=self.model, max_model_len=max_len, vocab_size=self.tokenizer.vocab_size,
+        return RequestLimits(model=self.model, max_model_len=max_len, vocab_size=self.tokenizer.vocab_size,
                       default_max_tokens=c.default_max_tokens, max_tokens_limit=c.max_tokens_limit,
                       max_prompt_tokens=min(c.max_prompt_tokens or max_len, max_len),
                       max_stop_strings=min(c.max_stop_strings, self.tokenizer.max_stop_strings or c.max_stop_strings),

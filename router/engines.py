@@ -14,19 +14,16 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from kvmesh.serving.channels import create_channel
-from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from router.engine_client import EngineClient
 from router.policy import Candidate
-from router.reservations import ReservationLedger
 
 log = logging.getLogger(__name__)
-
-ENGINE_SERVICE = "kvmesh.v1.Engine"
 
 
 @dataclass
@@ -45,68 +42,10 @@ class Backoff:
         self._next = 0.0
 
 
-@dataclass
-class Engine:
-    """One engine replica as the router sees it. Mutated only on the router's event loop."""
-
-    address: str
-    channel: grpc.aio.Channel
-    stub: engine_pb2_grpc.EngineStub
-    info: common_pb2.ServiceInfo | None = None
-    report: common_pb2.LoadReport | None = None
-    report_received_at: float = 0.0  # router monotonic clock
-    healthy: bool = False  # health SERVING, as last checked
-    stream_up: bool = False  # WatchLoad delivering
-    ejected_reason: str = "not yet connected"  # "" when admissible
-    in_flight: int = 0
-    ledger: ReservationLedger = field(default_factory=ReservationLedger)
-    removed: bool = False  # gone from discovery; closed once idle
-    num_ejections: int = 0
-    # Set by the request path on a failed call: the watcher drops its streams and re-checks health
-    # (with backoff) before re-admitting, instead of trusting the next load report.
-    recheck: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def admissible(self) -> bool:
-        return (not self.ejected_reason and not self.removed and self.healthy and self.stream_up
-                and self.info is not None and self.report is not None and not self.report.draining)
-
-    def apply_report(self, report: common_pb2.LoadReport) -> None:
-        """Take a report (pushed or attached to a Generate response) if it is newer than the one held."""
-        old = self.report
-        if old is not None and report.engine_id == old.engine_id and report.sequence <= old.sequence:
-            return  # out of order or duplicate
-        if old is not None and report.engine_id != old.engine_id:
-            log.info("engine %s restarted (id %s -> %s)", self.address, old.engine_id, report.engine_id)
-            self.ledger.reset()
-        self.report = report
-        self.report_received_at = time.monotonic()
-        self.ledger.on_report(report.sequence)
-
-    def eject(self, reason: str, *, recheck: bool = False) -> None:
-        if not self.ejected_reason:
-            log.warning("ejecting engine %s: %s", self.address, reason)
-            self.num_ejections += 1
-        self.ejected_reason = reason
-        if recheck:
-            self.recheck.set()
-
-    def candidate(self, staleness_bound_s: float, now: float) -> Candidate:
-        r = self.report
-        assert r is not None and self.info is not None
-        age = now - self.report_received_at
-        return Candidate(
-            address=self.address, engine_id=r.engine_id, block_size=r.block_size or self.info.kv_block_size,
-            total_blocks=r.total_blocks, free_blocks=r.free_blocks, cached_blocks=r.cached_blocks,
-            reserved_blocks=r.reserved_blocks, waiting_tokens=r.num_waiting_tokens,
-            pending_blocks=self.ledger.pending_blocks, in_flight=self.in_flight, report_age_s=age,
-            stale=age > staleness_bound_s)
-
-
 class EngineWatcher:
     """Keeps one Engine's health, info and load fresh; ejects and re-admits it."""
 
-    def __init__(self, engine: Engine, *, min_interval_ms: int, heartbeat_ms: int,
+    def __init__(self, engine: EngineClient, *, min_interval_ms: int, heartbeat_ms: int,
                  on_change=lambda: None):
         self.engine = engine
         self._min_interval_ms = min_interval_ms
@@ -128,10 +67,9 @@ class EngineWatcher:
 
     async def _run(self) -> None:
         e = self.engine
-        health = health_pb2_grpc.HealthStub(e.channel)
         while True:
             try:
-                await self._connect_once(health)
+                await self._connect_once()
                 reason = "load stream ended"
             except asyncio.CancelledError:
                 raise
@@ -148,17 +86,15 @@ class EngineWatcher:
             self._on_change()
             await asyncio.sleep(self._backoff.delay())
 
-    async def _connect_once(self, health: health_pb2_grpc.HealthStub) -> None:
+    async def _connect_once(self) -> None:
         e = self.engine
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE), timeout=5.0)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        if not await e.check_health(timeout=5.0):
             raise _NotServing()
-        e.info = await e.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+        await e.fetch_info(timeout=5.0)
         e.healthy = True
-        call = e.stub.WatchLoad(engine_pb2.WatchLoadRequest(
-            min_interval_ms=self._min_interval_ms, heartbeat_ms=self._heartbeat_ms))
+        call = e.watch_load(self._min_interval_ms, self._heartbeat_ms)
         e.recheck.clear()
-        tasks = {asyncio.create_task(self._read_load(call)), asyncio.create_task(self._watch_health(health)),
+        tasks = {asyncio.create_task(self._read_load(call)), asyncio.create_task(self._watch_health()),
                  asyncio.create_task(self._wait_recheck())}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -187,9 +123,9 @@ class EngineWatcher:
         await self.engine.recheck.wait()
         raise _Recheck()
 
-    async def _watch_health(self, health: health_pb2_grpc.HealthStub) -> None:
+    async def _watch_health(self) -> None:
         """Returns (by raising _NotServing) as soon as health leaves SERVING."""
-        async for reply in health.Watch(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE)):
+        async for reply in self.engine.watch_health():
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 self.engine.healthy = False
                 self.engine.eject("health NOT_SERVING")
@@ -217,14 +153,15 @@ class EnginePool:
         self._min_interval_ms = min_interval_ms
         self._heartbeat_ms = heartbeat_ms
         self._on_change = on_change
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, EngineClient] = {}
         self._watchers: dict[str, EngineWatcher] = {}
+        self._background: set[asyncio.Future] = set()  # watcher stops and channel closes under way
 
     def set_addresses(self, addresses: set[str]) -> None:
         """Start watching new addresses; retire vanished ones (closed once their requests end)."""
         for addr in sorted(addresses - self.engines.keys()):
             channel = create_channel(addr, max_message_bytes=self._max_message_bytes)
-            engine = Engine(addr, channel, engine_pb2_grpc.EngineStub(channel))
+            engine = EngineClient(addr, channel)
             self.engines[addr] = engine
             watcher = EngineWatcher(engine, min_interval_ms=self._min_interval_ms,
                                     heartbeat_ms=self._heartbeat_ms, on_change=self._on_change)
@@ -234,7 +171,7 @@ class EnginePool:
         for addr in sorted(self.engines.keys() - addresses):
             log.info("engine %s left discovery", addr)
             self.engines[addr].removed = True
-            asyncio.create_task(self._watchers.pop(addr).stop())
+            self._in_background(self._watchers.pop(addr).stop())
             self._close_if_idle(addr)
         self._on_change()
 
@@ -242,25 +179,29 @@ class EnginePool:
         engine = self.engines.get(address)
         if engine is not None and engine.removed and engine.in_flight == 0:
             del self.engines[address]
-            asyncio.create_task(engine.channel.close())
+            self._in_background(engine.channel.close())
 
-    def ready(self) -> list[Engine]:
+    def _in_background(self, coro) -> None:
+        # The loop holds tasks weakly: keep each until it is done, or it may be collected pending.
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def ready(self) -> list[EngineClient]:
         return [e for e in self.engines.values() if e.admissible]
 
     def candidates(self, exclude: set[str] = frozenset()) -> list[Candidate]:
         now = time.monotonic()
         return [e.candidate(self.staleness_bound_s, now) for e in self.ready() if e.address not in exclude]
 
-    def begin(self, address: str, request_id: str, num_blocks: int) -> Engine:
-        """Reserve blocks and count the request in flight on the chosen engine."""
+    def begin(self, address: str, request_id: str, num_blocks: int) -> EngineClient:
+        """Count the request's blocks as pending, and the request in flight, on the chosen engine."""
         engine = self.engines[address]
-        engine.ledger.reserve(request_id, num_blocks)
-        engine.in_flight += 1
+        engine.begin(request_id, num_blocks)
         return engine
 
-    def end(self, engine: Engine, request_id: str) -> None:
-        engine.ledger.release(request_id)
-        engine.in_flight -= 1
+    def end(self, engine: EngineClient, request_id: str) -> None:
+        engine.end(request_id)
         self._close_if_idle(engine.address)
 
     async def close(self) -> None:

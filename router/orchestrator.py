@@ -7,12 +7,13 @@ one response carrying a StreamError, and nothing is resent.
 
 Every exit path (finish, stop string, client cancel, deadline, error) runs the same `finally`: the
 engine call is cancelled if still open (the engine aborts at its next step boundary and frees the
-request's blocks), the detokenize stream is cancelled, the reservation is released.
+request's blocks), the detokenize stream is cancelled, the request's pending blocks are released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -27,11 +28,11 @@ from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
 from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
 from router.config import RouterConfig
-from router.engines import Engine, EnginePool
+from router.engines import EnginePool
 from router.policy import Decision, Policy, PromptKey
 from router.stream import CommittedStream
-from router.tokenizer_client import DetokenizeSession, TokenizerClient, downstream_error
-from router.validation import Limits, check_request, resolve_max_tokens
+from router.tokenizer_client import DetokenizeCall, TokenizerClient, downstream_error
+from router.validation import RequestLimits, check_request, resolve_max_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,11 @@ _FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUST
 
 
 def record_decision(decision: Decision) -> None:
-    """Default decision hook: a span event on the current span (a no-op without tracing), the pick
-    metrics and a debug log."""
-    trace.get_current_span().add_event(EVENT_ROUTE_DECISION, decision.attributes())
+    """Default decision hook: a span event on the current span (when it records), the pick metrics
+    and a debug log."""
+    span = trace.get_current_span()
+    if span.is_recording():  # the attributes cost more than the whole choice: build them only if kept
+        span.add_event(EVENT_ROUTE_DECISION, decision.attributes())
     record_pick(decision)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("route %s -> %s (%s) %s", decision.request_id, decision.chosen, decision.reason,
@@ -52,7 +55,7 @@ def record_decision(decision: Decision) -> None:
                    for s in decision.scored])
 
 
-async def _start_detokenizer(detok: DetokenizeSession, prompt: list[int], req) -> grpc.aio.AioRpcError | None:
+async def _start_detokenizer(detok: DetokenizeCall, prompt: list[int], req) -> grpc.aio.AioRpcError | None:
     """Send the detokenizer its start message; the error, if any, is returned for the caller to raise."""
     try:
         await detok.start(prompt, req)
@@ -74,7 +77,7 @@ class Orchestrator:
     """Runs Generate requests. One per router process; request state lives in the request's coroutine."""
 
     def __init__(self, *, config: RouterConfig, pool: EnginePool, policy: Policy, tokenizer: TokenizerClient,
-                 limits: Callable[[], Limits], on_decision: Callable[[Decision], None] = record_decision,
+                 limits: Callable[[], RequestLimits], on_decision: Callable[[Decision], None] = record_decision,
                  rng: random.Random | None = None):
         self._config = config
         self._pool = pool
@@ -100,8 +103,9 @@ class Orchestrator:
                                     retry_after_s=self._config.retry_after_s)
         self._live.add(request_id)
         try:
-            async for out in self._generate(request_id, req, _Deadline(remaining_s)):
-                yield out
+            async with contextlib.aclosing(self._generate(request_id, req, _Deadline(remaining_s))) as responses:
+                async for out in responses:
+                    yield out
         finally:
             self._live.discard(request_id)
 
@@ -130,10 +134,14 @@ class Orchestrator:
             if (exc := await start) is not None:
                 raise downstream_error("tokenizer", exc)
             stream = CommittedStream(req, request_id, len(prompt), engine, call, detok)
-            async for out in stream.run(first):
-                yield out
+            async with contextlib.aclosing(stream.run(first)) as responses:
+                async for out in responses:
+                    yield out
         finally:
-            start.cancel()
+            if not start.done():
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
             await detok.close()
             if call is not None:
                 call.cancel()
@@ -142,7 +150,7 @@ class Orchestrator:
 
     async def _dispatch(self, engine_req, num_prompt_tokens, max_tokens, deadline):
         """Choose an engine and get its first response, failing over before that. Returns
-        (engine, call, first response); the caller owns the reservation from then on."""
+        (engine, call, first response); the caller owns the request's pending blocks from then on."""
         excluded: list[str] = []
         last_error = ""
         use_cache = not engine_req.HasField("prefix_cache") or engine_req.prefix_cache
@@ -167,7 +175,7 @@ class Orchestrator:
                         f"{needs[0]} KV blocks)", retry_after_s=self._config.retry_after_s)
                 raise Unavailable("no ready engine" + (f" (last failure: {last_error})" if last_error else ""))
             engine = self._pool.begin(decision.chosen, engine_req.request_id, decision.reserve_blocks)
-            call = engine.stub.Generate(engine_req, timeout=deadline.remaining())
+            call = engine.generate(engine_req, timeout=deadline.remaining())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:

@@ -1,12 +1,12 @@
 """Replica choice: the policy interface, the KV-aware and cache-aware policies and two baselines.
 
 A policy sees one `Candidate` per known engine (a snapshot of the router's view: last report, its
-age, the router's own unreflected reservations and in-flight count) and the request's size (and,
-for the cache-aware policy, its prompt's token ids), and returns a `Decision` that names the engine
-and records every input and score, so that the choice can be explained afterwards (it becomes a
-span event; see `Decision.attributes`). Policies are pure: no I/O, no clock, randomness only
-through the `rng` they are given, so they are unit-tested exactly (the cache-aware policy reads and
-feeds a PrefixIndex, which keeps its own clock).
+age, the router's own pending blocks and in-flight count) and the request's size (and, for the
+cache-aware policy, its prompt's token ids), and returns a `Decision` that names the engine and
+records every input and score, so that the choice can be explained afterwards (it becomes a span
+event; see `Decision.attributes`). Policies are pure: no I/O, no clock, randomness only through the
+`rng` they are given, so they are unit-tested exactly (the cache-aware policy reads and feeds a
+PrefixIndex, which keeps its own clock).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvmesh.blocks import blocks_for
 from kvmesh.prefix_hash import prompt_block_hashes
 from router.prefix_index import SOURCE_NONE, PrefixIndex
 
@@ -43,20 +44,20 @@ class Candidate:
     cached_blocks: int  # evictable prefix blocks, as last reported (reusable on demand)
     reserved_blocks: int  # growth the engine already promised its running requests
     waiting_tokens: int  # prompt tokens queued at the engine, not yet holding blocks
-    pending_blocks: int  # the router's reservations no report reflects yet
+    pending_blocks: int  # blocks the router sent there that no report reflects yet (router.pending)
     in_flight: int  # requests this router has open on the engine
     report_age_s: float  # seconds since the last report arrived
     stale: bool  # report_age_s beyond the staleness bound
 
     def available_blocks(self) -> int:
         """Blocks a new request could still claim: free, minus every promise the engine and the router made."""
-        waiting_blocks = -(-self.waiting_tokens // self.block_size)
+        waiting_blocks = blocks_for(self.waiting_tokens, self.block_size)
         return (self.free_blocks + self.cached_blocks - self.reserved_blocks - waiting_blocks
                 - self.pending_blocks)
 
     def need_blocks(self, num_prompt_tokens: int, max_tokens: int) -> int:
         """Blocks the request holds at its largest: prompt plus growth to max_tokens."""
-        return -(-(num_prompt_tokens + max_tokens) // self.block_size)
+        return blocks_for(num_prompt_tokens + max_tokens, self.block_size)
 
 
 @dataclass(slots=True)
@@ -162,10 +163,10 @@ def _pick_best(scored: list[Scored], rng: random.Random) -> Scored:
 
 @dataclass
 class KvAwarePolicy:
-    """Most free KV blocks after the router's unreflected reservations and this request's need.
+    """Most free KV blocks after the router's pending blocks and this request's need.
 
     score = available_blocks - need_blocks, where available_blocks = free + cached - the engine's
-    growth reservations - its queued prompt blocks - the router's unreflected reservations.
+    growth reservations - its queued prompt blocks - the router's pending blocks.
     An engine "fits" with score >= 0. One with score >= -queue_ratio x total_blocks can still queue
     the request; below that it is full. Stale engines are used only when no fresh engine fits.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from kvmesh.telemetry.router import RouterRequestTrace
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.deployment import Deployment
@@ -15,9 +17,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         with RouterRequestTrace(request, self._deployment.model) as rec:  # GenAI span attributes, metrics
-            async for out in self._orch.generate(request, context.time_remaining()):
-                rec.response(out)
-                yield out
+            # Closed here when the client goes away, not later by the garbage collector.
+            async with contextlib.aclosing(self._orch.generate(request, context.time_remaining())) as responses:
+                async for out in responses:
+                    rec.response(out)
+                    yield out
 
     async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> common_pb2.ServiceInfo:
         return self._deployment.service_info()

@@ -13,6 +13,7 @@ with one response carrying a StreamError (ENGINE_LOST, code UNAVAILABLE).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,21 +21,20 @@ import grpc
 
 from kvmesh.serving.errors import ServiceError
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
-from router.engines import Engine
-from router.tokenizer_client import DetokenizeSession
+from router.engine_client import EngineClient
+from router.tokenizer_client import DetokenizeCall
 
 log = logging.getLogger(__name__)
 
 # After a stop-string match: how long to wait for the aborted engine stream to report its final
 # token count before cancelling it outright.
 STOP_DRAIN_S = 2.0
-ABORT_TIMEOUT_S = 2.0
 _END = object()  # the engine stream ended (normally it ends right after a finish_reason)
 
 
 class CommittedStream:
     def __init__(self, req: router_pb2.RouterGenerateRequest, request_id: str, num_prompt_tokens: int,
-                 engine: Engine, call, detok: DetokenizeSession):
+                 engine: EngineClient, call, detok: DetokenizeCall):
         self.req = req
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
@@ -45,8 +45,10 @@ class CommittedStream:
         self._inbox: asyncio.Queue = asyncio.Queue()  # GenerateResponse, then _END or an AioRpcError
 
     async def _read_engine(self) -> None:
+        # read(), not `async for`: the first response was read with read(), and a plain grpc.aio
+        # call refuses to mix the two styles.
         try:
-            async for resp in self.call:
+            while (resp := await self.call.read()) is not grpc.aio.EOF:
                 self._inbox.put_nowait(resp)
             self._inbox.put_nowait(_END)
         except grpc.aio.AioRpcError as exc:
@@ -61,28 +63,32 @@ class CommittedStream:
         return items
 
     async def run(self, first: engine_pb2.GenerateResponse) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        reader = asyncio.create_task(self._read_engine())
+        reader = asyncio.create_task(self._read_engine(), name=f"engine-reader-{self.request_id}")
         try:
-            async for out in self._relay([first]):
-                yield out
+            # Closed here, not left to the garbage collector: a relay finalized later runs its
+            # cleanup in a stray task (logged as destroyed-while-pending at shutdown).
+            async with contextlib.aclosing(self._relay([first])) as relay:
+                async for out in relay:
+                    yield out
         finally:
             reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
     async def _relay(self, items: list) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         e = self.engine
         is_first = True
         while True:
-            responses = [r for r in items if isinstance(r, engine_pb2.GenerateResponse)]
             tail = None if isinstance(items[-1], engine_pb2.GenerateResponse) else items[-1]
-            for r in responses:
-                if r.HasField("load"):
-                    e.apply_report(r.load)
+            responses = items if tail is None else items[:-1]
             out = router_pb2.RouterGenerateResponse(request_id=self.request_id)
             if is_first:
-                first = responses[0]
-                e.ledger.ack(self.request_id, first.load.sequence if first.HasField("load") else None)
-                out.engine_id = e.report.engine_id if e.report is not None else e.address
+                # Only the first and the last response carry a load report (include_load).
+                e.first_response(self.request_id, responses[0])
+                out.engine_id = e.engine_id
             last = responses[-1] if responses else None
+            if last is not None and last.finish_reason:
+                e.last_response(last)
             try:
                 tokens = [t for r in responses for t in r.tokens]
                 if tokens and await self._tokens(tokens, out):
@@ -142,9 +148,7 @@ class CommittedStream:
     async def _stop_engine(self, match_index: int) -> int:
         """Abort the engine request at once, then read its stream out to learn how many tokens it
         generated in all (usage counts them: the client pays for what the engine computed). Returns that count."""
-        abort = asyncio.ensure_future(self.engine.stub.Abort(
-            engine_pb2.AbortRequest(request_id=self.request_id), timeout=ABORT_TIMEOUT_S))
-        abort.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures only mean "already gone"
+        self.engine.abort(self.request_id)
         count = self.num_tokens
         try:
             async with asyncio.timeout(STOP_DRAIN_S):
@@ -154,6 +158,7 @@ class CommittedStream:
                         break
                     count += len(item.tokens)
                     if item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        self.engine.last_response(item)
                         if item.HasField("usage") and item.usage.completion_tokens:
                             count = item.usage.completion_tokens
                         break

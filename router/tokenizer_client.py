@@ -52,11 +52,11 @@ class TokenizerClient:
         assert kind == "token_ids", kind
         return list(request.token_ids.ids)
 
-    def detokenizer(self, timeout: float | None) -> "DetokenizeSession":
-        return DetokenizeSession(self.stub.DetokenizeStream(timeout=timeout))
+    def detokenizer(self, timeout: float | None) -> "DetokenizeCall":
+        return DetokenizeCall(self.stub.DetokenizeStream(timeout=timeout))
 
 
-class DetokenizeSession:
+class DetokenizeCall:
     """One DetokenizeStream: start, then one reply per batch of ids, then finish. Lockstep by contract."""
 
     def __init__(self, call):

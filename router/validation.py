@@ -17,7 +17,7 @@ MAX_REQUEST_ID_BYTES = 128
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class RequestLimits:
     """What the deployment accepts, from the router's config and the model behind it."""
 
     model: str
@@ -30,7 +30,7 @@ class Limits:
     max_stop_string_bytes: int
 
 
-def check_request(req: router_pb2.RouterGenerateRequest, limits: Limits) -> None:
+def check_request(req: router_pb2.RouterGenerateRequest, limits: RequestLimits) -> None:
     """Raises InvalidArgument or NotFound for a request the router will not start."""
     if req.model and req.model != limits.model:
         raise NotFound(f"model {req.model!r} is not served here; this router serves {limits.model!r}")
@@ -68,7 +68,7 @@ def check_request(req: router_pb2.RouterGenerateRequest, limits: Limits) -> None
         raise InvalidArgument("sampling.top_logprobs", f"{s.top_logprobs}; must be in [0, 20]")
 
 
-def resolve_max_tokens(req: router_pb2.RouterGenerateRequest, num_prompt_tokens: int, limits: Limits) -> int:
+def resolve_max_tokens(req: router_pb2.RouterGenerateRequest, num_prompt_tokens: int, limits: RequestLimits) -> int:
     """The max_tokens to send to the engine. Raises InvalidArgument when the prompt leaves no room."""
     if num_prompt_tokens > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"{num_prompt_tokens} tokens; at most {limits.max_prompt_tokens}")

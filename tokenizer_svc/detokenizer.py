@@ -1,4 +1,6 @@
-"""Incremental detokenization: token ids in, text deltas out, never half a UTF-8 character.
+"""Incremental detokenization by re-decoding a short window: token ids in, text deltas out, never
+half a UTF-8 character. For any tokenizer; those whose decoder only concatenates per-token bytes
+(most) use the table lookup of tokenizer_svc.token_bytes instead, which decodes nothing per token.
 
 The technique is vLLM's and TGI's prefix-offset / read-offset window. Decoding a token on its own
 is wrong for most tokenizers (SentencePiece drops a leading space at the start of a decode, a
@@ -92,6 +94,10 @@ class IncrementalDetokenizer:
         if len(text) <= len(self._prefix_text) or (text.endswith(REPLACEMENT_CHAR) and held < MAX_HELD_TOKENS):
             return ""
         return self._emit(text)
+
+    def extend(self, ids: Sequence[int]) -> str:
+        """Add several ids at once: the concatenation of their step() results."""
+        return "".join([self.step(i) for i in ids])
 
     def _emit(self, text: str) -> str:
         delta = text[len(self._prefix_text):]

@@ -13,7 +13,7 @@ from kvmesh.serving.errors import InvalidArgument
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class TokenizerLimits:
     """Per-request limits, set by flags and reported by GetInfo."""
 
     max_text_bytes: int = 4 * 1024 * 1024  # Tokenize text, UTF-8 bytes
@@ -27,7 +27,7 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-def check_text(field: str, text: str, limits: Limits) -> None:
+def check_text(field: str, text: str, limits: TokenizerLimits) -> None:
     if not text:
         raise InvalidArgument(field, "must not be empty")
     # Cheap bound first: a str of n characters has between n and 4n UTF-8 bytes.
@@ -37,7 +37,7 @@ def check_text(field: str, text: str, limits: Limits) -> None:
                                      f"{limits.max_text_bytes} bytes (max_text_bytes)")
 
 
-def check_ids(field: str, ids: Sequence[int], vocab_size: int, limits: Limits, *, allow_empty: bool) -> None:
+def check_ids(field: str, ids: Sequence[int], vocab_size: int, limits: TokenizerLimits, *, allow_empty: bool) -> None:
     if not ids and not allow_empty:
         raise InvalidArgument(field, "must not be empty")
     if len(ids) > limits.max_ids_per_request:
@@ -50,7 +50,7 @@ def check_ids(field: str, ids: Sequence[int], vocab_size: int, limits: Limits, *
                                                    f"[0, {vocab_size})")
 
 
-def check_stops(field: str, stops: Sequence[str], limits: Limits) -> None:
+def check_stops(field: str, stops: Sequence[str], limits: TokenizerLimits) -> None:
     if len(stops) > limits.max_stop_strings:
         raise InvalidArgument(field, f"{len(stops)} stop strings exceeds the limit of {limits.max_stop_strings} "
                                      f"(max_stop_strings)")

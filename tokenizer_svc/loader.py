@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from kvmesh.demo import DEMO_MAX_MODEL_LEN, DEMO_MODEL_NAME
 from tokenizer_svc.demo import DEMO_CHAT_TEMPLATE, build_demo_tokenizer
 from tokenizer_svc.detokenizer import special_token_ids
+from tokenizer_svc.token_bytes import TokenBytes
 
 # tokenizer_config.json's model_max_length for "no limit" (transformers writes int(1e30)).
 _NO_LIMIT = 10**9
@@ -38,6 +39,8 @@ class LoadedTokenizer:
     eos_token_ids: list[int]  # tokenizer, config.json and generation_config.json, deduplicated
     pad_token_id: int | None
     max_length: int  # 0 when unknown
+    # Per-id bytes for streaming detokenization by lookup; None: the decoder needs the window method.
+    token_bytes: TokenBytes | None = field(default=None, repr=False)
 
     @property
     def has_chat_template(self) -> bool:
@@ -128,4 +131,5 @@ def _assemble(name: str, tok: Tokenizer, hf, *, config: dict, generation_config:
     return LoadedTokenizer(
         name=name, text_tokenizer=text_tok, special_tokenizer=special_tok, hf=hf, vocab_size=vocab_size,
         special_ids=special_token_ids(tok), bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=eos, pad_token_id=None if pad is None else int(pad), max_length=max_length)
+        eos_token_ids=eos, pad_token_id=None if pad is None else int(pad), max_length=max_length,
+        token_bytes=TokenBytes.build(text_tok))

@@ -19,7 +19,7 @@ from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure
 from kvmesh.serving.server import (RunningServer, install_stop_signals, start_server, wait_for_stop,
                                    write_port_file)
 from kvmesh.v1 import tokenizer_pb2_grpc
-from tokenizer_svc.limits import Limits
+from tokenizer_svc.limits import TokenizerLimits
 from tokenizer_svc.loader import LoadedTokenizer, load_tokenizer
 from tokenizer_svc.service import SERVICE_NAME, TokenizerServicer
 
@@ -33,7 +33,7 @@ def build_parser() -> EnvArgumentParser:
     parser.add_argument("--model", default="demo",
                         help="HuggingFace model directory (tokenizer.json, or tokenizer.model), or 'demo' (built in)")
     add_server_flags(parser, default_port=DEFAULT_PORT)
-    defaults = Limits()
+    defaults = TokenizerLimits()
     parser.add_argument("--max-text-bytes", type=int, default=defaults.max_text_bytes,
                         help="largest Tokenize text, in UTF-8 bytes")
     parser.add_argument("--max-ids-per-request", type=int, default=defaults.max_ids_per_request,
@@ -47,12 +47,12 @@ def build_parser() -> EnvArgumentParser:
     return parser
 
 
-def limits_from_args(args) -> Limits:
-    return Limits(max_text_bytes=args.max_text_bytes, max_ids_per_request=args.max_ids_per_request,
+def limits_from_args(args) -> TokenizerLimits:
+    return TokenizerLimits(max_text_bytes=args.max_text_bytes, max_ids_per_request=args.max_ids_per_request,
                   max_stop_strings=args.max_stop_strings, max_stop_string_bytes=args.max_stop_string_bytes)
 
 
-async def serve_tokenizer(tok: LoadedTokenizer, limits: Limits, *, host: str = "127.0.0.1", port: int = 0,
+async def serve_tokenizer(tok: LoadedTokenizer, limits: TokenizerLimits, *, host: str = "127.0.0.1", port: int = 0,
                           max_message_bytes: int = 16 * 1024 * 1024, threads: int = 2,
                           ) -> tuple[RunningServer, ThreadPoolExecutor]:
     """Start a tokenizer server for an already loaded tokenizer (also used by tests and the benchmark).

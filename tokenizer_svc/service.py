@@ -1,8 +1,8 @@
 """kvmesh.v1.Tokenizer servicer: request validation, then the tokenizer work off the event loop.
 
 Encoding and decoding run in a thread pool (`tokenizers` releases the GIL in its batch calls, so
-several run in parallel). A DetokenizeStream batch of a few ids is processed inline instead: each
-id costs a few microseconds, less than the hop to a thread and back.
+several run in parallel). A short text to encode and a DetokenizeStream batch of a few ids are
+processed inline instead: they cost less than the hop to a thread and back.
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from kvmesh.serving.errors import InvalidArgument
 from kvmesh.telemetry.tokenizer import record_tokens
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_svc.chat import parse_chat_request, render_chat
-from tokenizer_svc.limits import Limits, check_ids, check_stops, check_text
+from tokenizer_svc.limits import TokenizerLimits, check_ids, check_stops, check_text
 from tokenizer_svc.loader import LoadedTokenizer
-from tokenizer_svc.stream import DetokenizeSession, StreamStep
+from tokenizer_svc.stream import StreamDetokenizer, StreamStep
 
 SERVICE_NAME = "kvmesh.v1.Tokenizer"
 # Stream batches up to this many ids are detokenized on the event loop (see the module docstring).
 INLINE_STREAM_IDS = 64
+# Texts up to this many characters are encoded on the event loop: tens of microseconds, less than
+# the hop to a worker thread and back on a busy host (a text this short blocks nothing for long).
+INLINE_TEXT_CHARS = 2048
 
 
-def tokenizer_info(tok: LoadedTokenizer, limits: Limits) -> tokenizer_pb2.TokenizerInfo:
+def tokenizer_info(tok: LoadedTokenizer, limits: TokenizerLimits) -> tokenizer_pb2.TokenizerInfo:
     """GetInfo's answer; fixed for the life of the process."""
     capabilities = ["tokenize", "detokenize", "detokenize_stream", "stop_strings", "parse_special_tokens"]
     if tok.has_chat_template:
@@ -58,7 +61,7 @@ def _flag(message, field: str, default: bool) -> bool:
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     """Serves one loaded tokenizer. Stateless between RPCs; each stream owns its session."""
 
-    def __init__(self, tok: LoadedTokenizer, limits: Limits, executor: ThreadPoolExecutor):
+    def __init__(self, tok: LoadedTokenizer, limits: TokenizerLimits, executor: ThreadPoolExecutor):
         self._tok = tok
         self._limits = limits
         self._executor = executor
@@ -72,8 +75,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         check_text("text", request.text, self._limits)
         parse = _flag(request, "parse_special_tokens", False)
         encoder = self._tok.special_tokenizer if parse else self._tok.text_tokenizer
-        (encoding,) = await self._offload(encoder.encode_batch, [request.text],
-                                          add_special_tokens=_flag(request, "add_special_tokens", True))
+        add_special = _flag(request, "add_special_tokens", True)
+        if len(request.text) <= INLINE_TEXT_CHARS:  # a prompt's worth: cheaper than the hop to a thread
+            encoding = encoder.encode(request.text, add_special_tokens=add_special)
+        else:
+            (encoding,) = await self._offload(encoder.encode_batch, [request.text], add_special_tokens=add_special)
         record_tokens("tokenize", len(encoding.ids))
         return tokenizer_pb2.TokenizeResponse(token_ids=encoding.ids)
 
@@ -95,7 +101,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return self._info
 
     async def DetokenizeStream(self, request_iterator, context) -> AsyncIterator:
-        session: DetokenizeSession | None = None
+        session: StreamDetokenizer | None = None
         async for request in request_iterator:
             kind = request.WhichOneof("kind")
             if session is None:
@@ -118,16 +124,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 record_tokens("detokenize_stream", step.num_tokens)
                 return  # the stream ends; nothing after a stop match or finish is ever answered
 
-    def _start_session(self, start) -> DetokenizeSession:
+    def _start_session(self, start) -> StreamDetokenizer:
         check_ids("start.prompt_token_ids", start.prompt_token_ids, self._tok.vocab_size, self._limits,
                   allow_empty=True)
         check_stops("start.stop", start.stop, self._limits)
-        return DetokenizeSession(self._tok.text_tokenizer, list(start.prompt_token_ids), stops=list(start.stop),
+        return StreamDetokenizer(self._tok.text_tokenizer, list(start.prompt_token_ids), stops=list(start.stop),
                                  include_stop=_flag(start, "include_stop_string", False),
                                  skip_special_tokens=_flag(start, "skip_special_tokens", True),
-                                 special_ids=self._tok.special_ids)
+                                 special_ids=self._tok.special_ids, token_bytes=self._tok.token_bytes)
 
-    async def _feed(self, session: DetokenizeSession, ids) -> StreamStep:
+    async def _feed(self, session: StreamDetokenizer, ids) -> StreamStep:
         check_ids("tokens.ids", ids, self._tok.vocab_size, self._limits, allow_empty=True)
         if len(ids) <= INLINE_STREAM_IDS:
             return session.feed(ids)

@@ -1,6 +1,6 @@
 """One detokenization stream: generated ids in, safe text deltas and the first stop match out.
 
-Pure logic, no gRPC: the service's DetokenizeStream drives one DetokenizeSession per stream, and
+Pure logic, no gRPC: the service's DetokenizeStream drives one StreamDetokenizer per stream, and
 the tests drive it directly for the property checks.
 """
 
@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 from tokenizer_svc.stops import StopMatcher
+from tokenizer_svc.token_bytes import ByteDetokenizer, TokenBytes
 
 
 @dataclass(slots=True)
@@ -26,7 +27,7 @@ class StreamStep:
     done: bool = False  # the stream is over (a stop matched, or finish)
 
 
-class DetokenizeSession:
+class StreamDetokenizer:
     """Incremental detokenizer plus stop matcher for one generation.
 
     Args:
@@ -36,14 +37,21 @@ class DetokenizeSession:
         include_stop: end the text with the matched stop string instead of cutting before it.
         skip_special_tokens: drop special tokens from the text.
         special_ids: the tokenizer's special ids (computed once by the caller, not per stream).
+        token_bytes: the tokenizer's byte table (TokenBytes.build, once by the caller), or None to
+            re-decode a window per token instead.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *, stops: Sequence[str] = (),
                  include_stop: bool = False, skip_special_tokens: bool = True,
-                 special_ids: frozenset[int] | None = None):
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens,
-                                             special_ids=special_ids)
+                 special_ids: frozenset[int] | None = None, token_bytes: TokenBytes | None = None):
+        if token_bytes is not None:
+            self._detok = ByteDetokenizer(token_bytes, prompt_ids, skip_special_tokens=skip_special_tokens,
+                                          special_ids=special_ids or frozenset())
+        else:
+            self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens,
+                                                 special_ids=special_ids)
         self._matcher = StopMatcher(stops, include_stop=include_stop)
+        self._has_stops = bool(stops)
         self.num_tokens = 0
         self.done = False
 
@@ -51,6 +59,9 @@ class DetokenizeSession:
         """Add a batch of generated ids. Ids after the one that completes a stop string are counted
         but produce no text."""
         assert not self.done, "feed after the stream ended"
+        if not self._has_stops:  # no token index to report: the batch in one go
+            self.num_tokens += len(ids)
+            return StreamStep(self._detok.extend(ids), self.num_tokens)
         parts: list[str] = []
         for i, token_id in enumerate(ids):
             index = self.num_tokens + i

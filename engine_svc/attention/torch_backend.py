@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from kvmesh.blocks import blocks_for
+
 from engine_svc.attention.base import AttentionBackend, AttentionMetadata
 
 
@@ -76,7 +78,7 @@ class TorchAttentionBackend(AttentionBackend):
             out[out_rows[0]] = out_rows[1]
         for i in prefill:
             start, end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
-            nb = -(-seq_len // block_size)
+            nb = blocks_for(seq_len, block_size)
             bt = meta.block_tables[i:i + 1]
             k = _gather_context(k_cache, bt, nb)[:, :seq_len]  # [1, L, KVH, D]
             v = _gather_context(v_cache, bt, nb)[:, :seq_len]
@@ -96,7 +98,7 @@ class TorchAttentionBackend(AttentionBackend):
         tok = torch.tensor([qsl[i] for i in rows], device=device)
         lens = torch.tensor([seq_lens[i] for i in rows], device=device)
         max_len = max(seq_lens[i] for i in rows)
-        nb = -(-max_len // block_size)
+        nb = blocks_for(max_len, block_size)
         bt = meta.block_tables[idx]
         k = _gather_context(k_cache, bt, nb)  # [n, nb * BS, KVH, D]
         v = _gather_context(v_cache, bt, nb)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine_svc.core.prefix_cache import PrefixCache, PrefixHit
+from kvmesh.blocks import blocks_for
 
 
 @dataclass(slots=True)
@@ -88,7 +89,7 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """Blocks the request still lacks to hold num_tokens tokens (0 if it has enough)."""

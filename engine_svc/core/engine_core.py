@@ -15,8 +15,9 @@ Stop conditions, checked after each sampled token, in this order:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Protocol
+
+from kvmesh.load import LoadSnapshot
 
 from engine_svc.core.block_manager import BlockManager
 from engine_svc.core.hooks import EngineHooks, StepInfo
@@ -27,32 +28,6 @@ from engine_svc.step import SampledToken, ScheduledSeq
 
 class Runner(Protocol):
     def execute(self, seqs: list[ScheduledSeq]) -> list[SampledToken | None]: ...
-
-
-@dataclass(slots=True, frozen=True)
-class LoadSnapshot:
-    """The engine's load after a step or a command. Built on the engine thread, read by the service."""
-
-    version: int  # increases with every snapshot
-    block_size: int
-    total_blocks: int
-    free_blocks: int
-    cached_blocks: int
-    in_use_blocks: int
-    reserved_blocks: int  # growth the running requests still need to reach max_tokens
-    num_running_requests: int
-    num_waiting_requests: int
-    num_running_tokens: int
-    num_waiting_tokens: int
-    # Prefix cache since start, in tokens (cumulative; not part of counts()): metrics only.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-    def counts(self) -> tuple:
-        """Everything but the version: equal counts mean "no change" for WatchLoad."""
-        return (self.free_blocks, self.cached_blocks, self.in_use_blocks, self.reserved_blocks,
-                self.num_running_requests, self.num_waiting_requests, self.num_running_tokens,
-                self.num_waiting_tokens)
 
 
 class EngineCore:

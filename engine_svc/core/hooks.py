@@ -30,6 +30,11 @@ class StepInfo:
 class EngineHooks:
     """No-op hooks; override what you need."""
 
+    def begin(self, request_id: str, num_prompt_tokens: int, sampling=None):
+        """Called by the Generate handler (event loop) before the request is added: the object to
+        store as `req.trace` (read by the other hooks), or None for an untraced request."""
+        return None
+
     def on_queued(self, req: Request) -> None:
         """A request entered the waiting queue (new)."""
 

@@ -4,9 +4,11 @@ Configuration is the standard `OTEL_*` environment (no kvmesh flags):
 
 - `OTEL_SERVICE_NAME`: default per tier ("kvmesh-router", "kvmesh-tokenizer", "kvmesh-engine");
   `OTEL_RESOURCE_ATTRIBUTES` adds resource attributes.
-- `OTEL_TRACES_EXPORTER`: `otlp` (default), `console`, `none`, or a comma-separated list. `none` (or
-  `OTEL_SDK_DISABLED=true`) installs no SDK at all: spans are the API's no-op ones, which cost nearly
-  nothing, and incoming trace context still passes through to downstream calls.
+- `OTEL_TRACES_EXPORTER`: `otlp` (the default once an OTLP endpoint is set), `console`, `none`, or a
+  comma-separated list. `none`, `OTEL_SDK_DISABLED=true`, or neither an exporter nor an endpoint set
+  turns tracing off: no SDK, and no tracing interceptor on any server or channel, so an RPC costs
+  exactly what it costs without OpenTelemetry (spans are the API's no-op ones; trace context is not
+  forwarded by a service that does not trace).
 - `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
   `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (`grpc` by default; `http/protobuf` needs the
   opentelemetry-exporter-otlp-proto-http package), `OTEL_EXPORTER_OTLP_HEADERS`, ...: read by the
@@ -76,6 +78,9 @@ def setup_tracing(default_service_name: str):
         names = _exporter_names()
         if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or names == ["none"]:
             return None
+        if "OTEL_TRACES_EXPORTER" not in os.environ and not _otlp_endpoint_set():
+            log.info("tracing off: neither OTEL_TRACES_EXPORTER nor an OTLP endpoint is set")
+            return None
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
 
@@ -109,6 +114,11 @@ def tracing_enabled() -> bool:
     from opentelemetry.sdk.trace import TracerProvider
 
     return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+def _otlp_endpoint_set() -> bool:
+    return any(os.environ.get(name, "").strip() for name in
+               ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 def _exporter_names() -> list[str]:
@@ -171,7 +181,10 @@ class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """Interceptors for `start_server(interceptors=...)`: extract the caller's trace context from
-    the metadata and run each RPC inside a SERVER span."""
+    the metadata and run each RPC inside a SERVER span. None when this process does not trace
+    (decided when the server is built: set tracing up first)."""
+    if not tracing_enabled():
+        return []
     tracer = aio_server_interceptor()._tracer
     return [_ServerInterceptor(tracer, filter_=_TRACED)]
 
@@ -229,7 +242,10 @@ class _StreamStreamClientInterceptor(_EndWithRpc, _aio_client.StreamStreamAioCli
 
 def client_interceptors() -> list:
     """Interceptors for `create_channel(interceptors=...)`: a CLIENT span per call, its context
-    injected into the metadata as W3C `traceparent` (unary and streaming calls alike)."""
+    injected into the metadata as W3C `traceparent` (unary and streaming calls alike). None when
+    this process does not trace (decided when the channel is made: set tracing up first)."""
+    if not tracing_enabled():
+        return []
     unary_unary, _, stream_unary, _ = aio_client_interceptors(filter_=_TRACED)
     tracer = unary_unary._tracer
     return [unary_unary, _UnaryStreamClientInterceptor(tracer, filter_=_TRACED), stream_unary,

@@ -172,7 +172,9 @@ async def test_stop_token_reported(stub, stories260k_dir):
 async def test_engine_mints_request_id_and_attaches_load(stub):
     responses = await collect(stub, [1, 50, 60], include_load=True)
     assert len(responses[0].request_id) == 32
-    loads = [r.load for r in responses]
+    # A report on the first response and on the last (the router's bookkeeping), none between.
+    assert len(responses) > 2 and [r.HasField("load") for r in responses] == [True] + [False] * (len(responses) - 2) + [True]
+    loads = [responses[0].load, responses[-1].load]
     assert all(load.total_blocks == NUM_BLOCKS and load.block_size == 16 for load in loads)
     assert loads[0].num_running_requests == 1 and loads[0].in_use_blocks >= 1
     assert [load.sequence for load in loads] == sorted({load.sequence for load in loads})
@@ -207,7 +209,9 @@ async def test_abort_semantics(server, stub):
     await call.read()
     reply = await stub.Abort(engine_pb2.AbortRequest(request_id="ab"))
     assert reply.result == engine_pb2.ABORT_RESULT_ABORTED
-    rest = [r async for r in call]
+    rest = []  # read() to the end: a plain grpc.aio call does not mix read() with `async for`
+    while (r := await call.read()) is not grpc.aio.EOF:
+        rest.append(r)
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert rest[-1].usage.completion_tokens < 400
     assert (await stub.Abort(engine_pb2.AbortRequest(request_id="ab"))).result == \

@@ -2,7 +2,7 @@
 
 A burst of 64 concurrent requests that together ask for 3.3 times the KV capacity: the assignments must
 follow the engines' free blocks (no engine above its share + 10 points), and since the burst is
-dispatched between two load reports, only the router's in-flight reservations keep it from herding
+dispatched between two load reports, only the router's pending blocks keep it from herding
 onto the emptiest engine (without them, all 64 would go to "a"; tests/router/test_policy.py shows
 that ablation exactly).
 """
@@ -31,7 +31,7 @@ MAX_TOKENS = 150
 @pytest.fixture(scope="module")
 def router(mesh):
     # Queueing room of 4x each engine's blocks: the burst needs 2.3x beyond capacity, and prompts
-    # waiting at an engine count twice for a moment (its report and the router's reservation).
+    # waiting at an engine count twice for a moment (its report and the router's pending blocks).
     return mesh.router(NAMES, "--queue-ratio", "4")
 
 

@@ -1,4 +1,4 @@
-"""Replica choice and reservations, on hand-made candidates: exact scores, tiers and spreads."""
+"""Replica choice and pending blocks, on hand-made candidates: exact scores, tiers and spreads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from router.policy import (TIER_FRESH_FITS, TIER_FRESH_QUEUES, TIER_FULL, TIER_STALE_FITS, Candidate,
                            KvAwarePolicy, LeastRequestsPolicy, RoundRobinPolicy, make_policy)
-from router.reservations import ReservationLedger
+from router.pending import PendingLedger
 
 
 def cand(address, free, *, total=None, block_size=16, cached=0, reserved=0, waiting=0, pending=0,
@@ -70,12 +70,12 @@ def simulate_burst(free: dict[str, int], num_requests: int, need_tokens: int, *,
                    seed: int = 0, queue_ratio: float = 1.0) -> collections.Counter:
     """A burst dispatched between two reports: the view of `free` never changes, only the ledgers."""
     policy, rng = KvAwarePolicy(queue_ratio=queue_ratio), random.Random(seed)
-    ledgers = {a: ReservationLedger() for a in free}
+    ledgers = {a: PendingLedger() for a in free}
     counts = collections.Counter()
     for i in range(num_requests):
         cands = [cand(a, f, pending=ledgers[a].pending_blocks if use_ledger else 0) for a, f in free.items()]
         d = policy.choose(f"r{i}", cands, need_tokens, 0, rng)
-        ledgers[d.chosen].reserve(f"r{i}", d.chosen_candidate.need_blocks(need_tokens, 0))
+        ledgers[d.chosen].add(f"r{i}", d.chosen_candidate.need_blocks(need_tokens, 0))
         counts[d.chosen] += 1
     return counts
 
@@ -83,7 +83,7 @@ def simulate_burst(free: dict[str, int], num_requests: int, need_tokens: int, *,
 def test_burst_after_a_report_does_not_herd():
     counts = simulate_burst({"a": 101, "b": 100, "c": 100}, 60, 32, use_ledger=True)
     assert max(counts.values()) <= 21, counts
-    # Without the reservations every request goes to the engine that looked emptiest.
+    # Without the pending blocks every request goes to the engine that looked emptiest.
     assert simulate_burst({"a": 101, "b": 100, "c": 100}, 60, 32, use_ledger=False) == {"a": 60}
 
 
@@ -102,11 +102,11 @@ def test_oversubscribed_burst_queues_in_proportion_to_capacity():
     assert abs(counts["big"] - 32) <= 1 and abs(counts["mid"] - 16) <= 1 and abs(counts["small"] - 8) <= 1, counts
 
 
-def test_ledger_retires_reservations_a_report_reflects():
-    ledger = ReservationLedger()
+def test_ledger_retires_pending_blocks_a_report_reflects():
+    ledger = PendingLedger()
     ledger.on_report(5)
-    ledger.reserve("x", 3)
-    ledger.reserve("y", 4)
+    ledger.add("x", 3)
+    ledger.add("y", 4)
     assert ledger.pending_blocks == 7
     ledger.on_report(6)  # a report says nothing about requests it has not acknowledged
     assert ledger.pending_blocks == 7
@@ -118,10 +118,10 @@ def test_ledger_retires_reservations_a_report_reflects():
     ledger.ack("y", None)  # no report attached: the next report reflects it
     ledger.on_report(9)
     assert ledger.pending_blocks == 0 and len(ledger) == 0
-    ledger.reserve("z", 2)
+    ledger.add("z", 2)
     ledger.ack("z", 9)  # a report already applied reflects it: retired at once
     assert ledger.pending_blocks == 0
-    ledger.reserve("w", 2)
+    ledger.add("w", 2)
     ledger.ack("w", 12)
     ledger.reset()  # engine restarted: the new numbering starts again
     ledger.on_report(12)

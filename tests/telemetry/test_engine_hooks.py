@@ -10,8 +10,9 @@ from engine_svc.core.engine_core import EngineCore
 from engine_svc.core.request import FinishReason, Request
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken
+from engine_svc.telemetry_hooks import TelemetryHooks
 from kvmesh.telemetry import attributes as attrs
-from kvmesh.telemetry.engine import RequestTrace, StepTracer, TelemetryHooks
+from kvmesh.telemetry.engine import RequestTrace, StepTracer
 
 BLOCK = 4
 

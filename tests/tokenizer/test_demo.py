@@ -8,7 +8,7 @@ import grpc
 from kvmesh import demo
 from kvmesh.v1 import common_pb2, tokenizer_pb2 as pb, tokenizer_pb2_grpc
 from tokenizer_svc.demo import build_demo_tokenizer
-from tokenizer_svc.limits import Limits
+from tokenizer_svc.limits import TokenizerLimits
 from tokenizer_svc.loader import load_tokenizer
 from tokenizer_svc.server import serve_tokenizer
 
@@ -26,7 +26,7 @@ def test_vocabulary_is_bytes_after_three_specials():
 
 
 async def test_demo_service():
-    running, executor = await serve_tokenizer(load_tokenizer("demo"), Limits(), port=0)
+    running, executor = await serve_tokenizer(load_tokenizer("demo"), TokenizerLimits(), port=0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = tokenizer_pb2_grpc.TokenizerStub(channel)

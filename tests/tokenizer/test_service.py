@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, tokenizer_pb2 as pb
 from tok_support import TEST_LIMITS, texts
-from tokenizer_svc.limits import Limits
+from tokenizer_svc.limits import TokenizerLimits
 from tokenizer_svc.loader import load_tokenizer
 from tokenizer_svc.server import serve_tokenizer
 
@@ -173,7 +173,7 @@ async def chat_stub(stories260k_dir, tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = CHATML
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    running, executor = await serve_tokenizer(load_tokenizer(str(tmp_path)), Limits(), port=0)
+    running, executor = await serve_tokenizer(load_tokenizer(str(tmp_path)), TokenizerLimits(), port=0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         from kvmesh.v1 import tokenizer_pb2_grpc
         yield tokenizer_pb2_grpc.TokenizerStub(channel), tmp_path

@@ -1,14 +1,15 @@
-"""Stop strings: the StopMatcher alone, and the DetokenizeSession against an oracle that decodes
+"""Stop strings: the StopMatcher alone, and the StreamDetokenizer against an oracle that decodes
 every prefix of the ids in one shot and looks for the stop strings there."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tok_support import texts
 from tokenizer_svc.stops import StopMatcher
-from tokenizer_svc.stream import DetokenizeSession
+from tokenizer_svc.stream import StreamDetokenizer
 
 
 def push_all(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], str | None]:
@@ -72,12 +73,14 @@ _stops = st.lists(st.sampled_from(["Once", " a", "the", "😀", "é", "STOP", "\
                   | st.text(min_size=1, max_size=3).filter(lambda s: "\ufffd" not in s), min_size=1, max_size=4)
 
 
+@pytest.mark.parametrize("method", ["window", "bytes"])  # re-decoded window / table lookup
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=texts, stops=_stops, include=st.booleans(), batch=st.integers(1, 4))
-def test_session_matches_the_oracle(stories_tok, text, stops, include, batch):
+def test_session_matches_the_oracle(stories_tok, method, text, stops, include, batch):
     ids = stories_tok.text_tokenizer.encode(text, add_special_tokens=False).ids
-    session = DetokenizeSession(stories_tok.text_tokenizer, [1], stops=stops, include_stop=include,
-                                special_ids=stories_tok.special_ids)
+    table = stories_tok.token_bytes if method == "bytes" else None
+    session = StreamDetokenizer(stories_tok.text_tokenizer, [1], stops=stops, include_stop=include,
+                                special_ids=stories_tok.special_ids, token_bytes=table)
     shown, match = [], None
     for k in range(0, len(ids), batch):
         step = session.feed(ids[k:k + batch])

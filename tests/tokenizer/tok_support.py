@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from tokenizer_svc.limits import Limits
+from tokenizer_svc.limits import TokenizerLimits
 
 # Small limits so that the limit tests need no megabytes of input.
-TEST_LIMITS = Limits(max_text_bytes=4096, max_ids_per_request=1000, max_stop_strings=4, max_stop_string_bytes=16)
+TEST_LIMITS = TokenizerLimits(max_text_bytes=4096, max_ids_per_request=1000, max_stop_strings=4, max_stop_string_bytes=16)
 TEST_MAX_MESSAGE_BYTES = 64 * 1024
 
 PIECES = ["Once", " upon", " a time", "Lily", " the", "dog", ".", ",", "!", " ", "  ", "\n", "\t",
