@@ -39,7 +39,7 @@ BATCHES = [1, 8, 64, 256]
 CONTEXTS = [512, 2048, 4096, 8192, 32768]
 PREFILL_MAX_TOKENS = 65536  # prefill shapes with B * ctx above this are skipped (seconds per call)
 FP8_SCALE = 0.05  # per-tensor K/V scale of the FP8 rows
-FP8_DECODE_SHAPES = [(1, 4096), (8, 4096), (64, 4096), (256, 4096), (256, 32768)]
+FP8_DECODE_SHAPES = [(1, 4096), (8, 4096), (64, 4096), (256, 4096), (256, 8192)]
 ENGINE_MAX_LEN = 131072  # Llama-3.1's max_model_len: what the engine's decode graphs plan with
 
 
@@ -115,7 +115,8 @@ def sdpa_variants(q, k, v, causal, allow_repeat):
     return out
 
 
-def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=False, graph_max_len=None):
+def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=False, graph_max_len=None,
+                 attn=paged_attention):
     """One decode step over B sequences of ctx tokens, as a graph replay. graph_max_len: plan as the
     engine's graphs do (max_seq_len = the model's limit, block tables that wide)."""
     kv_bytes = 2 * B * ctx * HKV * D * (1 if fp8 else 2)
@@ -129,8 +130,8 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
     scales = {"k_scale": FP8_SCALE, "v_scale": FP8_SCALE} if fp8 else {}
 
     def ours():
-        return paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, graph_max_len or ctx, D ** -0.5, out=out,
-                               plan_overrides=plan_overrides, **scales)
+        return attn(q, k_cache, v_cache, bt, qsl, lens, 1, graph_max_len or ctx, D ** -0.5, out=out,
+                    plan_overrides=plan_overrides, **scales)
 
     t = graph_ms(ours)
     moved = kv_bytes + 2 * q.numel() * 2
@@ -161,7 +162,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
     return row
 
 
-def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True):
+def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attention):
     k_cache, v_cache, bt = make_paged(B, ctx)
     q = torch.randn(B * ctx, H, D, device="cuda", dtype=DT)
     qsl = torch.arange(0, B * ctx + 1, ctx, device="cuda", dtype=torch.int32)
@@ -169,8 +170,7 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True):
     out = torch.empty_like(q)
 
     def ours():
-        return paged_attention(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out,
-                               plan_overrides=plan_overrides)
+        return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides)
 
     t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
@@ -253,11 +253,45 @@ def bench_fused(copy_gbps) -> list[dict]:
     return rows
 
 
+BASELINE_DECODE = [(1, 4096), (8, 4096), (64, 4096), (256, 4096)]
+BASELINE_PREFILL = [(1, 2048), (1, 8192), (8, 2048)]
+
+
+def load_baseline(tree):
+    """kernels/paged_attention.py of another checkout (the base commit), under its own module name."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("baseline_paged_attention",
+                                                  os.path.join(tree, "kernels", "paged_attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.paged_attention
+
+
+def bench_baseline(tree, copy_gbps) -> dict:
+    """Base and this tree's kernels on the same shapes, alternating, in this one run."""
+    base = load_baseline(tree)
+    rows = {"decode": [], "prefill": []}
+    for B, ctx in BASELINE_DECODE:
+        a = bench_decode(B, ctx, copy_gbps, with_sdpa=False, attn=base)
+        b = bench_decode(B, ctx, copy_gbps, with_sdpa=False)
+        rows["decode"].append({"B": B, "ctx": ctx, "base_ms": a.get("ms"), "ms": b.get("ms"),
+                               "speedup": a["ms"] / b["ms"] if "ms" in a and "ms" in b else None})
+        print("baseline decode", rows["decode"][-1], flush=True)
+    for B, ctx in BASELINE_PREFILL:
+        a = bench_prefill(B, ctx, with_sdpa=False, attn=base)
+        b = bench_prefill(B, ctx, with_sdpa=False)
+        rows["prefill"].append({"B": B, "ctx": ctx, "base_ms": a["ms"], "ms": b["ms"], "base_TFLOPs": a["TFLOPs"],
+                                "TFLOPs": b["TFLOPs"], "speedup": a["ms"] / b["ms"]})
+        print("baseline prefill", rows["prefill"][-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true", help="also time tile/warp/stage/split variants")
     ap.add_argument("--sweep-only", action="store_true", help="only the variants (bench/kernels_sweep.py)")
+    ap.add_argument("--baseline", help="another checkout whose paged attention is timed beside this one")
     args = ap.parse_args()
     torch.manual_seed(0)
     commit = os.environ.get("KVMESH_COMMIT", "")  # the device copy of the tree may have no git history
@@ -290,6 +324,9 @@ def main():
         if args.sweep_only:
             print_sweep(report["sweep"])
             return
+    if args.baseline:
+        report["baseline"] = bench_baseline(args.baseline, cbw)
+        save()
     report["decode"] = []
     for B in BATCHES:
         for ctx in CONTEXTS:
@@ -342,6 +379,11 @@ def print_table(r):
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
         print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['TFLOPs']:8.1f}  {x['vs_sdpa']:.2f}x ({x['sdpa_best']})")
+    if "baseline" in r:
+        print("\nbase commit's kernel vs this one (same run)    base ms    ms   speedup")
+        for kind in ("decode", "prefill"):
+            for x in r["baseline"][kind]:
+                print(f"  {kind:<8} B={x['B']:>3} ctx={x['ctx']:>5}  {x['base_ms']:9.4f} {x['ms']:8.4f}  {x['speedup']:.3f}x")
     print("\nfused layers (T=4096, bf16)        ms   eager ms  speedup   GB/s  %copy")
     for x in r["fused"]:
         print(f"  {x['op']:<20} {x['ms']:8.4f} {x['eager_ms']:9.4f} {x['speedup']:7.2f}x {x['GBps']:7.0f} {x['pct_copy']:5.1f}%")

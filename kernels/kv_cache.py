@@ -40,7 +40,7 @@ def _write_kv_cache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim], head_dim stride 1
     v_cache_ptr,  # same shape as k_cache
     slot_mapping_ptr,  # [num_tokens] int32/int64, -1 = skip
-    k_scale_ptr, v_scale_ptr,  # fp32 [num_kv_heads] quantisation scales; read only if CACHE_FP8
+    k_inv_scale_ptr, v_inv_scale_ptr,  # fp32 [num_kv_heads] 1 / quantisation scale; read only if CACHE_FP8
     stride_kt, stride_kh,
     stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch,
@@ -66,9 +66,10 @@ def _write_kv_cache_kernel(
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     if CACHE_FP8:
         head_ok = h < NUM_KV_HEADS
-        # correctly rounded divisions, so the result is bit-identical to the PyTorch reference's
-        k = tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr + h, mask=head_ok, other=1.0))
-        v = tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr + h, mask=head_ok, other=1.0))
+        # x * (1 / scale) with the reciprocal computed once by the launcher: the reference multiplies by
+        # the same fp32 tensor, so both round identically on any device
+        k = k.to(tl.float32) * tl.load(k_inv_scale_ptr + h, mask=head_ok, other=1.0)
+        v = v.to(tl.float32) * tl.load(v_inv_scale_ptr + h, mask=head_ok, other=1.0)
         k = _round_e4m3(k).to(k_cache_ptr.dtype.element_ty)
         v = _round_e4m3(v).to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d, k, mask=mask)
@@ -109,12 +110,12 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int32, torch.int64), contiguous=True,
                  device=dev)
     check_shape("slot_mapping", slot_mapping, (num_tokens,))
-    k_scales = kv_scale_tensor("k_scale", k_scale, num_kv_heads, dev) if cache_fp8 else slot_mapping
-    v_scales = kv_scale_tensor("v_scale", v_scale, num_kv_heads, dev) if cache_fp8 else slot_mapping
+    k_inv = inverse_scales("k_scale", k_scale, num_kv_heads, dev) if cache_fp8 else slot_mapping
+    v_inv = inverse_scales("v_scale", v_scale, num_kv_heads, dev) if cache_fp8 else slot_mapping
     if num_tokens == 0:
         return
     _write_kv_cache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales,
+        key, value, k_cache, v_cache, slot_mapping, k_inv, v_inv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -140,8 +141,17 @@ def write_kv_cache_reference(key, value, k_cache, v_cache, slot_mapping, k_scale
 
 
 def quantize_fp8(x: torch.Tensor, scale, dtype=torch.float8_e4m3fn) -> torch.Tensor:
-    """``x [..., num_kv_heads, head_dim] / scale`` saturated to +-448 and rounded to e4m3 (scale: float
-    or per KV head), the write kernel's rounding."""
+    """``x [..., num_kv_heads, head_dim] * (1 / scale)`` saturated to +-448 and rounded to e4m3 (scale:
+    float or per KV head), bit for bit the write kernel's result."""
+    inv = inverse_scales("scale", scale, x.shape[-2], x.device)
+    return (x.float() * inv[:, None]).clamp(-448.0, 448.0).to(dtype)
+
+
+def inverse_scales(name: str, scale, num_kv_heads: int, device) -> torch.Tensor:
+    """fp32 ``[num_kv_heads]`` 1 / scale, the factor the write kernel and the reference both multiply by.
+    A float's is cached (no launch, nothing allocated inside a CUDA graph); a tensor's is computed
+    per call."""
     if isinstance(scale, torch.Tensor):
-        scale = scale.float().reshape(-1, 1).to(x.device)
-    return (x.float() / scale).clamp(-448.0, 448.0).to(dtype)
+        return torch.reciprocal(kv_scale_tensor(name, scale, num_kv_heads, device))
+    kv_scale_tensor(name, scale, num_kv_heads, device)  # validates
+    return kv_scale_tensor(name, 1.0 / float(scale), num_kv_heads, device)

@@ -34,10 +34,11 @@ from kernels.paged_attention_kernels import _merge_splits_kernel, _paged_attenti
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # partial buffers and the merge tile scale with this
-MIN_SPLIT_POSITIONS = 256  # a split shorter than this costs more in partials and merge than it saves
+MIN_SPLIT_POSITIONS = 128  # one decode tile: shorter splits only add partials to merge
 
 # Prefill / mixed-batch tiles by padded head dim: (BLOCK_M, TILE_N, num_warps, num_stages), from the
 # in-run sweeps of bench/kernels.py (bench/KERNELS_NOTES.md has each measurement).
+# K is loaded as [TILE_N, head_dim] rows and transposed for the dot (+10% at head dim 128 on the H200).
 PREFILL_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 2)}
 
 
@@ -53,12 +54,13 @@ def _pick_splits(programs, max_seq_len, num_sms) -> int:
 
     Split only grids under 2 programs per SM (at 4 per SM and more one pass was fastest in every
     sweep: partials and the merge launch cost more than the tail they remove); then enough splits for
-    ~4 programs per SM, at most MAX_SPLITS and at least MIN_SPLIT_POSITIONS positions a split, rounded
-    down to a power of 2 (powers of 2 were best in every split sweep; see bench/KERNELS_NOTES.md).
+    ~2 programs per SM (the best of the H200 sweep at B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at
+    most MAX_SPLITS and at least MIN_SPLIT_POSITIONS positions a split, rounded down to a power of 2
+    (powers of 2 were best in every split sweep; see bench/KERNELS_NOTES.md).
     """
     if programs >= 2 * num_sms:
         return 1
-    n = max(1, min(MAX_SPLITS, math.ceil(4 * num_sms / programs), max_seq_len // MIN_SPLIT_POSITIONS))
+    n = max(1, min(MAX_SPLITS, math.ceil(2 * num_sms / programs), max_seq_len // MIN_SPLIT_POSITIONS))
     return 1 << (n.bit_length() - 1)
 
 
@@ -86,7 +88,8 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
             block_m, tile_n = 32, 32
         block_m = max(block_m, next_pow2(qpk))
     # a forced split count cuts exact shares (tests reach every split); the heuristic keeps a floor
-    plan = dict(block_m=block_m, tile_n=tile_n, num_warps=num_warps, num_stages=num_stages, k_rows=False,
+    plan = dict(block_m=block_m, tile_n=tile_n, num_warps=num_warps, num_stages=num_stages,
+                k_rows=not decode_like,
                 decode=max_query_len == 1, num_splits=num_splits,
                 min_seg=MIN_SPLIT_POSITIONS if num_splits is None else tile_n)
     if num_splits is None:
