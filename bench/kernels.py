@@ -144,7 +144,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
         row["sdpa"] = "skipped: no room for a contiguous copy of K/V"
         return row
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
-    allow_repeat = with_sdpa and (H // HKV) * kv_bytes * 1.1 < free_bytes()
+    allow_repeat = False  # K/V repeated to 32 heads: 3.7x slower than enable_gqa at every decode shape run
     qs = q.view(B, H, 1, D)
     best = None
     for name, fn in sdpa_variants(qs, kc, vc, False, allow_repeat).items():
@@ -292,6 +292,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time tile/warp/stage/split variants")
     ap.add_argument("--sweep-only", action="store_true", help="only the variants (bench/kernels_sweep.py)")
     ap.add_argument("--baseline", help="another checkout whose paged attention is timed beside this one")
+    ap.add_argument("--pick", action="store_true", help="time tile candidates first and run with the fastest")
     args = ap.parse_args()
     torch.manual_seed(0)
     commit = os.environ.get("KVMESH_COMMIT", "")  # the device copy of the tree may have no git history
@@ -324,6 +325,10 @@ def main():
         if args.sweep_only:
             print_sweep(report["sweep"])
             return
+    if args.pick:
+        from kernels_sweep import pick  # bench/kernels_sweep.py
+        report["pick"] = pick(cbw, bench_decode, bench_prefill)
+        save()
     if args.baseline:
         report["baseline"] = bench_baseline(args.baseline, cbw)
         save()
@@ -358,6 +363,11 @@ def print_table(r):
     print(f"\n{r['device']}  torch {r['torch']}  triton {r['triton']}  commit {r['git_commit'][:10]}")
     print(f"copy bandwidth {r['ceilings']['copy_GBps']:.0f} GB/s (read+write), "
           f"bf16 matmul {r['ceilings']['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    if "pick" in r:
+        print("in-run pick:", r["pick"]["picked"])
+        for kind in ("decode", "decode_fp8", "prefill"):
+            for x in r["pick"][kind]:
+                print(f"  {kind:<8} {x['variant']}  " + " ".join(f"{y.get('ms', float('nan')):.4f}" for y in x["rows"]))
     print("\ndecode (32q/8kv heads, d=128, bf16)    ms     GB/s  %copy  SDPA-best/ours  (which SDPA)")
     for x in r["decode"]:
         if "skipped" in x:

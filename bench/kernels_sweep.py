@@ -69,3 +69,47 @@ def print_sweep(res) -> None:
     print("\nengine-graph plan (max_seq_len 131072)  ms")
     for r in res["decode_graph_plan"]:
         print(f"  B={r.get('B')} ctx={r.get('ctx')}  {r.get('ms', 0) * 1000:.1f} us {r.get('error', '')}")
+
+
+# --pick: candidates timed before the main grid; the fastest is used for the rest of the run (the JSON
+# records which), so the table committed afterwards is the one the run measured.
+DECODE_PICK = [(128, 4, 4), (128, 4, 5), (64, 4, 6), (64, 4, 4), (256, 8, 3), (128, 8, 4)]
+DECODE_PICK_SHAPES = [(64, 4096), (256, 4096)]
+DECODE_PICK_FP8 = [(128, 4, 4), (256, 8, 3), (128, 4, 6)]
+PREFILL_PICK = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3)]  # K as rows
+PREFILL_PICK_SHAPES = [(1, 8192), (8, 2048)]
+
+
+def pick(copy_gbps, bench_decode, bench_prefill) -> dict:
+    """Time the candidates, set the fastest (summed ms over the shapes) into the kernels' tables."""
+    import kernels.paged_attention as pa
+    out = {"decode": [], "prefill": []}
+    for tile_n, warps, stages in DECODE_PICK:
+        po = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
+        rows = [bench_decode(B, ctx, copy_gbps, po, with_sdpa=False) for B, ctx in DECODE_PICK_SHAPES]
+        out["decode"].append({"variant": po, "rows": rows, "total_ms": sum(r.get("ms", 1e9) for r in rows)})
+        print("pick decode", po, [round(r.get("ms", 0), 4) for r in rows], flush=True)
+    out["decode_fp8"] = []
+    for tile_n, warps, stages in DECODE_PICK_FP8:
+        po = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
+        rows = [bench_decode(B, ctx, copy_gbps, po, with_sdpa=False, fp8=True) for B, ctx in DECODE_PICK_SHAPES]
+        out["decode_fp8"].append({"variant": po, "rows": rows, "total_ms": sum(r.get("ms", 1e9) for r in rows)})
+        print("pick decode fp8", po, [round(r.get("ms", 0), 4) for r in rows], flush=True)
+    for bm, tn, warps, stages in PREFILL_PICK:
+        po = {"block_m": bm, "tile_n": tn, "num_warps": warps, "num_stages": stages, "k_rows": True}
+        try:
+            rows = [bench_prefill(B, ctx, po, with_sdpa=False) for B, ctx in PREFILL_PICK_SHAPES]
+        except Exception as e:  # out of shared memory: not a candidate
+            rows = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
+        out["prefill"].append({"variant": po, "rows": rows, "total_ms": sum(r.get("ms", 1e9) for r in rows)})
+        print("pick prefill", po, [round(r.get("ms", 0), 4) for r in rows], flush=True)
+    d = min(out["decode"], key=lambda x: x["total_ms"])["variant"]
+    p = min(out["prefill"], key=lambda x: x["total_ms"])["variant"]
+    pa.DECODE_TILES[128] = (d["tile_n"], d["num_warps"], d["num_stages"])
+    f = min(out["decode_fp8"], key=lambda x: x["total_ms"])["variant"]
+    pa.DECODE_TILES_FP8[128] = (f["tile_n"], f["num_warps"], f["num_stages"])
+    pa.PREFILL_TILES[128] = (p["block_m"], p["tile_n"], p["num_warps"], p["num_stages"])
+    out["picked"] = {"DECODE_TILES[128]": pa.DECODE_TILES[128], "DECODE_TILES_FP8[128]": pa.DECODE_TILES_FP8[128],
+                     "PREFILL_TILES[128]": pa.PREFILL_TILES[128]}
+    print("picked", out["picked"], flush=True)
+    return out

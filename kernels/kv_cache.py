@@ -20,16 +20,19 @@ from kernels._checks import FLOAT_DTYPES, FP8_DTYPES, check_shape, check_tensor,
 def _round_e4m3(x):
     """fp32 x rounded to the nearest e4m3 value (ties to even), saturated to +-448; still fp32.
 
-    Done in fp32 arithmetic (the e4m3 quantum is 2^(exponent - 3), 2^-9 below the normal range, and
-    adding 1.5 * 2^23 rounds to an integer), so the following cast is exact: the hardware's
-    cvt.rn.satfinite gives the same, and Triton's interpreter, whose float8 rounding carries wrongly
-    at binade edges (125.8 -> 64), can run the CPU tests.
+    The e4m3 quantum is 2^(exponent - 3), 2^-9 below the normal range; x / quantum < 16 is rounded to
+    an integer through int32 (ties to even by hand: no float trick a compiler could reassociate away),
+    so the following cast is exact. The hardware cast gives the same; Triton's interpreter, whose
+    float8 rounding carries wrongly at binade edges (125.8 -> 64), then runs the CPU tests too.
     """
     a = tl.minimum(tl.abs(x), 448.0)
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inv_quantum = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
-    r = ((a * inv_quantum + 12582912.0) - 12582912.0) * quantum
+    y = a * inv_quantum  # exact (a power of 2), in [0, 16)
+    n = (y + 0.5).to(tl.int32)  # floor(y + 0.5): y + 0.5 is exact at these magnitudes
+    n = tl.where((n.to(tl.float32) - y == 0.5) & ((n & 1) == 1), n - 1, n)  # a tie: to even
+    r = n.to(tl.float32) * quantum
     return tl.where(x < 0, -r, r)
 
 
@@ -70,8 +73,8 @@ def _write_kv_cache_kernel(
         # the same fp32 tensor, so both round identically on any device
         k = k.to(tl.float32) * tl.load(k_inv_scale_ptr + h, mask=head_ok, other=1.0)
         v = v.to(tl.float32) * tl.load(v_inv_scale_ptr + h, mask=head_ok, other=1.0)
-        k = _round_e4m3(k).to(k_cache_ptr.dtype.element_ty)
-        v = _round_e4m3(v).to(v_cache_ptr.dtype.element_ty)
+        k = _round_e4m3(k).to(k_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        v = _round_e4m3(v).to(v_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(k_cache_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d, k, mask=mask)
     tl.store(v_cache_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d, v, mask=mask)
 

@@ -38,6 +38,10 @@ MIN_SPLIT_POSITIONS = 128  # one decode tile: shorter splits only add partials t
 
 # Prefill / mixed-batch tiles by padded head dim: (BLOCK_M, TILE_N, num_warps, num_stages), from the
 # in-run sweeps of bench/kernels.py (bench/KERNELS_NOTES.md has each measurement).
+# Decode-like tiles by padded head dim: (TILE_N, num_warps, num_stages); BLOCK_M is 16 (one decode token's
+# QPK heads). bench/kernels.py --pick times candidates in-run; the notes keep each measurement.
+DECODE_TILES = {128: (128, 4, 4), 256: (64, 4, 2)}
+DECODE_TILES_FP8 = {128: (128, 4, 4), 256: (64, 4, 2)}  # e4m3 tiles hold half the bytes: maybe longer
 # K is loaded as [TILE_N, head_dim] rows and transposed for the dot (+10% at head dim 128 on the H200).
 PREFILL_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 2)}
 
@@ -65,7 +69,7 @@ def _pick_splits(programs, max_seq_len, num_sms) -> int:
 
 
 def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
-          num_sms, interpret):
+          num_sms, interpret, kv_fp8=False):
     """Tile sizes, launch options and the number of KV splits.
 
     Decode-like batches (max_query_len * QPK <= 64) use BLOCK_M = 16 rows (the smallest tile tl.dot
@@ -80,8 +84,10 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     decode_like = max_query_len * qpk <= 64
     if decode_like:
         block_m = max(16, next_pow2(qpk))
-        tile_n = 32 if interpret else (128 if head_dim_pad <= 128 else 64)
-        num_warps, num_stages = 4, (4 if head_dim_pad <= 128 else 2)
+        tiles = DECODE_TILES_FP8 if kv_fp8 else DECODE_TILES
+        tile_n, num_warps, num_stages = tiles[128 if head_dim_pad <= 128 else 256]
+        if interpret:
+            tile_n = 32
     else:
         block_m, tile_n, num_warps, num_stages = PREFILL_TILES[min(256, max(64, head_dim_pad))]
         if interpret:
@@ -200,7 +206,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     qpk = num_heads // num_kv_heads
     head_dim_pad = max(16, next_pow2(head_dim))
     plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
-                 _num_sms(dev), interpret=dev.type != "cuda")
+                 _num_sms(dev), interpret=dev.type != "cuda", kv_fp8=kv_fp8)
     if plan_overrides:
         plan = _derive({**plan, **plan_overrides}, qpk, num_tokens, num_seqs, max_seq_len)
     _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,

@@ -76,6 +76,17 @@ def _fp8_scales(kind, num_kv_heads, device):
     return k, v
 
 
+def _assert_same_bytes(got, want, src_k, slots):
+    g, w = got.view(torch.uint8), want.view(torch.uint8)
+    bad = (g != w).nonzero()
+    if len(bad):
+        i = tuple(bad[0].tolist())
+        tok = int((slots == i[0] * got.shape[1] + i[1]).nonzero()[0])
+        raise AssertionError(f"{len(bad)} bytes differ; first at {i}: source {src_k[tok, i[2], i[3]].item()!r}, "
+                             f"kernel {got[i].float().item()} (0x{int(g[i]):02x}), "
+                             f"reference {want[i].float().item()} (0x{int(w[i]):02x})")
+
+
 @pytest.mark.parametrize("scales", ["tensor", "head"])
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16])
 def test_write_fp8_matches_reference(scales, src_dtype):
@@ -86,8 +97,8 @@ def test_write_fp8_matches_reference(scales, src_dtype):
     kc, vc, kr, vr = fp8.clone(), fp8.clone(), fp8.clone(), fp8.clone()
     write_kv_cache(key, value, kc, vc, slots, k_scale, v_scale)
     write_kv_cache_reference(key, value, kr, vr, slots, k_scale, v_scale)
-    assert torch.equal(kc.view(torch.uint8), kr.view(torch.uint8))
-    assert torch.equal(vc.view(torch.uint8), vr.view(torch.uint8))
+    _assert_same_bytes(kc, kr, key, slots)
+    _assert_same_bytes(vc, vr, value, slots)
     written = (slots >= 0).sum().item() * 3 * 64
     assert (~kc.float().isnan()).sum().item() == written
     assert kc.float().nan_to_num(0.0).abs().max().item() == 448.0  # saturated
@@ -111,5 +122,5 @@ def test_gpu_write_fp8(scales):
     kc, vc, kr, vr = fp8.clone(), fp8.clone(), fp8.clone(), fp8.clone()
     write_kv_cache(key, value, kc, vc, slots, k_scale, v_scale)
     write_kv_cache_reference(key, value, kr, vr, slots, k_scale, v_scale)
-    assert torch.equal(kc.view(torch.uint8), kr.view(torch.uint8))
-    assert torch.equal(vc.view(torch.uint8), vr.view(torch.uint8))
+    _assert_same_bytes(kc, kr, key, slots)
+    _assert_same_bytes(vc, vr, value, slots)
