@@ -43,7 +43,7 @@ MIN_SPLIT_POSITIONS = 128  # one decode tile: shorter splits only add partials t
 DECODE_TILES = {128: (128, 4, 4), 256: (64, 4, 2)}
 DECODE_TILES_FP8 = {128: (128, 4, 4), 256: (64, 4, 2)}  # e4m3 tiles hold half the bytes: maybe longer
 # K is loaded as [TILE_N, head_dim] rows and transposed for the dot (+10% at head dim 128 on the H200).
-PREFILL_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 2)}
+PREFILL_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 4), 256: (64, 64, 4, 2)}
 
 
 @functools.lru_cache(maxsize=None)
