@@ -28,7 +28,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.kv_cache import write_kv_cache  # noqa: E402
+from kernels.kv_cache import quantize_fp8, write_kv_cache  # noqa: E402
 from kernels.paged_attention import paged_attention  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
 from kernels.rotary import apply_rotary, build_cos_sin_cache  # noqa: E402
@@ -38,6 +38,9 @@ DT = torch.bfloat16
 BATCHES = [1, 8, 64, 256]
 CONTEXTS = [512, 2048, 4096, 8192, 32768]
 PREFILL_MAX_TOKENS = 65536  # prefill shapes with B * ctx above this are skipped (seconds per call)
+FP8_SCALE = 0.05  # per-tensor K/V scale of the FP8 rows
+FP8_DECODE_SHAPES = [(1, 4096), (8, 4096), (64, 4096), (256, 4096), (256, 8192)]
+ENGINE_MAX_LEN = 131072  # Llama-3.1's max_model_len: what the engine's decode graphs plan with
 
 
 def ms(fn) -> float:
@@ -80,19 +83,27 @@ def ceilings() -> dict:
     return {"copy_GBps": 2 * n / t / 1e6, "matmul_bf16_TFLOPs": 2 * 8192**3 / tm / 1e9}
 
 
-def make_paged(B, ctx, gen_seed=0):
-    """Random paged K/V for B sequences of ctx tokens with shuffled block tables."""
+def make_paged(B, ctx, fp8=False, table_len=None):
+    """Random paged K/V for B sequences of ctx tokens with shuffled block tables (``table_len``
+    positions wide: an engine graph's table spans max_model_len). FP8: e4m3 values of N(0, 1) / 0.05."""
     nb = math.ceil(ctx / BS)
     k_cache = torch.randn(B * nb, BS, HKV, D, device="cuda", dtype=DT)
     v_cache = torch.randn_like(k_cache)
+    if fp8:
+        k_cache, v_cache = quantize_fp8(k_cache, FP8_SCALE), quantize_fp8(v_cache, FP8_SCALE)
     bt = torch.randperm(B * nb, device="cuda").view(B, nb).int()
+    if table_len:
+        bt = torch.cat([bt, torch.zeros(B, math.ceil(table_len / BS) - nb, dtype=torch.int32, device="cuda")], 1)
     return k_cache, v_cache, bt
 
 
 def contiguous(cache, bt, ctx):
-    """[B, HKV, ctx, D] copy of the paged cache, for SDPA."""
+    """[B, HKV, ctx, D] bf16 copy of the paged cache (dequantised if FP8), for SDPA."""
     B = bt.shape[0]
-    return cache[bt.long()].view(B, -1, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
+    nb = math.ceil(ctx / BS)
+    if cache.dtype == torch.float8_e4m3fn:
+        cache = cache.to(DT) * FP8_SCALE
+    return cache[bt[:, :nb].long()].view(B, -1, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
 
 
 def sdpa_variants(q, k, v, causal, allow_repeat):
@@ -104,35 +115,45 @@ def sdpa_variants(q, k, v, causal, allow_repeat):
     return out
 
 
-def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True):
-    kv_bytes = 2 * B * ctx * HKV * D * 2
+def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=False, graph_max_len=None,
+                 attn=paged_attention):
+    """One decode step over B sequences of ctx tokens, as a graph replay. graph_max_len: plan as the
+    engine's graphs do (max_seq_len = the model's limit, block tables that wide)."""
+    kv_bytes = 2 * B * ctx * HKV * D * (1 if fp8 else 2)
     if 1.15 * kv_bytes > free_bytes():
         return {"B": B, "ctx": ctx, "skipped": f"paged K/V of {kv_bytes / 1e9:.1f} GB does not fit"}
-    k_cache, v_cache, bt = make_paged(B, ctx)
+    k_cache, v_cache, bt = make_paged(B, ctx, fp8, graph_max_len)
     q = torch.randn(B, H, D, device="cuda", dtype=DT)
     qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
+    scales = {"k_scale": FP8_SCALE, "v_scale": FP8_SCALE} if fp8 else {}
 
     def ours():
-        return paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, ctx, D ** -0.5, out=out,
-                               plan_overrides=plan_overrides)
+        return attn(q, k_cache, v_cache, bt, qsl, lens, 1, graph_max_len or ctx, D ** -0.5, out=out,
+                    plan_overrides=plan_overrides, **scales)
 
     t = graph_ms(ours)
     moved = kv_bytes + 2 * q.numel() * 2
     row = {"B": B, "ctx": ctx, "ms": t, "GBps": moved / t / 1e6, "pct_copy": 100 * moved / t / 1e6 / copy_gbps}
-    if not with_sdpa:
-        return row
-    if 1.6 * kv_bytes > free_bytes():  # contiguous K/V plus the gather's temporary
+    if fp8:
+        row["kv_cache"] = "fp8_e4m3"
+    if graph_max_len:
+        row["graph_max_len"] = graph_max_len
+    if (2 if fp8 else 1) * 1.6 * kv_bytes > free_bytes():  # contiguous bf16 K/V plus the gather's temporary
         row["sdpa"] = "skipped: no room for a contiguous copy of K/V"
         return row
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
-    allow_repeat = (H // HKV) * kv_bytes * 1.1 < free_bytes()
+    allow_repeat = False  # K/V repeated to 32 heads: 3.7x slower than enable_gqa at every decode shape run
     qs = q.view(B, H, 1, D)
     best = None
     for name, fn in sdpa_variants(qs, kc, vc, False, allow_repeat).items():
+        out.fill_(float("nan"))
         err = rel_err(ours().view(B, H, 1, D), fn())
         assert err < 2e-2, f"decode B={B} ctx={ctx}: ours vs {name} rel err {err:.2e}"
+        row["rel_err_vs_sdpa"] = err
+        if not with_sdpa:
+            return row  # checked, not timed
         ts = graph_ms(fn)
         row[name + "_ms"] = ts
         if best is None or ts < best[1]:
@@ -141,7 +162,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True):
     return row
 
 
-def bench_prefill(B, ctx, plan_overrides=None):
+def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attention):
     k_cache, v_cache, bt = make_paged(B, ctx)
     q = torch.randn(B * ctx, H, D, device="cuda", dtype=DT)
     qsl = torch.arange(0, B * ctx + 1, ctx, device="cuda", dtype=torch.int32)
@@ -149,8 +170,7 @@ def bench_prefill(B, ctx, plan_overrides=None):
     out = torch.empty_like(q)
 
     def ours():
-        return paged_attention(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out,
-                               plan_overrides=plan_overrides)
+        return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides)
 
     t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
@@ -158,9 +178,13 @@ def bench_prefill(B, ctx, plan_overrides=None):
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
     qs = q.view(B, ctx, H, D).transpose(1, 2).contiguous()
     best = None
-    for name, fn in sdpa_variants(qs, kc, vc, True, True).items():
+    for name, fn in sdpa_variants(qs, kc, vc, True, with_sdpa).items():
+        out.fill_(float("nan"))  # every element must be written again
         err = rel_err(ours().view(B, ctx, H, D).transpose(1, 2), fn())
         assert err < 2e-2, f"prefill B={B} ctx={ctx}: ours vs {name} rel err {err:.2e}"
+        row["rel_err_vs_sdpa"] = err
+        if not with_sdpa:
+            return row  # checked, not timed
         ts = graph_ms(fn)
         row[name + "_TFLOPs"] = flops / ts / 1e9
         if best is None or ts < best[1]:
@@ -229,32 +253,46 @@ def bench_fused(copy_gbps) -> list[dict]:
     return rows
 
 
-def sweep(copy_gbps) -> dict:
-    """Tile/warp/stage/split variants at the target shapes (decode B=64 ctx=4096, prefill B=1 ctx=8192),
-    and split counts for small decode batches (to set the split heuristic)."""
-    res = {"decode": [], "decode_splits": [], "prefill": []}
+BASELINE_DECODE = [(1, 4096), (8, 4096), (64, 4096), (256, 4096)]
+BASELINE_PREFILL = [(1, 2048), (1, 8192), (8, 2048)]
 
-    def run(kind, fn, po, key):
-        try:
-            r = fn(po)
-        except Exception as e:  # out of shared memory etc.: record and go on
-            r = {"error": str(e)[:300]}
-        res[kind].append({**po, **r})
-        print("sweep", kind, po, r.get(key), r.get("error", ""), flush=True)
 
-    for tile_n, warps, stages in [(128, 4, 4), (128, 4, 3), (64, 4, 2)]:
-        po = {"block_m": 16, "tile_n": tile_n, "num_warps": warps, "num_stages": stages, "num_splits": 1}
-        run("decode", lambda po: bench_decode(64, 4096, copy_gbps, po, with_sdpa=False), po, "pct_copy")
-    for bm, tn, warps, stages in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)]:
-        po = {"block_m": bm, "tile_n": tn, "num_warps": warps, "num_stages": stages}
-        run("prefill", lambda po: bench_prefill(1, 8192, po), po, "TFLOPs")
-    return res
+def load_baseline(tree):
+    """kernels/paged_attention.py of another checkout (the base commit), under its own module name."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("baseline_paged_attention",
+                                                  os.path.join(tree, "kernels", "paged_attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.paged_attention
+
+
+def bench_baseline(tree, copy_gbps) -> dict:
+    """Base and this tree's kernels on the same shapes, alternating, in this one run."""
+    base = load_baseline(tree)
+    rows = {"decode": [], "prefill": []}
+    for B, ctx in BASELINE_DECODE:
+        a = bench_decode(B, ctx, copy_gbps, with_sdpa=False, attn=base)
+        b = bench_decode(B, ctx, copy_gbps, with_sdpa=False)
+        rows["decode"].append({"B": B, "ctx": ctx, "base_ms": a.get("ms"), "ms": b.get("ms"),
+                               "speedup": a["ms"] / b["ms"] if "ms" in a and "ms" in b else None})
+        print("baseline decode", rows["decode"][-1], flush=True)
+    for B, ctx in BASELINE_PREFILL:
+        a = bench_prefill(B, ctx, with_sdpa=False, attn=base)
+        b = bench_prefill(B, ctx, with_sdpa=False)
+        rows["prefill"].append({"B": B, "ctx": ctx, "base_ms": a["ms"], "ms": b["ms"], "base_TFLOPs": a["TFLOPs"],
+                                "TFLOPs": b["TFLOPs"], "speedup": a["ms"] / b["ms"]})
+        print("baseline prefill", rows["prefill"][-1], flush=True)
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sweep", action="store_true", help="also time tile/warp/stage variants")
+    ap.add_argument("--sweep", action="store_true", help="also time tile/warp/stage/split variants")
+    ap.add_argument("--sweep-only", action="store_true", help="only the variants (bench/kernels_sweep.py)")
+    ap.add_argument("--baseline", help="another checkout whose paged attention is timed beside this one")
+    ap.add_argument("--pick", action="store_true", help="time tile candidates first and run with the fastest")
     args = ap.parse_args()
     torch.manual_seed(0)
     commit = os.environ.get("KVMESH_COMMIT", "")  # the device copy of the tree may have no git history
@@ -280,14 +318,32 @@ def main():
 
     print(f"{report['device']}  copy {cbw:.0f} GB/s  matmul {report['ceilings']['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
-    if args.sweep:
-        report["sweep"] = sweep(cbw)
+    if args.sweep or args.sweep_only:
+        from kernels_sweep import print_sweep, sweep  # bench/kernels_sweep.py
+        report["sweep"] = sweep(cbw, bench_decode, bench_prefill)
+        save()
+        if args.sweep_only:
+            print_sweep(report["sweep"])
+            return
+    if args.pick:
+        from kernels_sweep import pick  # bench/kernels_sweep.py
+        report["pick"] = pick(cbw, bench_decode, bench_prefill)
+        save()
+    if args.baseline:
+        report["baseline"] = bench_baseline(args.baseline, cbw)
         save()
     report["decode"] = []
     for B in BATCHES:
         for ctx in CONTEXTS:
-            report["decode"].append(bench_decode(B, ctx, cbw))
+            row = bench_decode(B, ctx, cbw)
+            if B <= 8 and "ms" in row:  # as the engine's graphs plan it: max_seq_len = the model's limit
+                row["engine_graph_ms"] = bench_decode(B, ctx, cbw, with_sdpa=False, graph_max_len=ENGINE_MAX_LEN)["ms"]
+            report["decode"].append(row)
             print("decode", report["decode"][-1], flush=True)
+    save()
+    report["decode_fp8"] = [bench_decode(B, ctx, cbw, fp8=True) for B, ctx in FP8_DECODE_SHAPES]
+    for r in report["decode_fp8"]:
+        print("decode fp8", r, flush=True)
     save()
     report["prefill"] = []
     for B in BATCHES:
@@ -307,8 +363,21 @@ def print_table(r):
     print(f"\n{r['device']}  torch {r['torch']}  triton {r['triton']}  commit {r['git_commit'][:10]}")
     print(f"copy bandwidth {r['ceilings']['copy_GBps']:.0f} GB/s (read+write), "
           f"bf16 matmul {r['ceilings']['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    if "pick" in r:
+        print("in-run pick:", r["pick"]["picked"])
+        for kind in ("decode", "decode_fp8", "prefill"):
+            for x in r["pick"][kind]:
+                print(f"  {kind:<8} {x['variant']}  " + " ".join(f"{y.get('ms', float('nan')):.4f}" for y in x["rows"]))
     print("\ndecode (32q/8kv heads, d=128, bf16)    ms     GB/s  %copy  SDPA-best/ours  (which SDPA)")
     for x in r["decode"]:
+        if "skipped" in x:
+            print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
+            continue
+        vs = f"{x['vs_sdpa']:.2f}x ({x['sdpa_best']})" if "vs_sdpa" in x else x.get("sdpa", "")
+        g = f"  engine-graph plan {x['engine_graph_ms']:.4f} ms" if "engine_graph_ms" in x else ""
+        print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['GBps']:8.0f} {x['pct_copy']:5.1f}%  {vs}{g}")
+    print("\ndecode, FP8 (e4m3) cache: bytes are half the bf16 rows'; SDPA runs on a bf16 copy")
+    for x in r.get("decode_fp8", []):
         if "skipped" in x:
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
@@ -320,6 +389,11 @@ def print_table(r):
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
         print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['TFLOPs']:8.1f}  {x['vs_sdpa']:.2f}x ({x['sdpa_best']})")
+    if "baseline" in r:
+        print("\nbase commit's kernel vs this one (same run)    base ms    ms   speedup")
+        for kind in ("decode", "prefill"):
+            for x in r["baseline"][kind]:
+                print(f"  {kind:<8} B={x['B']:>3} ctx={x['ctx']:>5}  {x['base_ms']:9.4f} {x['ms']:8.4f}  {x['speedup']:.3f}x")
     print("\nfused layers (T=4096, bf16)        ms   eager ms  speedup   GB/s  %copy")
     for x in r["fused"]:
         print(f"  {x['op']:<20} {x['ms']:8.4f} {x['eager_ms']:9.4f} {x['speedup']:7.2f}x {x['GBps']:7.0f} {x['pct_copy']:5.1f}%")

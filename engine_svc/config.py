@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = float8_e4m3fn with per-tensor scales of 1.0, as vLLM
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
@@ -26,6 +29,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV cache
     num_gpu_blocks_override: int | None = None  # tests: force a number of KV blocks
     enforce_eager: bool = False  # CUDA: skip CUDA-graph capture
+    kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): e4m3 K/V, half the bytes
 
     def validate(self) -> "EngineConfig":
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -41,6 +45,8 @@ class EngineConfig:
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format={self.load_format!r}: use auto or dummy")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len={self.max_model_len}: must be >= 1")
         if not self.enable_chunked_prefill and self.max_model_len is not None \

@@ -76,6 +76,8 @@ class ModelRunner:
         loaded = loader.load(cfg.model, cfg.load_format, cfg.dtype, self.device, cfg.seed,
                              self.max_model_len, on_progress, get_layer_ops(self.device, self.ops_name))
         self.model, self.model_cfg, self.dtype = loaded.model, loaded.cfg, loaded.dtype
+        # FP8: the attention backends quantise on write and dequantise on read (scales 1.0, as vLLM)
+        self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.backend = get_attention_backend(self.device, self.backend_name)
         self.sampler = Sampler(loaded.cfg.vocab_size, self.device, loaded.eos_token_ids, cfg.seed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
@@ -89,7 +91,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         c = self.model_cfg
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.kv_dtype.itemsize
 
     def determine_num_blocks(self) -> int:
         """Profile one forward pass at max_num_batched_tokens, then size the cache.
@@ -154,8 +156,8 @@ class ModelRunner:
         c = self.model_cfg
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         # Zero-filled: padded block-table entries point at block 0, and 0 * NaN would poison sums.
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(c.num_layers)]
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

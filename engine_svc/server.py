@@ -22,7 +22,7 @@ from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ins
                                    wait_for_stop, write_port_file)
 from kvmesh.v1 import common_pb2, engine_pb2_grpc
 
-from engine_svc.config import ConfigError, EngineConfig
+from engine_svc.config import KV_CACHE_DTYPES, ConfigError, EngineConfig
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request
 from engine_svc.engine_loop import EngineLoop
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory for weights, activations and the KV cache")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA-graph capture")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                   help="KV cache element type: auto = the model's dtype; fp8 = e4m3 (half the bytes per block)")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch intra-op threads (0 = torch's default, one per core); several CPU engines "
                         "on one host run far faster with 1 each than oversubscribed")
@@ -157,7 +159,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_chunked_prefill=args.enable_chunked_prefill,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override, enforce_eager=args.enforce_eager).validate()
+        num_gpu_blocks_override=args.num_gpu_blocks_override, enforce_eager=args.enforce_eager,
+        kv_cache_dtype=args.kv_cache_dtype).validate()
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn,)  # KV cache only (the engine's --kv-cache-dtype fp8)
 
 
 def next_pow2(n: int) -> int:
@@ -35,3 +38,22 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
     if len(t.shape) != len(shape) or any(s is not None and s != x for s, x in zip(shape, t.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+
+
+def kv_scale_tensor(name: str, scale, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """An FP8 cache's dequantisation scale as fp32 ``[num_kv_heads]``: a float (per tensor) or a tensor of
+    1 or num_kv_heads positive values (per head). Floats are cached per (value, heads, device), so a
+    CUDA graph captures no allocation after the first call."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32 or scale.device != device or scale.numel() not in (1, num_kv_heads):
+            raise ValueError(f"{name}: expected float32 with 1 or {num_kv_heads} values on {device}, got "
+                             f"{str(scale.dtype).replace('torch.', '')} {tuple(scale.shape)} on {scale.device}")
+        return scale.reshape(-1).expand(num_kv_heads).contiguous()
+    if not float(scale) > 0:
+        raise ValueError(f"{name}={scale}: must be > 0")
+    return _const_scale(float(scale), num_kv_heads, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _const_scale(value: float, n: int, device: torch.device) -> torch.Tensor:
+    return torch.full((n,), value, dtype=torch.float32, device=device)

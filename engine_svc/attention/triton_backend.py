@@ -19,10 +19,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    k_scale = v_scale = 1.0  # FP8 caches: per-tensor scales (vLLM's default without calibrated ones)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                               meta.max_query_len, meta.max_seq_len, scale, sliding_window)
+                               meta.max_query_len, meta.max_seq_len, scale, sliding_window,
+                               k_scale=self.k_scale, v_scale=self.v_scale)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, assert_close, make_batch
 
-from kernels.paged_attention import _plan, paged_attention, paged_attention_reference
+from kernels.paged_attention import PREFILL_TILES, _plan, paged_attention, paged_attention_reference
 
 BS = 16  # block size for the CPU cases
 
@@ -104,24 +104,33 @@ def test_plan_heuristic():
         return _plan(128, 4, num_tokens, num_seqs, 8, max_query_len, max_seq_len, None, num_sms=132,
                      interpret=False)
 
-    # B=1 decode at 32k over 8 KV heads: 8 programs -> ~4 per SM needs 66 splits, capped at 64
+    # B=1 decode at 32k over 8 KV heads: 8 programs -> ~2 per SM needs 33 splits, rounded down to 32
     p = plan(1, 1, 1, 32768)
-    assert p["num_splits"] == 64 and p["seg_len"] % p["tile_n"] == 0
-    assert p["seg_len"] * p["num_splits"] >= 32768
-    # B=8 at 4k: 64 programs -> 9 splits for ~4 per SM, rounded down to 8
-    assert plan(8, 8, 1, 4096)["num_splits"] == 8
-    # B=1 at 4k: 16 splits of 256 positions
-    assert plan(1, 1, 1, 4096)["num_splits"] == 16
+    assert p["num_splits"] == 32 and p["min_seg"] % p["tile_n"] == 0
+    assert p["decode"] and p["grid0"] == 1  # pure decode: one program row per sequence, no search
+    # a CUDA graph captured at the model's limit gets its batch size's split count (the kernel cuts
+    # each sequence's shares from its own length, at least min_seg positions each)
+    assert plan(1, 1, 1, 131072)["num_splits"] == 32 and plan(1, 1, 1, 131072)["min_seg"] == 128
+    # B=8 at 4k: 64 programs -> 5 splits for ~2 per SM, rounded down to 4
+    assert plan(8, 8, 1, 4096)["num_splits"] == 4
+    # B=1 at 4k: 32 splits of 128 positions; B=2: 16
+    assert plan(1, 1, 1, 4096)["num_splits"] == 32
+    assert plan(2, 2, 1, 4096)["num_splits"] == 16
     # B=64 at 4k: 512 programs fill 132 SMs -> one pass
     assert plan(64, 64, 1, 4096)["num_splits"] == 1
-    # short context: at least 256 positions per split
-    assert plan(1, 1, 1, 512)["num_splits"] == 2
+    # short context: at least 128 positions per split
+    assert plan(1, 1, 1, 512)["num_splits"] == 4
     assert plan(1, 1, 1, 200)["num_splits"] == 1
     # prefill never splits by heuristic
     assert plan(2000, 1, 2000, 2000)["num_splits"] == 1
-    # decode tiles pack a token's QPK heads into 16 rows; prefill uses 64-row tiles
+    # decode tiles pack a token's QPK heads into 16 rows; prefill takes PREFILL_TILES
     assert (plan(64, 64, 1, 4096)["block_m"], plan(64, 64, 1, 4096)["block_q"]) == (16, 4)
-    assert (plan(4096, 1, 4096, 4096)["block_m"], plan(4096, 1, 4096, 4096)["block_q"]) == (64, 16)
+    bm, tn, warps, stages = PREFILL_TILES[128]
+    p = plan(4096, 1, 4096, 4096)
+    assert (p["block_m"], p["block_q"], p["tile_n"], p["num_warps"]) == (bm, bm // 4, tn, warps)
+    assert not p["decode"] and p["grid0"] == 4096 // (bm // 4) + 1 and p["k_rows"]
+    # a forced split count cuts exact shares: no floor beyond one tile
+    assert _plan(128, 4, 1, 1, 8, 1, 300, 2, num_sms=132, interpret=False)["min_seg"] == 128
     # a forced split count is clamped to the tiles there are
     assert _plan(128, 4, 1, 1, 8, 1, 300, 50, num_sms=132, interpret=False)["num_splits"] == 3
 
