@@ -13,6 +13,17 @@ from engine_svc.attention.base import AttentionMetadata
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32))
 
+# One warm-up stream per device for the whole process: cuBLAS keeps a workspace per stream it ran
+# on, for the life of the process, so a new stream per capture (per graph, per engine) would pile
+# up tens of MiB each, counted against whichever engine sizes its KV cache next.
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
 
 class DecodeGraph:
     """One captured pure-decode step for a fixed batch size."""
@@ -26,7 +37,7 @@ class DecodeGraph:
             max_query_len=1, max_seq_len=max_model_len, num_seqs=B)
         dev = buffers.device
         with torch.inference_mode():
-            side = torch.cuda.Stream(dev)  # warm up on a side stream before capture, as torch advises
+            side = _warmup_stream(dev)  # warm up on a side stream before capture, as torch advises
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):

@@ -270,12 +270,16 @@ class ModelRunner:
         if packed.num_sampled:
             rows = packed.sampled_rows.tolist()
             logits = self.model.compute_logits(hidden[self.buffers.dev.sample_idx[:packed.num_sampled]])
+            # The previous step's tokens first: the sampler then sees every row's outputs so far (its
+            # seeded counters and penalties). This waits only for that step; this step's forward is
+            # already queued behind it, so the GPU does not idle.
+            if self._inflight is not None:
+                self._inflight.result()
             plain = all(_plain_greedy(batch.params[r], len(batch.outputs[r])) for r in rows)
-            if not plain and self._inflight is not None:
-                self._inflight.result()  # the synchronous sampler reads every row's tokens so far
 
             def reqs() -> list[SampleRequest]:
-                return [SampleRequest(batch.params[r], batch.prompts[r], batch.outputs[r]) for r in rows]
+                return [SampleRequest(batch.request_ids[r], batch.params[r], batch.prompts[r], batch.outputs[r])
+                        for r in rows]
             host = None if self._greedy_host is None else self._greedy_host[packed.step_id % 2]
             pending = sample_async(self.sampler, logits, reqs, plain, host)
         step = PendingStep(num_reqs, packed.sampled_positions.tolist(), pending,
