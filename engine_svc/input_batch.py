@@ -52,7 +52,6 @@ class InputBatch:
         max_model_len: tokens per row.
         max_blocks: block-table columns per row (ceil(max_model_len / block_size)).
         block_size: KV block size in tokens.
-        staging: the host buffers a step is packed into (engine_svc.model_runner._Buffers views).
     """
 
     def __init__(self, max_rows: int, max_model_len: int, max_blocks: int, block_size: int):
@@ -62,9 +61,12 @@ class InputBatch:
         self.num_computed = np.zeros(max_rows, dtype=np.int64)  # positions in the KV cache
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_rows, dtype=np.int64)
-        self.epoch = np.zeros(max_rows, dtype=np.int64)  # bumped when a row is (re)assigned
+        self.epoch = np.zeros(max_rows, dtype=np.int64)  # new on every (re)assignment; -1 while free
         self.pending_step = np.full(max_rows, -1, dtype=np.int64)  # step whose sample is not on the host
         self.pending_index = np.zeros(max_rows, dtype=np.int64)  # its row in that step's sampled ids
+        # Rows the argmax alone samples (greedy, no logprobs, penalties or min_tokens): all-plain
+        # batches take the sampler's fast path without a per-row check.
+        self.plain_greedy = np.zeros(max_rows, dtype=bool)
         self.params: list[SamplingParams | None] = [None] * max_rows
         self.prompts: list[list[int]] = [[] for _ in range(max_rows)]  # for the sampler's penalties
         self.outputs: list[list[int]] = [[] for _ in range(max_rows)]
@@ -84,7 +86,7 @@ class InputBatch:
             if row is None:
                 continue
             self.request_ids[row] = self.params[row] = None
-            self.pending_step[row] = -1
+            self.pending_step[row], self.epoch[row] = -1, -1
             self._free_rows.append(row)
             dropped.append(rid)
         return dropped
@@ -102,6 +104,7 @@ class InputBatch:
         self.epoch[row], self._next_epoch = self._next_epoch, self._next_epoch + 1
         self.pending_step[row] = -1
         self.params[row], self.request_ids[row] = seq.params, seq.request_id
+        self.plain_greedy[row] = _plain_greedy(seq.params)
         self.prompts[row], self.outputs[row] = list(seq.prompt_token_ids), list(seq.output_token_ids)
         self.row_of[seq.request_id] = row
 
@@ -180,13 +183,21 @@ class InputBatch:
     def complete(self, step: PackedStep, token_ids: list[int]) -> None:
         """Step `step`'s sampled ids reached the host: append them to rows still owned by the same
         request (a row dropped or reassigned since has a different epoch)."""
-        for row, epoch, tok in zip(step.sampled_rows.tolist(), step.sampled_epochs.tolist(), token_ids):
-            if self.epoch[row] != epoch or self.request_ids[row] is None:
-                continue
-            n = self.num_known[row]
-            if n < self.token_ids.shape[1]:
-                self.token_ids[row, n] = tok
-                self.num_known[row] = n + 1
+        if not token_ids:
+            return
+        rows, toks = step.sampled_rows, np.asarray(token_ids, dtype=np.int64)
+        live = self.epoch[rows] == step.sampled_epochs
+        rows, toks = rows[live], toks[live]
+        n = self.num_known[rows]
+        fits = n < self.token_ids.shape[1]  # a discarded token past max_model_len stays off the table
+        self.token_ids[rows[fits], n[fits]] = toks[fits]
+        self.num_known[rows[fits]] += 1
+        for row, tok in zip(rows.tolist(), toks.tolist()):
             self.outputs[row].append(tok)
-            if self.pending_step[row] == step.step_id:
-                self.pending_step[row] = -1
+        mine = rows[self.pending_step[rows] == step.step_id]
+        self.pending_step[mine] = -1
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0.0 and not p.logprobs and not p.top_logprobs and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty and p.min_tokens == 0)

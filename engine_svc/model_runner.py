@@ -19,7 +19,6 @@ import bisect
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 
 from kvmesh.blocks import blocks_for
@@ -275,7 +274,7 @@ class ModelRunner:
             # already queued behind it, so the GPU does not idle.
             if self._inflight is not None:
                 self._inflight.result()
-            plain = all(_plain_greedy(batch.params[r], len(batch.outputs[r])) for r in rows)
+            plain = bool(batch.plain_greedy[packed.sampled_rows].all())
 
             def reqs() -> list[SampleRequest]:
                 return [SampleRequest(batch.request_ids[r], batch.params[r], batch.prompts[r], batch.outputs[r])
@@ -313,12 +312,6 @@ class ModelRunner:
         self.batch.remove(plan.req_ids)
         d, T = self.buffers.dev, packed.padded_tokens
         return d.ids[:T], d.pos[:T], self._metadata(packed)
-
-
-def _plain_greedy(p: SamplingParams, num_output: int) -> bool:
-    """A row the argmax alone samples: greedy, no logprobs, no penalties, min_tokens reached."""
-    return (p.temperature == 0.0 and not p.logprobs and not p.top_logprobs and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty and num_output >= p.min_tokens)
 
 
 def _no_sample(s: ScheduledSeq) -> ScheduledSeq:

@@ -9,10 +9,14 @@ ids on the device, one-step-late stops with the extra token discarded, rows drop
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from engine_driver import build_core, examples, greedy, one_torch_thread, run
 
+from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason, Request
+from engine_svc.engine_loop import EngineLoop
 from engine_svc.sampling_params import SamplingParams
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
@@ -81,3 +85,34 @@ def test_abort_while_its_step_is_in_flight(stories260k_dir, ex):
     assert seen["a"] == seen["c"] == ex[0]["expected_ids"][:50]
     assert seen["b"] == ex[0]["expected_ids"][:5]  # nothing of the aborted "b" leaked into the new one
     assert bm.num_free_blocks == bm.num_blocks
+
+
+async def _drain(queue) -> tuple[list[int], FinishReason]:
+    tokens = []
+    while True:
+        out = await queue.get()
+        tokens += [t.token_id for t in out.tokens]
+        if out.finished:
+            return tokens, out.finish_reason
+
+
+async def test_engine_loop_streams_and_aborts_with_overlap(stories260k_dir, ex):
+    """The engine thread with async scheduling on: streams, an abort mid-generation, blocks back."""
+    cfg = EngineConfig(model=str(stories260k_dir), device="cpu", dtype="float32", max_num_batched_tokens=64,
+                       num_gpu_blocks_override=64, async_scheduling=True)
+    loop = EngineLoop(cfg)
+    await loop.start()
+    try:
+        prompt = ex[1]["prompt_ids"]
+        a = loop.add(greedy("a", prompt, 60, ignore_eos=True))
+        b = loop.add(greedy("b", prompt, 400, ignore_eos=True))
+        first = await b.get()
+        assert first.tokens
+        loop.abort("b")
+        (tokens_a, reason_a), (_, reason_b) = await asyncio.gather(_drain(a), _drain(b))
+        assert tokens_a == ex[1]["expected_ids"][:60] and reason_a is FinishReason.LENGTH
+        assert reason_b is FinishReason.CANCELLED
+        assert await loop.wait_idle(10)
+        assert loop.load.free_blocks == loop.load.total_blocks and loop.num_live == 0
+    finally:
+        await loop.stop()
