@@ -30,6 +30,16 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None  # tests: force a number of KV blocks
     enforce_eager: bool = False  # CUDA: skip CUDA-graph capture
     kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): e4m3 K/V, half the bytes
+    # Schedule and launch step N+1 while step N runs (stop tokens then apply one step late, the
+    # extra token discarded). None = on for CUDA, off on CPU (where a step cannot overlap anything).
+    async_scheduling: bool | None = None
+
+    @property
+    def overlap(self) -> bool:
+        """Whether async scheduling is on (resolving None by the device)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.device.startswith("cuda")
 
     def validate(self) -> "EngineConfig":
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -71,7 +71,7 @@ def build_engine_core(config: EngineConfig, status: EngineStatusTracker | None =
         runner, num_blocks=num_blocks, block_size=config.block_size, eos_token_ids=info.eos_token_ids,
         max_model_len=max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill, hooks=hooks,
-        enable_prefix_caching=config.enable_prefix_caching)
+        enable_prefix_caching=config.enable_prefix_caching, async_scheduling=config.overlap)
     return core, info
 
 

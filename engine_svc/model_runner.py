@@ -1,11 +1,16 @@
-"""The model runner: scheduler output -> input tensors + attention metadata -> model -> sampled tokens.
+"""The model runner: a step plan -> input tensors + attention metadata -> model -> sampled tokens.
 
-Surface (engine_svc/step.py): load_model, determine_num_blocks, allocate_kv_cache, warmup, execute.
+Surface (engine_svc/step.py): load_model, determine_num_blocks, allocate_kv_cache, warmup, launch
+(StepPlan -> PendingStep, asynchronous) and execute (list[ScheduledSeq], synchronous).
 
-Inputs are built with numpy over the whole batch (no per-token Python) into host buffers (pinned on
-CUDA) and copied to the device without blocking. On CUDA, pure-decode steps replay CUDA graphs
-captured for a set of batch sizes; a step is padded up to the next captured size (padding tokens
-write nowhere: slot -1, and their outputs are dropped).
+The input batch persists across steps (engine_svc/input_batch.py): a plan adds and drops rows and
+names who runs; packing is numpy over the rows into host staging buffers (pinned on CUDA), copied
+without blocking straight into the fixed device buffers (engine_svc/step_buffers.py) that the
+CUDA graphs were captured on. On CUDA, pure-decode steps replay a graph for the next captured batch
+size (padding rows write nowhere: slot -1, and their outputs are dropped); other steps run eagerly
+on views of the same buffers. ``launch`` returns as soon as the step is enqueued: a decode input
+that the previous step sampled is taken from that step's device tensor, so the CPU can plan and
+pack step N+1 while the GPU runs step N.
 """
 
 from __future__ import annotations
@@ -14,29 +19,39 @@ import bisect
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 
 from kvmesh.blocks import blocks_for
 
+from engine_svc import kv_sizing
 from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
+from engine_svc.cuda_graphs import GRAPH_BATCH_SIZES, capture_decode_graphs
+from engine_svc.input_batch import InputBatch, PackedStep
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
+from engine_svc.pending_step import PendingStep, sample_async
 from engine_svc.sampler import SampleRequest, Sampler
 from engine_svc.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from engine_svc.step import ModelInfo, SampledToken, ScheduledSeq
+from engine_svc.step import ModelInfo, NewSeq, SampledToken, ScheduledSeq, StepPlan
+from engine_svc.step_buffers import StepBuffers
 
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 256 << 20
-GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32))
+GRAPH_RESERVE_BYTES = 256 << 20  # kept free for the graphs' memory pool, captured after sizing
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+__all__ = ["ModelRunner", "GRAPH_BATCH_SIZES", "CPU_KV_CACHE_BYTES"]
 
 
 class ModelRunner:
-    """Owns the model, the KV cache, the sampler and the CUDA graphs. Driven by the engine loop."""
+    """Owns the model, the KV cache, the sampler, the input batch and the CUDA graphs.
+
+    Driven by one thread (the engine loop's). On CUDA the device's memory baseline is taken here,
+    before anything is loaded: the KV cache is sized from this engine's own share (kv_sizing.py).
+    """
 
     def __init__(self, config: EngineConfig, attention_backend: str | None = None,
                  layer_ops: str | None = None):
@@ -49,8 +64,11 @@ class ModelRunner:
         self.model = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
-        self.graphs: dict[int, _DecodeGraph] = {}
-        self.graph_pool = None
+        self.graphs: dict = {}
+        self.graph_sizes: list[int] = []
+        self.memory_baseline = (kv_sizing.MemoryBaseline.take(self.device)
+                                if self.device.type == "cuda" else None)
+        self._inflight: PendingStep | None = None  # the last launched step, until its result()
 
     # ---- loading and sizing ----
 
@@ -81,7 +99,12 @@ class ModelRunner:
         self.backend = get_attention_backend(self.device, self.backend_name)
         self.sampler = Sampler(loaded.cfg.vocab_size, self.device, loaded.eos_token_ids, cfg.seed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
-        self._alloc_buffers()
+        max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.buffers = StepBuffers(self.device, max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq)
+        self.batch = InputBatch(cfg.max_num_seqs, self.max_model_len, self.max_blocks_per_seq, self.block_size)
+        cuda = self.device.type == "cuda"
+        self._greedy_host = [torch.zeros(cfg.max_num_seqs, dtype=torch.int64, pin_memory=True)
+                             for _ in range(2)] if cuda else None
         self.info = ModelInfo(
             name=loaded.name, vocab_size=loaded.cfg.vocab_size, model_max_len=model_max_len,
             eos_token_ids=loaded.eos_token_ids, bos_token_id=loaded.bos_token_id,
@@ -96,8 +119,8 @@ class ModelRunner:
     def determine_num_blocks(self) -> int:
         """Profile one forward pass at max_num_batched_tokens, then size the cache.
 
-        num_gpu_blocks_override wins; else kv_cache_memory bytes; else (CUDA) what is left of
-        gpu_memory_utilization * total memory after the weights and the profiled peak activations.
+        num_gpu_blocks_override wins; else kv_cache_memory bytes; else (CUDA) this engine's share,
+        gpu_memory_utilization * total memory, less what it added since its memory baseline.
         """
         cfg = self.config
         cuda = self.device.type == "cuda"
@@ -110,14 +133,9 @@ class ModelRunner:
         if cfg.kv_cache_memory is not None or not cuda:
             budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else CPU_KV_CACHE_BYTES
         else:
-            torch.cuda.synchronize(self.device)
-            free, total = torch.cuda.mem_get_info(self.device)
-            # The profile's scratch KV cache is part of the peak but will be replaced by the real one.
-            peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
-            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-            graph_reserve = 0 if cfg.enforce_eager else 256 << 20
-            budget = int(total * cfg.gpu_memory_utilization) - peak - max(non_torch, 0) - graph_reserve
-            log.info("kv sizing: total=%d peak=%d non_torch=%d budget=%d", total, peak, non_torch, budget)
+            reserve = 0 if cfg.enforce_eager else GRAPH_RESERVE_BYTES
+            budget = kv_sizing.kv_cache_budget(self.memory_baseline, cfg.gpu_memory_utilization,
+                                               scratch_bytes, reserve)
         num_blocks = int(budget // self.kv_bytes_per_block())
         if num_blocks < self.max_blocks_per_seq:
             raise ConfigError(
@@ -136,8 +154,8 @@ class ModelRunner:
         blocks_per_seq = [blocks_for(n, self.block_size) for n in lens]
         self._make_caches(sum(blocks_per_seq))
         seqs, next_block = [], 0
-        for n, nb in zip(lens, blocks_per_seq):
-            seqs.append(_dummy_seq(n, list(range(next_block, next_block + nb))))
+        for i, (n, nb) in enumerate(zip(lens, blocks_per_seq)):
+            seqs.append(_dummy_seq(n, list(range(next_block, next_block + nb)), f"profile-{i}"))
             next_block += nb
         hidden = self._forward(seqs)
         rows = min(self.config.max_num_seqs, hidden.shape[0])
@@ -167,159 +185,141 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run the kernels once (compiles Triton), then capture decode CUDA graphs unless eager."""
         assert self.kv_caches, "allocate_kv_cache() first"
-        self._forward([_dummy_seq(min(16, self.max_model_len), [0] * self.max_blocks_per_seq)])
+        self._forward([_dummy_seq(min(16, self.max_model_len), [0] * self.max_blocks_per_seq, "warmup")])
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):
             log.warning("attention backend %s cannot be captured; running eagerly", self.backend.name)
             return
-        sizes = [b for b in GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs]
-        for bs in reversed(sizes):  # largest first so smaller graphs reuse its memory pool
-            graph = _DecodeGraph(self, bs)
-            self.graph_pool = graph.pool
-            self.graphs[bs] = graph
+        self.graphs = capture_decode_graphs(self.model, self.kv_caches, self.backend, self.buffers,
+                                            self.config.max_num_seqs, self.max_model_len)
         self.graph_sizes = sorted(self.graphs)
-        torch.cuda.synchronize(self.device)
 
     # ---- one step ----
 
     @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Enqueue one step on the device and return without waiting for it.
+
+        The previous step may still run: decode inputs it sampled are read from its device tensor.
+        Raises AssertionError if an input token is neither known nor sampled by the previous step."""
+        dropped = self.batch.apply(plan)
+        forget = getattr(self.sampler, "forget", None)
+        if dropped and forget is not None:
+            forget(dropped)
+        packed, hidden = self._run_forward(plan)
+        return self._launch_sampling(packed, hidden, len(plan.req_ids))
+
+    @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> list[SampledToken | None]:
-        """Run one step; return a SampledToken for each seq with sample=True, None for the others."""
+        """Run one step given in full, synchronously; a SampledToken for each seq with sample=True,
+        None for the others. The persistent rows are replaced by these seqs (tests, simple drivers)."""
         if not seqs:
             return []
-        hidden = self._forward(seqs)
-        sample_rows = [i for i, s in enumerate(seqs) if s.sample]
-        results: list[SampledToken | None] = [None] * len(seqs)
-        if not sample_rows:
-            return results
-        ends = self._last_token_index  # [num_seqs] index of each seq's last token in `hidden`
-        idx = torch.from_numpy(ends[sample_rows]).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[idx])
-        reqs = [SampleRequest(seqs[i].request_id, seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids)
-                for i in sample_rows]
-        for i, tok in zip(sample_rows, self.sampler(logits, reqs)):
-            results[i] = tok
-        return results
+        return self.launch(self._plan_in_full(seqs)).result()
+
+    def _plan_in_full(self, seqs: list[ScheduledSeq]) -> StepPlan:
+        """A plan that drops every row and adds seqs as new rows (their tokens given in full)."""
+        if self._inflight is not None:
+            self._inflight.result()
+        plan = StepPlan(removed_ids=list(self.batch.row_of))
+        for s in seqs:
+            known = list(s.prompt_token_ids) + list(s.output_token_ids)
+            end = s.start_pos + len(s.new_token_ids)
+            known += [0] * max(0, end - len(known))
+            known[s.start_pos:end] = s.new_token_ids
+            prompt_len = max(len(known) - len(s.output_token_ids), 0)
+            plan.new_seqs.append(NewSeq(s.request_id, known[:prompt_len], known[prompt_len:], s.start_pos,
+                                        list(s.block_ids), s.params))
+            plan.req_ids.append(s.request_id)
+            plan.num_new_tokens.append(len(s.new_token_ids))
+            plan.sample.append(s.sample)
+        return plan
+
+    def _run_forward(self, plan: StepPlan) -> tuple[PackedStep, torch.Tensor]:
+        """Pack, upload and run the model (a graph replay for pure decode): (packed, hidden [T])."""
+        n = len(plan.req_ids)
+        graph = None
+        if self.graphs and n <= self.graph_sizes[-1] and sum(plan.num_new_tokens) == n:
+            graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
+        st = self.buffers.staging()
+        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None)
+        self._last_token_index = packed.last_token_index
+        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered)
+        d = self.buffers.dev
+        if packed.num_gathered:
+            prev = self._inflight
+            assert prev is not None and prev.token_ids is not None, "no previous step to take tokens from"
+            g = packed.num_gathered
+            d.ids.index_copy_(0, d.gather_dst[:g], prev.token_ids.index_select(0, d.gather_src[:g]))
+        if graph is not None:
+            return packed, graph.replay()[:packed.num_tokens]
+        T = packed.num_tokens
+        hidden = self.model(d.ids[:T], d.pos[:T], self.kv_caches, self._metadata(packed), self.backend)
+        return packed, hidden
+
+    def _metadata(self, packed: PackedStep) -> AttentionMetadata:
+        d, rows = self.buffers.dev, packed.num_rows
+        return AttentionMetadata(
+            query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows, :packed.block_width],
+            slot_mapping=d.slots[:packed.padded_tokens], max_query_len=packed.max_query_len,
+            max_seq_len=packed.max_seq_len, num_seqs=rows)
+
+    def _launch_sampling(self, packed: PackedStep, hidden: torch.Tensor, num_reqs: int) -> PendingStep:
+        batch = self.batch
+        pending = None
+        if packed.num_sampled:
+            rows = packed.sampled_rows.tolist()
+            logits = self.model.compute_logits(hidden[self.buffers.dev.sample_idx[:packed.num_sampled]])
+            # The previous step's tokens first: the sampler then sees every row's outputs so far (its
+            # seeded counters and penalties). This waits only for that step; this step's forward is
+            # already queued behind it, so the GPU does not idle.
+            if self._inflight is not None:
+                self._inflight.result()
+            plain = bool(batch.plain_greedy[packed.sampled_rows].all())
+
+            def reqs() -> list[SampleRequest]:
+                return [SampleRequest(batch.request_ids[r], batch.params[r], batch.prompts[r], batch.outputs[r])
+                        for r in rows]
+            host = None if self._greedy_host is None else self._greedy_host[packed.step_id % 2]
+            pending = sample_async(self.sampler, logits, reqs, plain, host)
+        step = PendingStep(num_reqs, packed.sampled_positions.tolist(), pending,
+                           lambda tokens: self._complete(step, packed, tokens))
+        self._inflight = step
+        return step
+
+    def _complete(self, step: PendingStep, packed: PackedStep, tokens: list[int]) -> None:
+        self.batch.complete(packed, tokens)
+        if self._inflight is step:
+            self._inflight = None
+
+    # ---- tests and profiling: one step given in full, without sampling ----
 
     @torch.inference_mode()
     def _forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] for the packed new tokens of `seqs`."""
-        num_tokens = sum(len(s.new_token_ids) for s in seqs)
-        if self.graphs and num_tokens == len(seqs) and len(seqs) <= self.graph_sizes[-1]:
-            graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(seqs))]]
-            return graph.replay(self._prepare(seqs, pad_to=graph.batch_size))[:num_tokens]
-        input_ids, positions, meta = self._prepare(seqs)
-        return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-
-    def _alloc_buffers(self) -> None:
-        """Host staging buffers sized for the largest step (pinned on CUDA for async copies)."""
-        pin = self.device.type == "cuda"
-        max_tokens = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
-        max_seqs = max(self.config.max_num_seqs, GRAPH_BATCH_SIZES[0])
-
-        def buf(*shape, dtype=torch.int64):
-            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
-
-        self.h_ids, self.h_pos, self.h_slots = buf(max_tokens), buf(max_tokens), buf(max_tokens)
-        self.h_qsl = buf(max_seqs + 1, dtype=torch.int32)
-        self.h_lens = buf(max_seqs, dtype=torch.int32)
-        self.h_bt = buf(max_seqs * self.max_blocks_per_seq, dtype=torch.int32)  # viewed [rows, width]
-        self._copied = torch.cuda.Event() if pin else None  # host buffers are free once this fires
+        """Hidden states [num_tokens, hidden] for the packed new tokens of `seqs` (nothing sampled)."""
+        plan = self._plan_in_full([_no_sample(s) for s in seqs])
+        self.batch.apply(plan)
+        packed, hidden = self._run_forward(plan)
+        self.batch.remove(plan.req_ids)
+        return hidden
 
     def _prepare(self, seqs: list[ScheduledSeq], pad_to: int | None = None):
-        """Pack seqs into (input_ids [T], positions [T], AttentionMetadata). With pad_to, the batch
-        is padded with one-token sequences of length 1 that write nowhere (decode graphs)."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's async copies still read the buffers
-        n = len(seqs)
-        q_lens = np.fromiter((len(s.new_token_ids) for s in seqs), dtype=np.int64, count=n)
-        starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=n)
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=cu[1:])
-        num_tokens = int(cu[-1])
-        self._last_token_index = cu[1:] - 1
-        seq_lens = starts + q_lens
-        # positions: start_pos of each token's seq + its offset within the seq's chunk
-        seq_of_token = np.repeat(np.arange(n), q_lens)
-        positions = np.arange(num_tokens) - cu[:-1][seq_of_token] + starts[seq_of_token]
-        nbt = max(len(s.block_ids) for s in seqs)
-        # Only the used columns travel; a graph keeps stale entries past them, which no sequence
-        # reads (a kernel reads the table only below ceil(seq_len / block_size)).
-        rows, width = (pad_to, nbt) if pad_to else (n, nbt)
-        T = pad_to if pad_to else num_tokens
-        h_bt = self.h_bt[:rows * width].view(rows, width)
-        bt = h_bt.numpy()
-        bt[:] = 0
-        for i, s in enumerate(seqs):
-            bt[i, :len(s.block_ids)] = s.block_ids
-        slots = bt[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
-            + positions % self.block_size
-
-        ids, pos, slot = self.h_ids.numpy(), self.h_pos.numpy(), self.h_slots.numpy()
-        qsl, lens = self.h_qsl.numpy(), self.h_lens.numpy()
-        ids[:num_tokens] = np.concatenate([s.new_token_ids for s in seqs])
-        pos[:num_tokens], slot[:num_tokens] = positions, slots
-        qsl[:n + 1], lens[:n] = cu, seq_lens
-        if pad_to:
-            extra = pad_to - n
-            ids[num_tokens:T], pos[num_tokens:T], slot[num_tokens:T] = 0, 0, -1
-            qsl[n + 1:pad_to + 1] = num_tokens + np.arange(1, extra + 1)
-            lens[n:pad_to] = 1
-        dev = self.device
-
-        def put(h: torch.Tensor) -> torch.Tensor:
-            return h.to(dev, non_blocking=True)
-
-        meta = AttentionMetadata(
-            query_start_loc=put(self.h_qsl[:rows + 1]), seq_lens=put(self.h_lens[:rows]),
-            block_tables=put(h_bt), slot_mapping=put(self.h_slots[:T]),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()), num_seqs=rows)
-        out = put(self.h_ids[:T]), put(self.h_pos[:T]), meta
-        if self._copied is not None:
-            self._copied.record()
-        return out
+        """Pack seqs as a step would: (input_ids [T], positions [T], AttentionMetadata) device views."""
+        plan = self._plan_in_full(seqs)
+        self.batch.apply(plan)
+        packed = self.batch.pack(plan, self.buffers.staging(), pad_to=pad_to)
+        self._last_token_index = packed.last_token_index
+        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered)
+        self.batch.remove(plan.req_ids)
+        d, T = self.buffers.dev, packed.padded_tokens
+        return d.ids[:T], d.pos[:T], self._metadata(packed)
 
 
-def _dummy_seq(n: int, block_ids: list[int]) -> ScheduledSeq:
-    return ScheduledSeq("profile", [0] * n, 0, block_ids, False, SamplingParams(), [], [])
+def _no_sample(s: ScheduledSeq) -> ScheduledSeq:
+    return ScheduledSeq(s.request_id, s.new_token_ids, s.start_pos, s.block_ids, False, s.params,
+                        s.prompt_token_ids, s.output_token_ids)
 
 
-class _DecodeGraph:
-    """One captured decode step for a fixed batch size; inputs are copied into static tensors."""
-
-    def __init__(self, runner: ModelRunner, batch_size: int):
-        self.runner, self.batch_size = runner, batch_size
-        dev, B, W = runner.device, batch_size, runner.max_blocks_per_seq
-        self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.meta = AttentionMetadata(
-            query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(B, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(B, W, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=dev),
-            max_query_len=1, max_seq_len=runner.max_model_len, num_seqs=B)
-        model, caches, backend = runner.model, runner.kv_caches, runner.backend
-        with torch.inference_mode():
-            side = torch.cuda.Stream(dev)  # warm up on a side stream before capture, as torch advises
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    model(self.ids, self.pos, caches, self.meta, backend)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-                self.out = model(self.ids, self.pos, caches, self.meta, backend)
-        self.pool = self.graph.pool()
-
-    def replay(self, inputs) -> torch.Tensor:
-        ids, pos, meta = inputs
-        self.ids.copy_(ids)
-        self.pos.copy_(pos)
-        self.meta.query_start_loc.copy_(meta.query_start_loc)
-        self.meta.seq_lens.copy_(meta.seq_lens)
-        self.meta.block_tables[:, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.meta.slot_mapping.copy_(meta.slot_mapping)
-        self.graph.replay()
-        return self.out
+def _dummy_seq(n: int, block_ids: list[int], rid: str = "profile") -> ScheduledSeq:
+    return ScheduledSeq(rid, [0] * n, 0, block_ids, False, SamplingParams(), [], [])

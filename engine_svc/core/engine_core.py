@@ -1,9 +1,18 @@
 """The synchronous engine core: requests in, one step at a time, outputs out. Imports no torch.
 
 EngineCore owns every request's state, the scheduler and the block manager, and drives a model
-runner (anything with ``execute(list[ScheduledSeq]) -> list[SampledToken | None]``). It is not
-thread-safe by design: exactly one thread (the engine loop, engine_svc/engine_loop.py) calls it.
-Benchmarks and tests may drive it directly.
+runner: ``launch(StepPlan) -> pending`` with ``pending.result() -> list[SampledToken | None]``
+(engine_svc/model_runner.py), or anything with ``execute(list[ScheduledSeq])`` (tests, fakes). It
+is not thread-safe by design: exactly one thread (the engine loop, engine_svc/engine_loop.py) calls
+it. Benchmarks and tests may drive it directly.
+
+Async scheduling (overlap): with ``async_scheduling`` each step() schedules and launches step N+1
+*before* it collects step N, so the CPU plans the next step while the GPU runs the current one. A
+token step N samples is a placeholder for the scheduler (Request.num_output_placeholders) until it
+is collected; step N+1 takes it from the device. Stop tokens therefore apply one step late: a
+request that stops at step N already has a token in step N+1, which is discarded (its KV write lands
+in the request's own blocks, freed by then; the stream orders it before any later reuse).
+Max_tokens and max_model_len are known ahead, so no step is scheduled past them.
 
 Stop conditions, checked after each sampled token, in this order:
   1. the token is one of the request's stop_token_ids, or a model EOS id (unless ignore_eos), and
@@ -15,6 +24,7 @@ Stop conditions, checked after each sampled token, in this order:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvmesh.load import LoadSnapshot
@@ -30,6 +40,25 @@ class Runner(Protocol):
     def execute(self, seqs: list[ScheduledSeq]) -> list[SampledToken | None]: ...
 
 
+@dataclass(slots=True)
+class _Launched:
+    """A step on its way: what was scheduled and the runner's handle to its results."""
+
+    sched: SchedulerOutput
+    handle: object  # .result() -> list[SampledToken | None], aligned with sched.requests
+    start_time: float
+
+
+class _Done:
+    """The handle of a step a synchronous runner (execute) already ran."""
+
+    def __init__(self, results: list[SampledToken | None]):
+        self._results = results
+
+    def result(self) -> list[SampledToken | None]:
+        return self._results
+
+
 class EngineCore:
     """Requests, scheduler, block manager and the step that ties them to the model runner.
 
@@ -41,13 +70,16 @@ class EngineCore:
         max_num_batched_tokens, max_num_seqs, enable_chunked_prefill: scheduling limits.
         enable_prefix_caching: reuse the KV of cached prompt prefixes (engine_svc/core/prefix_cache.py).
         hooks: tracing/metrics hook points (no-ops by default).
+        async_scheduling: overlap scheduling with the previous step (needs a runner with launch()).
     """
 
     def __init__(self, runner: Runner, *, num_blocks: int, block_size: int, eos_token_ids: list[int],
                  max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int,
                  enable_chunked_prefill: bool = True, hooks: EngineHooks | None = None,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, async_scheduling: bool = False):
         self.runner = runner
+        self._launches = hasattr(runner, "launch")
+        self.async_scheduling = async_scheduling and self._launches
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
                                    enable_chunked_prefill)
@@ -57,10 +89,12 @@ class EngineCore:
         self.requests: dict[str, Request] = {}  # live requests (waiting or running)
         self.num_steps = 0
         self._load_version = 0
+        self._inflight: _Launched | None = None  # async scheduling: launched, not yet collected
+        self._removed: list[str] = []  # ids whose runner rows go with the next launch
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     # ---- commands ----
 
@@ -89,39 +123,75 @@ class EngineCore:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute one model step, apply the sampled tokens, finish what stopped."""
+        """Schedule and launch one model step; collect a step's sampled tokens, finish what stopped.
+
+        Synchronous: the step launched here is collected here. Async scheduling: the step launched
+        by the previous call is collected here, after this call launched the next one."""
         start = time.monotonic()
+        outputs: list[RequestOutput] = []
+        try:
+            launched = self._launch(start, outputs) if self.scheduler.has_work else None
+        except BaseException:
+            self._inflight = None  # the engine loop aborts every request: nothing left to collect
+            raise
+        if self.async_scheduling:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        if done is not None:
+            self._collect(done, outputs)
+        self.num_steps += 1
+        return outputs
+
+    def _launch(self, start: float, outputs: list[RequestOutput]) -> _Launched | None:
         sched = self.scheduler.schedule()
-        outputs = [self._finished_output(req, []) for req in sched.failed]
+        outputs.extend(self._finished_output(req, []) for req in sched.failed)
         for req in sched.failed:
             del self.requests[req.request_id]
             self.hooks.on_finished(req)
         for req in sched.preempted:
+            self._removed.append(req.request_id)
             self.hooks.on_preempted(req)
         for req in sched.admitted:
             self.hooks.on_scheduled(req)
-        results = self.runner.execute(sched.seqs) if sched.seqs else []
-        num_decode = 0
-        for req, seq, result in zip(sched.requests, sched.seqs, results):
-            num_decode += self._advance(req, seq, result, outputs)
-        self.num_steps += 1
-        self.hooks.on_step(StepInfo(
-            step=self.num_steps, start_time=start, duration_s=time.monotonic() - start,
-            num_seqs=len(sched.seqs), num_batched_tokens=sched.num_batched_tokens,
-            num_decode_seqs=num_decode, num_preempted=len(sched.preempted),
-            num_finished=sum(o.finished for o in outputs), request_ids=[s.request_id for s in sched.seqs]))
-        return outputs
+        if not sched.requests:
+            return None
+        plan = sched.plan
+        plan.removed_ids, self._removed = self._removed, []
+        seqs = None if self._launches else sched.seqs  # built before the requests advance
+        # Advance at schedule time, so the next step is scheduled past this one even before it ran.
+        for req, num_new, sample in zip(sched.requests, plan.num_new_tokens, plan.sample):
+            req.num_computed_tokens += num_new
+            if sample:
+                req.num_output_placeholders += 1
+        handle = self.runner.launch(plan) if self._launches else _Done(self.runner.execute(seqs))
+        return _Launched(sched, handle, start)
 
-    def _advance(self, req: Request, seq: ScheduledSeq, result: SampledToken | None,
-                 outputs: list[RequestOutput]) -> int:
-        """Apply one seq's result to its request; returns 1 for a decode seq, else 0."""
-        num_new = len(seq.new_token_ids)
-        is_decode = num_new == 1 and req.num_output_tokens > 0 and seq.sample
-        if not is_decode:
-            self.hooks.on_prefill_chunk(req, seq.start_pos, num_new)
-        req.num_computed_tokens += num_new
-        if result is None:
-            return int(is_decode)
+    def _collect(self, done: _Launched, outputs: list[RequestOutput]) -> None:
+        """Wait for a launched step's tokens and apply them (requests finished meanwhile drop theirs)."""
+        sched = done.sched
+        plan = sched.plan
+        results = done.handle.result()
+        num_decode = 0
+        for req, start, num_new, sample, result in zip(sched.requests, sched.start_pos, plan.num_new_tokens,
+                                                       plan.sample, results):
+            if sample:
+                req.num_output_placeholders -= 1
+            if req.status is RequestStatus.FINISHED:
+                continue  # stopped or aborted after this step was launched: its token is discarded
+            is_decode = num_new == 1 and sample and start >= req.num_prompt_tokens
+            num_decode += is_decode
+            if not is_decode:
+                self.hooks.on_prefill_chunk(req, start, num_new)
+            if result is not None:
+                self._append(req, result, outputs)
+        self.hooks.on_step(StepInfo(
+            step=self.num_steps + 1, start_time=done.start_time, duration_s=time.monotonic() - done.start_time,
+            num_seqs=len(sched.requests), num_batched_tokens=sched.num_batched_tokens,
+            num_decode_seqs=num_decode, num_preempted=len(sched.preempted),
+            num_finished=sum(o.finished for o in outputs), request_ids=list(plan.req_ids)))
+
+    def _append(self, req: Request, result: SampledToken, outputs: list[RequestOutput]) -> None:
         index = req.num_output_tokens
         req.output_token_ids.append(result.token_id)
         if index == 0:
@@ -131,7 +201,6 @@ class EngineCore:
             outputs.append(RequestOutput(req.request_id, [result], index))
         else:
             outputs.append(self._finish(req, reason, [result]))
-        return int(is_decode)
 
     def _stop_reason(self, req: Request, token_id: int) -> FinishReason | None:
         params = req.params
@@ -146,6 +215,7 @@ class EngineCore:
 
     def _finish(self, req: Request, reason: FinishReason, tokens: list[SampledToken]) -> RequestOutput:
         self.scheduler.finish(req, reason)
+        self._removed.append(req.request_id)
         del self.requests[req.request_id]
         self.hooks.on_finished(req)
         return self._finished_output(req, tokens)

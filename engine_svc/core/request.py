@@ -53,6 +53,9 @@ class Request:
     max_model_len: int | None = None  # the sequence never grows past this many tokens
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled by launched steps whose ids have not reached the host yet (async scheduling:
+    # the next step is scheduled while the previous one runs). The scheduler counts them as known.
+    num_output_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
@@ -83,13 +86,22 @@ class Request:
 
     @property
     def num_remaining_tokens(self) -> int:
-        """Positions still to compute before the next token can be sampled."""
-        return self.num_tokens - self.num_computed_tokens
+        """Positions still to compute before the next token can be sampled (placeholders included)."""
+        return self.num_tokens + self.num_output_placeholders - self.num_computed_tokens
 
     @property
     def is_prefill(self) -> bool:
         """True while more than the last sampled token is uncomputed (prompt, or recompute)."""
-        return self.num_remaining_tokens > 1 or self.num_output_tokens == 0
+        return self.num_remaining_tokens > 1 or self.num_output_tokens + self.num_output_placeholders == 0
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """A placeholder is its last possible token (max_tokens or max_model_len): schedule nothing."""
+        if not self.num_output_placeholders:
+            return False
+        return (self.num_output_tokens + self.num_output_placeholders >= self.params.max_tokens
+                or (self.max_model_len is not None
+                    and self.num_tokens + self.num_output_placeholders >= self.max_model_len))
 
     @property
     def max_num_tokens(self) -> int:

@@ -21,20 +21,27 @@ from dataclasses import dataclass, field
 from engine_svc.core.block_manager import BlockManager
 from engine_svc.core.prefix_cache import PrefixHit
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestStatus
-from engine_svc.step import ScheduledSeq
+from engine_svc.step import NewSeq, ScheduledSeq, StepPlan
 from kvmesh.prefix_hash import extend_block_hashes
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """One step's decisions. Built by Scheduler.schedule(); read by the engine core."""
+    """One step's decisions. Built by Scheduler.schedule(); read by the engine core.
+
+    The step itself is ``plan`` (engine_svc/step.py StepPlan): new requests in full, running ones as
+    differences, for the model runner's persistent batch. ``seqs`` gives the same step in full
+    (ScheduledSeq per request), built on first access, for tests and simple runners.
+    """
 
     # The model runner's input, in batch order: running requests first (decodes, then prefill chunks),
-    # then newly admitted ones. ScheduledSeq.block_ids are live tables, valid until the next schedule().
-    seqs: list[ScheduledSeq] = field(default_factory=list)
-    # Aligned with seqs: the requests the engine core advances with the step's results.
+    # then newly admitted ones. plan.removed_ids is filled by the engine core.
+    plan: StepPlan = field(default_factory=StepPlan)
+    # Aligned with plan.req_ids: the requests the engine core advances with the step's results, and
+    # each one's num_computed_tokens when it was scheduled (the position of its first new token).
     requests: list[Request] = field(default_factory=list)
-    # Sum of len(seq.new_token_ids); never above max_num_batched_tokens.
+    start_pos: list[int] = field(default_factory=list)
+    # Sum of plan.num_new_tokens; never above max_num_batched_tokens.
     num_batched_tokens: int = 0
     # Requests admitted from the waiting queue this step (new, or resumed after a preemption).
     # Tracing/metrics: the "scheduled" event, queue time.
@@ -45,6 +52,22 @@ class SchedulerOutput:
     # Requests that can never fit in the KV cache, even alone: the engine core finishes them with
     # FinishReason.ERROR. The scheduler already removed them from its queues.
     failed: list[Request] = field(default_factory=list)
+    _seqs: list[ScheduledSeq] | None = None
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        """The step in full; block_ids are live tables, valid until the next schedule(). Build it
+        before the engine core advances the requests (new_token_ids are read from them)."""
+        if self._seqs is None:
+            self._seqs = [ScheduledSeq(
+                request_id=req.request_id, new_token_ids=req.token_ids(start, start + n), start_pos=start,
+                block_ids=self._block_table(req.request_id), sample=sample, params=req.params,
+                prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
+                for req, start, n, sample in zip(self.requests, self.start_pos, self.plan.num_new_tokens,
+                                                 self.plan.sample)]
+        return self._seqs
+
+    _block_table: object = None  # BlockManager.block_table, set by the scheduler
 
 
 @dataclass(slots=True)
@@ -119,7 +142,7 @@ class Scheduler:
         When a running request cannot get a block, the newest running request is preempted by
         recompute (blocks freed, requeued at the front) until it can, or until it is the victim.
         """
-        out = SchedulerOutput()
+        out = SchedulerOutput(_block_table=self.bm.block_table)
         budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
         for req in self.running:  # blocks the last step filled become findable by later requests
             self._cache_computed(req)
@@ -135,16 +158,20 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if budget.seqs == 0 or budget.tokens == 0:
                 break
+            if req.awaits_last_token:
+                continue  # its last token is still being sampled (async scheduling): nothing to run
             num_new = self._chunk(req, budget)
             if num_new == 0:
                 continue  # chunking off and the rest does not fit this step's budget
-            while self.bm.allocate(req.request_id, req.num_computed_tokens + num_new) is None:
+            while (allocation := self.bm.allocate(req.request_id, req.num_computed_tokens + num_new)) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out, budget)
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
                 self._add_seq(out, budget, req, num_new)
+                if allocation.new_block_ids:
+                    out.plan.new_block_ids.append((req.request_id, allocation.new_block_ids))
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
         # Blocks already promised: what running prefills still need to hold their known tokens.
@@ -181,7 +208,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.admitted.append(req)
-            self._add_seq(out, budget, req, num_new)
+            self._add_seq(out, budget, req, num_new, joins=True)
 
     # ---- prefix caching ----
 
@@ -226,14 +253,19 @@ class Scheduler:
             return remaining
         return budget.tokens if self.enable_chunked_prefill else 0
 
-    def _add_seq(self, out: SchedulerOutput, budget: _Budget, req: Request, num_new: int) -> None:
+    def _add_seq(self, out: SchedulerOutput, budget: _Budget, req: Request, num_new: int,
+                 joins: bool = False) -> None:
+        """Put num_new tokens of req in the step; joins: it enters the runner's batch (admitted)."""
         start = req.num_computed_tokens
-        out.seqs.append(ScheduledSeq(
-            request_id=req.request_id, new_token_ids=req.token_ids(start, start + num_new),
-            start_pos=start, block_ids=self.bm.block_table(req.request_id),
-            sample=start + num_new == req.num_tokens, params=req.params,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids))
+        plan = out.plan
+        if joins:
+            plan.new_seqs.append(NewSeq(req.request_id, req.prompt_token_ids, req.output_token_ids, start,
+                                        list(self.bm.block_table(req.request_id)), req.params))
+        plan.req_ids.append(req.request_id)
+        plan.num_new_tokens.append(num_new)
+        plan.sample.append(start + num_new == req.num_tokens + req.num_output_placeholders)
         out.requests.append(req)
+        out.start_pos.append(start)
         out.num_batched_tokens += num_new
         budget.tokens -= num_new
         budget.seqs -= 1
@@ -245,8 +277,10 @@ class Scheduler:
         """
         if req in out.requests:
             i = out.requests.index(req)
-            num_new = len(out.seqs[i].new_token_ids)
-            del out.seqs[i], out.requests[i]
+            plan = out.plan
+            num_new = plan.num_new_tokens[i]
+            del plan.req_ids[i], plan.num_new_tokens[i], plan.sample[i], out.requests[i], out.start_pos[i]
+            plan.new_block_ids = [(rid, b) for rid, b in plan.new_block_ids if rid != req.request_id]
             out.num_batched_tokens -= num_new
             budget.tokens += num_new
             budget.seqs += 1

@@ -19,13 +19,14 @@ GREEDY = dict(temperature=0.0)
 
 def build_core(model: str | pathlib.Path, *, block_size: int = 16, num_blocks: int | None = None,
                chunked: bool = True, budget: int = 512, max_num_seqs: int = 64,
-               max_model_len: int | None = None, prefix_caching: bool = True) -> EngineCore:
+               max_model_len: int | None = None, prefix_caching: bool = True,
+               async_scheduling: bool | None = None) -> EngineCore:
     """A real stories260k/demo runner (fp32, CPU) behind an EngineCore, sized small for tests."""
     cfg = EngineConfig(model=str(model), device="cpu", dtype="float32", block_size=block_size,
                        max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                        enable_chunked_prefill=chunked, num_gpu_blocks_override=num_blocks,
                        kv_cache_memory=8 << 20, max_model_len=max_model_len,
-                       enable_prefix_caching=prefix_caching).validate()
+                       enable_prefix_caching=prefix_caching, async_scheduling=async_scheduling).validate()
     core, _ = build_engine_core(cfg)
     return core
 

@@ -33,12 +33,14 @@ class RecordingRunner(ModelRunner):
     seen: set[int] = set()
     request_ids: list[str] = []
 
-    def execute(self, seqs):
-        for s in seqs:
-            RecordingRunner.seen.update(s.new_token_ids)
-            if not RecordingRunner.request_ids or RecordingRunner.request_ids[-1] != s.request_id:
-                RecordingRunner.request_ids.append(s.request_id)
-        return super().execute(seqs)
+    def launch(self, plan):
+        # Host token ids reach the model only through new rows; decodes feed the model's own samples.
+        for s in plan.new_seqs:
+            RecordingRunner.seen.update(s.prompt_token_ids + s.output_token_ids)
+        for rid in plan.req_ids:
+            if not RecordingRunner.request_ids or RecordingRunner.request_ids[-1] != rid:
+                RecordingRunner.request_ids.append(rid)
+        return super().launch(plan)
 
 
 class StepHooks(EngineHooks):

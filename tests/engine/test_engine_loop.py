@@ -26,11 +26,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 class SlowRunner(ModelRunner):
     """The real runner, with a sleep per step (a stand-in for a long GPU step) and a poison id."""
 
-    def execute(self, seqs):
+    def launch(self, plan):
         time.sleep(STEP_S)
-        if any(POISON in s.prompt_token_ids for s in seqs):
+        if any(POISON in s.prompt_token_ids for s in plan.new_seqs):
             raise RuntimeError("injected step failure")
-        return super().execute(seqs)
+        return super().launch(plan)
 
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

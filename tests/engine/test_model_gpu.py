@@ -7,7 +7,7 @@ import pytest
 import torch
 from model_driver import generate, greedy_examples, prefill_logits
 
-from engine_svc.config import EngineConfig
+from engine_svc.config import ConfigError, EngineConfig
 from engine_svc.model_runner import ModelRunner
 from engine_svc.sampling_params import SamplingParams
 
@@ -71,6 +71,23 @@ def test_kv_sizing_from_gpu_memory_utilization(stories260k_dir):
     assert 0.15 * total < num_blocks * runner.kv_bytes_per_block() < 0.2 * total
     runner.allocate_kv_cache(num_blocks)
     assert torch.cuda.memory_allocated() < 0.2 * total
+
+
+def test_second_engine_sizes_from_its_own_share(stories260k_dir):
+    """KV sizing is per engine instance: an engine alive in the process does not eat the next one's
+    share, and a share larger than what is free is refused with the numbers."""
+    def sized(util):
+        runner = ModelRunner(EngineConfig(model=str(stories260k_dir), device="cuda", gpu_memory_utilization=util))
+        runner.load_model()
+        return runner, runner.determine_num_blocks()
+
+    first, n1 = sized(0.2)
+    first.allocate_kv_cache(n1)
+    second, n2 = sized(0.2)
+    assert abs(n2 - n1) <= 0.02 * n1, (n1, n2)
+    second.allocate_kv_cache(n2)
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization=0.7 asks for .* GiB.*only .* GiB .* free"):
+        sized(0.7)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
