@@ -57,11 +57,13 @@ class Mesh:
         proc.wait_healthy(START_TIMEOUT_S)
         return proc
 
-    def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None) -> ServiceProcess:
-        """Start a router over the named engines and wait until it serves (an engine admitted)."""
+    def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None,
+               tokenizer: ServiceProcess | None = None) -> ServiceProcess:
+        """Start a router over the named engines (and the shared tokenizer unless given another) and
+        wait until it serves (an engine admitted)."""
         targets = ",".join(self.engines[n].address for n in engines)
         proc = ServiceProcess("router", f"router-{len(self.routers)}",
-                              ["--tokenizer", self.tokenizer.address, "--engines", targets,
+                              ["--tokenizer", (tokenizer or self.tokenizer).address, "--engines", targets,
                                "--heartbeat-ms", "200", *flags],
                               env={**CHILD_ENV, **(env or {})}, log_path=self._log(f"router-{len(self.routers)}"),
                               die_with_parent=True).start()
