@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -104,6 +106,14 @@ async def test_models_and_health(front, client):
         assert (health.status_code, health.json()) == (200, {"status": "ok"})
         missing = await http.get("/v1/nothing")
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+async def test_get_info_states_the_max_tokens_limit_and_default(stub):
+    """A client in another language learns the limits from GetInfo instead of from errors."""
+    info = await stub.GetInfo(common_pb2.GetInfoRequest())
+    assert (info.max_tokens_limit, info.default_max_tokens, info.max_model_len) == (4096, 256, 512)
+    (entry,) = (await stub.ListModels(router_pb2.ListModelsRequest())).models
+    assert entry.HasField("max_model_len") and entry.max_model_len == 512
 
 
 async def test_greedy_completion_equals_the_grpc_text(front, client, stub, examples):
@@ -328,3 +338,12 @@ async def test_no_engine_is_503(mesh, tmp_path_factory):
             assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error", r.text
     finally:
         proc.stop(10)
+
+
+def test_generate_into_head_ends_quietly(front):
+    """`kvmesh generate ... | head`: head leaves early; generate stops without a BrokenPipeError."""
+    cmd = (f"{sys.executable} -m kvmesh.cli.main generate --router {front.grpc_address} --prompt 'Once upon a time'"
+           " --max-tokens 400 --ignore-eos --temperature 0 | head -c 12; echo \" generate=${PIPESTATUS[0]}\"")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.stderr == "" and out.stdout.endswith(" generate=141\n"), (out.stdout, out.stderr)
+    assert len(out.stdout) == 12 + len(" generate=141\n")
