@@ -27,8 +27,8 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-def check_text(field: str, text: str, limits: Limits, *, allow_empty: bool = False) -> None:
-    if not text and not allow_empty:
+def check_text(field: str, text: str, limits: Limits) -> None:
+    if not text:
         raise InvalidArgument(field, "must not be empty")
     # Cheap bound first: a str of n characters has between n and 4n UTF-8 bytes.
     if len(text) > limits.max_text_bytes or (4 * len(text) > limits.max_text_bytes
