@@ -16,6 +16,7 @@ the request's task. In there, in order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -59,9 +60,11 @@ async def traced_generate(orchestrator: Orchestrator, model: str, req: router_pb
     """The orchestrator's stream with the router's GenAI span attributes and metrics, as the gRPC
     servicer records them."""
     with RouterRequestTrace(req, model) as rec:
-        async for out in orchestrator.generate(req, None):
-            rec.response(out)
-            yield out
+        # Closed here when this generator is closed (client gone), not later by the garbage collector.
+        async with contextlib.aclosing(orchestrator.generate(req, None)) as responses:
+            async for out in responses:
+                rec.response(out)
+                yield out
 
 
 async def _disconnected(receive) -> None:
