@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+import threading
 
 import pytest
 
@@ -51,8 +52,11 @@ class Mesh:
     def restart_engine(self, name: str) -> ServiceProcess:
         """Start engine `name` again on its old port (after a kill), and wait until it is healthy."""
         old = self.engines[name]
+        # die_with_parent ties the child to the starting *thread*: a restart from a worker thread
+        # (asyncio.to_thread) would be SIGTERMed when that thread ends, leaving later modules a dead engine.
         proc = ServiceProcess("engine", f"engine-{name}", [*self.engine_args(name), "--port", str(old.port)],
-                              log_path=self._log(f"engine-{name}"), env=CHILD_ENV, die_with_parent=True).start()
+                              log_path=self._log(f"engine-{name}"), env=CHILD_ENV,
+                              die_with_parent=threading.current_thread() is threading.main_thread()).start()
         self.engines[name] = proc
         proc.wait_healthy(START_TIMEOUT_S)
         return proc

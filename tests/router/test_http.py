@@ -23,7 +23,7 @@ from kvmesh.v1 import common_pb2, router_pb2
 from tests.router.client import engine_load, engines_idle, generate, greedy, router_stub
 from tests.router.conftest import CHILD_ENV, START_TIMEOUT_S
 
-ENGINES = ["b", "c"]
+ENGINES = ["a", "c"]  # not "b": test_failover (before this module) kills and restarts it
 MODEL = "stories260k"
 # stories260k has no chat template; the test tokenizer serves a copy of it with this one (real files,
 # a real Jinja template), so that chat goes through the tokenizer tier's template rendering.
