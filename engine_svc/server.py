@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="auto = safetensors from --model; dummy = random weights in config.json's shape")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation dtype; auto = the checkpoint's (float32 on CPU)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds dummy weights and unseeded sampling")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")

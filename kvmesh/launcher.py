@@ -46,6 +46,24 @@ class ClusterConfig:
     grace_s: float = 10.0  # drain time each service gets on shutdown
     gpus: list[str] | None = None  # with device "cuda": GPU ids handed out round-robin; None = detect
     engine_args: list[str] = field(default_factory=list)  # extra flags for every engine
+    host: str = "127.0.0.1"  # where the router listens (the other services stay on loopback)
+    port: int = 50051  # the router's gRPC port, `kvmesh generate`'s default; 0 = any free port
+    http_port: int | None = None  # the router's OpenAI-compatible HTTP API; None = off, 0 = any free port
+    # Engine settings, as `vllm serve` spells them (None = the engine's default).
+    dtype: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory: int | None = None  # bytes
+
+    def engine_flags(self) -> list[str]:
+        """The engine settings above as engine command-line flags."""
+        flags = []
+        for name in ("dtype", "max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                flags += ["--" + name.replace("_", "-"), str(value)]
+        return flags
 
     def validate(self) -> "ClusterConfig":
         if self.num_engines < 1:
@@ -57,6 +75,18 @@ class ClusterConfig:
                              " pass a directory with config.json, *.safetensors and tokenizer files, or 'demo'")
         if self.startup_timeout_s <= 0 or self.grace_s < 0:
             raise ValueError("startup_timeout_s must be > 0 and grace_s >= 0")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name}={value}: use a port in [0, 65535] (0 = any free port)")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port={self.http_port} is also the gRPC port: give the HTTP API its own")
+        for name in ("max_model_len", "max_num_seqs", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: must be >= 1")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
         return self
 
 
@@ -129,6 +159,7 @@ class LocalCluster:
         self.tokenizer: ServiceProcess | None = None
         self.engines: list[ServiceProcess] = []
         self.router: ServiceProcess | None = None
+        self.http_port: int | None = None  # the HTTP API's bound port once started (with config.http_port)
         self._last_status: dict[str, tuple] = {}
 
     @property
@@ -139,6 +170,13 @@ class LocalCluster:
     def router_address(self) -> str:
         assert self.router is not None, "start() the cluster first"
         return self.router.address
+
+    @property
+    def http_url(self) -> str | None:
+        """http://HOST:PORT of the router's OpenAI-compatible API (None when it is off)."""
+        if self.http_port is None:
+            return None
+        return f"http://{self.router_address.rsplit(':', 1)[0]}:{self.http_port}"
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -164,7 +202,7 @@ class LocalCluster:
         common = ["--log-level", cfg.log_level, "--grace", str(cfg.grace_s)]
         model = cfg.model if cfg.model == "demo" else os.path.abspath(cfg.model)
         self.tokenizer = self._service("tokenizer", "tokenizer", ["--model", model, *common])
-        engine_flags = ["--model", model, "--device", cfg.device, *common]
+        engine_flags = ["--model", model, "--device", cfg.device, *common, *cfg.engine_flags()]
         if cfg.load_format:
             engine_flags += ["--load-format", cfg.load_format]
         gpus = (cfg.gpus or detect_gpus()) if cfg.device == "cuda" else []
@@ -186,12 +224,19 @@ class LocalCluster:
         self._wait_serving([self.tokenizer, *self.engines], deadline)
 
         engines = ",".join(e.address for e in self.engines)
-        self.router = self._service("router", "router",
-                                    ["--tokenizer", self.tokenizer.address, "--engines", engines, *common])
+        router_flags = ["--tokenizer", self.tokenizer.address, "--engines", engines, *common]
+        http_port_file = os.path.join(self.run_dir, "router-http.port")
+        if cfg.http_port is not None:
+            router_flags += ["--http-port", str(cfg.http_port), "--http-port-file", http_port_file]
+        self.router = self._service("router", "router", router_flags)
+        self.router.host, self.router.listen_port = cfg.host, cfg.port
         self.router.start()
         self._write_pids()
         self._show_started([self.router])
         self._wait_serving([self.router], deadline)
+        if cfg.http_port is not None:
+            with open(http_port_file) as f:  # written before the gRPC port file, so there by now
+                self.http_port = int(f.read())
 
     def check_alive(self) -> None:
         """Raise LaunchError if any child has exited."""

@@ -1,8 +1,9 @@
 """Start kvmesh services as child processes and wait until they are healthy.
 
 Used by `kvmesh up` and by the end-to-end tests, so that both exercise the same start order,
-the same health gate and the same shutdown. Each child listens on `--port 0` and writes its bound
-port to a file (no racy free-port guessing); readiness is the standard gRPC health check.
+the same health gate and the same shutdown. Each child listens on `--port 0` (unless given a port:
+`kvmesh up` puts the router on 50051) and writes its bound port to a file (no racy free-port
+guessing); readiness is the standard gRPC health check.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class ServiceProcess:
     # leaves no orphans. Call start() from the main thread: the signal fires when the *thread* that
     # started the child exits.
     die_with_parent: bool = False
+    host: str = "127.0.0.1"  # --host of the child; its address is loopback unless it binds one address
+    listen_port: int = 0  # --port of the child; 0 = any free port (read back from the port file)
     proc: subprocess.Popen | None = None
     port: int | None = None
     _port_file: str = ""
@@ -47,13 +50,14 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         assert self.port is not None, f"{self.name} has not reported its port yet"
-        return f"127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # a wildcard bind: loopback
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> "ServiceProcess":
         fd, self._port_file = tempfile.mkstemp(prefix=f"kvmesh-{self.name}-", suffix=".port")
         os.close(fd)
         os.unlink(self._port_file)  # the child creates it atomically once it is listening
-        cmd = [sys.executable, "-m", SERVICE_MODULES[self.kind], "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", SERVICE_MODULES[self.kind], "--host", self.host, "--port", str(self.listen_port),
                "--port-file", self._port_file, *self.args]
         if self.die_with_parent and shutil.which("setpriv"):
             # setpriv (util-linux) sets PR_SET_PDEATHSIG and execs; a preexec_fn would do the same but

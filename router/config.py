@@ -37,6 +37,8 @@ class RouterConfig:
     tls_cert: str | None = None  # PEM server certificate chain (TLS when set with tls_key)
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
+    http_port: int | None = None  # the OpenAI-compatible HTTP front's port (None = off, 0 = any free port)
+    http_host: str | None = None  # where the HTTP front listens (None = the gRPC --host)
 
     def validate(self) -> "RouterConfig":
         if self.policy not in POLICIES:
@@ -65,6 +67,8 @@ class RouterConfig:
             raise ConfigError("tls_cert and tls_key go together: pass both or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ConfigError(f"http_port={self.http_port}: use a port in [0, 65535] (0 = any free port)")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("auth_token is empty: pass a token or leave the flag out")
         return self
@@ -99,8 +103,10 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         help="largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt in tokens (default: the model's max_model_len)")
-    parser.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default)
-    parser.add_argument("--max-stop-string-bytes", type=int, default=d["max_stop_string_bytes"].default)
+    parser.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default,
+                        help="most stop strings in one request")
+    parser.add_argument("--max-stop-string-bytes", type=int, default=d["max_stop_string_bytes"].default,
+                        help="longest stop string, in UTF-8 bytes")
     parser.add_argument("--max-concurrent-streams", type=int, default=d["max_concurrent_streams"].default,
                         help="Generate streams open at once; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-attempts", type=int, default=d["max_attempts"].default,
@@ -112,6 +118,12 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     parser.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,"
+                             " /v1/models, /health) on this port; 0 = any free port; off when absent")
+    parser.add_argument("--http-host", default=None, help="address the HTTP API listens on (default: --host)")
+    parser.add_argument("--http-port-file", default=None,
+                        help="write the HTTP API's bound port to this file once serving (launchers, tests)")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -129,5 +141,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_stop_string_bytes=args.max_stop_string_bytes,
         max_concurrent_streams=args.max_concurrent_streams, max_attempts=args.max_attempts,
         retry_after_s=args.retry_after, auth_token=args.auth_token, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, http_port=args.http_port,
+        http_host=args.http_host,
     ).validate()

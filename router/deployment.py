@@ -57,7 +57,9 @@ class Deployment:
     def service_info(self) -> common_pb2.ServiceInfo:
         info = common_pb2.ServiceInfo(name="kvmesh-router", version=kvmesh.__version__,
                                       schema_revision=SCHEMA_REVISION, model=self.model,
-                                      capabilities=CAPABILITIES, pid=os.getpid())
+                                      capabilities=CAPABILITIES, pid=os.getpid(),
+                                      max_tokens_limit=self._config.max_tokens_limit,
+                                      default_max_tokens=self._config.default_max_tokens)
         if self.max_model_len:
             info.max_model_len = self.max_model_len
         if self.tokenizer is not None:
@@ -70,5 +72,7 @@ class Deployment:
     def list_models(self) -> router_pb2.ListModelsResponse:
         if not self.model:
             return router_pb2.ListModelsResponse()
-        return router_pb2.ListModelsResponse(models=[router_pb2.ModelEntry(
-            name=self.model, max_model_len=self.max_model_len, num_ready_replicas=len(self._pool.ready()))])
+        entry = router_pb2.ModelEntry(name=self.model, num_ready_replicas=len(self._pool.ready()))
+        if self.max_model_len:
+            entry.max_model_len = self.max_model_len
+        return router_pb2.ListModelsResponse(models=[entry])

@@ -3,6 +3,9 @@
 Start order: reach the tokenizer (GetInfo, retried until it answers), start discovery and one watcher
 per engine, then serve. Health is SERVING while at least one engine is admissible, so `kvmesh up` and
 Kubernetes readiness wait for a router that can answer; it follows the engines from then on.
+
+With --http-port the same process also serves the OpenAI-compatible HTTP API (router.http) on its
+event loop, over the same Orchestrator; it starts with the gRPC server and drains beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from kvmesh import telemetry
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
-from kvmesh.v1 import common_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2_grpc, tokenizer_pb2_grpc
 from router.auth import BearerTokenInterceptor
 from router.config import ConfigError, RouterConfig, add_router_flags, config_from_args
 from router.deployment import Deployment
@@ -52,9 +55,10 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
 class Router:
     """The router's parts, wired. `start()` serves; `stop()` drains."""
 
-    def __init__(self, config: RouterConfig, *, host: str, port: int, max_message_bytes: int):
+    def __init__(self, config: RouterConfig, *, host: str, port: int, max_message_bytes: int, grace_s: float = 10.0):
         self.config = config
         self._host, self._port, self._max_message_bytes = host, port, max_message_bytes
+        self._grace_s = grace_s
         self.running: RunningServer | None = None
         # Cache-aware routing: a prefix index per engine, fed by the engines' KV events.
         self.prefix_index = PrefixIndex(staleness_s=config.staleness_bound_s)
@@ -72,6 +76,25 @@ class Router:
             tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
+        self._draining = False
+        self.http = None  # router.http.server.HttpFront when config.http_port is set
+
+    def is_serving(self) -> bool:
+        """True while health is SERVING (the HTTP front's /health answers the same)."""
+        return bool(self._serving) and not self._draining
+
+    async def _start_http(self) -> None:
+        # Imported here: FastAPI and uvicorn load only when the HTTP front is on.
+        from router.http.app import FrontParts, build_app
+        from router.http.logprobs import TokenTexts
+        from router.http.server import HttpFront
+
+        parts = FrontParts(orchestrator=self.orchestrator, deployment=self.deployment,
+                           token_texts=TokenTexts(tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)),
+                           is_serving=self.is_serving, auth_token=self.config.auth_token)
+        self.http = HttpFront(build_app(parts), host=self.config.http_host or self._host,
+                              port=self.config.http_port, grace_s=self._grace_s)
+        await self.http.start()
 
     def _on_pool_change(self) -> None:
         if self.kv_followers is not None:
@@ -102,15 +125,26 @@ class Router:
             service_names=[SERVICE_NAME], host=self._host, port=self._port,
             max_message_bytes=self._max_message_bytes, interceptors=interceptors, serving=False,
             credentials=server_credentials(self.config))
+        if self.config.http_port is not None:
+            await self._start_http()
         await self._reach_tokenizer()
         await self.discovery.start()
         self._on_pool_change()
 
     async def stop(self, grace_s: float) -> None:
         """Drain (NOT_SERVING, in-flight streams get grace_s) and release everything."""
+        self._draining = True
+        http = asyncio.ensure_future(self.stop_http())
         if self.running is not None:
             await self.running.stop(grace_s)
+        await http
         await self.close()
+
+    async def stop_http(self) -> None:
+        """Drain the HTTP front (if on): no new connections, in-flight requests get the grace period."""
+        self._draining = True
+        if self.http is not None:
+            await self.http.stop()
 
     async def close(self) -> None:
         if self.kv_followers is not None:
@@ -123,12 +157,19 @@ class Router:
 async def serve(args) -> None:
     config = config_from_args(args)
     telemetry.setup("kvmesh-router", metrics_port=args.metrics_port, host=args.host)
-    router = Router(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes)
+    router = Router(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
+                    grace_s=args.grace)
     stop = asyncio.Event()
     install_stop_signals(stop)
     await router.start()
+    if router.http is not None:
+        write_port_file(args.http_port_file, router.http.port)
     write_port_file(args.port_file, router.running.port)
-    await wait_for_stop(router.running, stop, args.grace)
+    http_drain: list[asyncio.Future] = []
+    # Both fronts drain at once: the HTTP one starts when the gRPC one goes NOT_SERVING.
+    await wait_for_stop(router.running, stop, args.grace,
+                        before_stop=lambda: http_drain.append(asyncio.ensure_future(router.stop_http())))
+    await asyncio.gather(*http_drain)
     await router.close()
 
 

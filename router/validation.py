@@ -39,8 +39,8 @@ def check_request(req: router_pb2.RouterGenerateRequest, limits: RequestLimits) 
     kind = req.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input", "set one of text, chat or token_ids")
-    if kind == "text" and not req.text:
-        raise InvalidArgument("text", "must not be empty")
+    # An empty text is valid (as in vLLM): it tokenizes to the model's BOS, if it has one; only an
+    # empty token list is refused (resolve_max_tokens, once the tokenizer answered).
     if kind == "chat" and not req.chat.messages:
         raise InvalidArgument("chat.messages", "needs at least one message")
     if kind == "token_ids":
@@ -70,6 +70,9 @@ def check_request(req: router_pb2.RouterGenerateRequest, limits: RequestLimits) 
 
 def resolve_max_tokens(req: router_pb2.RouterGenerateRequest, num_prompt_tokens: int, limits: RequestLimits) -> int:
     """The max_tokens to send to the engine. Raises InvalidArgument when the prompt leaves no room."""
+    if num_prompt_tokens == 0:
+        field = "token_ids.ids" if req.WhichOneof("input") == "token_ids" else req.WhichOneof("input")
+        raise InvalidArgument(field, "the prompt is empty: it tokenizes to no tokens (the model adds no BOS)")
     if num_prompt_tokens > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"{num_prompt_tokens} tokens; at most {limits.max_prompt_tokens}")
     room = limits.max_model_len - num_prompt_tokens

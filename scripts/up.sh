@@ -7,13 +7,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ ! -x "$repo/.venv/bin/kvmesh" ]; then
   echo "kvmesh up: first run: creating .venv and installing PyTorch (CPU) and kvmesh; this takes a few minutes" >&2
 fi
-log=$(mktemp "${TMPDIR:-/tmp}/kvmesh-setup.XXXXXX")
-if ! bash "$repo/scripts/setup.sh" >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "kvmesh up: setup failed (log above, also in $log)" >&2
+# One line per setup phase; a failing phase prints its own output (pip's error) and stops here.
+if ! bash "$repo/scripts/setup.sh" >&2; then
+  echo "kvmesh up: setup failed (see above)" >&2
   exit 1
 fi
-rm -f "$log"
 # exec from the caller's directory (relative --model paths mean what they say): Ctrl-C and SIGTERM
 # reach the launcher itself, which drains and stops every child.
 exec "$repo/.venv/bin/kvmesh" up "$@"

@@ -72,7 +72,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def Tokenize(self, request, context):
-        check_text("text", request.text, self._limits)
+        if request.text:  # empty text is valid: it encodes to the special tokens alone (BOS), as in vLLM
+            check_text("text", request.text, self._limits)
         parse = _flag(request, "parse_special_tokens", False)
         encoder = self._tok.special_tokenizer if parse else self._tok.text_tokenizer
         add_special = _flag(request, "add_special_tokens", True)

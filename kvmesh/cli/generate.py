@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -21,6 +22,7 @@ import grpc
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head` leaves for `yes`
 
 
 class _MessageAction(argparse.Action):
@@ -33,8 +35,7 @@ class _MessageAction(argparse.Action):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text through a kvmesh router",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("generate", help="generate text through a kvmesh router", description=__doc__)
     p.add_argument("--router", default="127.0.0.1:50051", help="router HOST:PORT")
     p.add_argument("--prompt", default=None, help="prompt text (without --chat)")
     p.add_argument("--token-ids", default=None, help="prompt as comma-separated token ids")
@@ -44,14 +45,14 @@ def add_parser(subparsers) -> None:
                        help=f"with --chat: a {role} message (repeatable, kept in order)")
     p.add_argument("--messages", default=None, help='with --chat: JSON list of {"role": ..., "content": ...}')
     p.add_argument("--model", default="", help="model name (default: the router's only model)")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default: the router's)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed: the same seed gives the same text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--include-stop", action="store_true", help="keep the matched stop string in the text")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the model's end-of-sequence")
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="return logprobs and K top candidates per token (implies --json records)")
     p.add_argument("--json", action="store_true", help="print one JSON object per response")
@@ -170,6 +171,21 @@ def run(args, out=None, err=None) -> int:
             call.cancel()
             print("cancelled", file=err)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # `kvmesh generate ... | head`: the reader left; stop quietly
+            call.cancel()
+            _silence(out)
+            return EXIT_BROKEN_PIPE
+
+
+def _silence(out) -> None:
+    """Point a closed stdout at /dev/null, so that the interpreter's final flush raises nothing."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _print_stream(call, as_json: bool, out, err) -> int:

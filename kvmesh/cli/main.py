@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import kvmesh
 from kvmesh.serving.config import EnvArgumentParser
 
 # subcommand -> module (kept lazy: `kvmesh generate` must not import torch)
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = EnvArgumentParser(prog="kvmesh", description="kvmesh client and local-cluster commands")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {kvmesh.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, module_name in SUBCOMMANDS.items():

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -39,7 +40,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--run-dir", default=None, help="directory for child logs and pids.json (default: a new temp dir)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every service must be SERVING")
     p.add_argument("--grace", type=float, default=10.0, help="seconds each service gets to drain on shutdown")
-    p.add_argument("--log-level", default="INFO", help="log level of the services (their logs go to the run dir)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                   help="log level of the services (their logs go to the run dir)")
+    r = p.add_argument_group("router (the public endpoint)")
+    r.add_argument("--host", default="127.0.0.1",
+                   help="address the router listens on (0.0.0.0 = every interface); the rest stays on loopback")
+    r.add_argument("--port", type=int, default=50051,
+                   help="router gRPC port, the default of `kvmesh generate --router`; 0 = any free port")
+    r.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (e.g. 8000); off when absent")
+    e = p.add_argument_group("engines (as `vllm serve` spells them; absent = the engine's default)")
+    e.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation dtype")
+    e.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one engine step")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="with --device cuda: share of each GPU an engine may use (weights + KV cache)")
+    e.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="bytes of KV cache per engine (instead of --gpu-memory-utilization; CPU default 256 MiB)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +65,18 @@ def run(args: argparse.Namespace) -> int:
         config = ClusterConfig(
             model=args.model, num_engines=args.num_engines, device=args.device, load_format=args.load_format,
             run_dir=args.run_dir, log_level=args.log_level, startup_timeout_s=args.startup_timeout,
-            grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None).validate()
+            grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None, host=args.host, port=args.port,
+            http_port=args.http_port, dtype=args.dtype, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_memory=args.kv_cache_memory).validate()
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)
         return 2
+    for name, port in (("--port", config.port), ("--http-port", config.http_port)):
+        if port and (problem := _port_taken(config.host, port)):
+            print(f"kvmesh up: {name} {port}: {problem} (another `kvmesh up`?); pass {name} N, or {name} 0 for any"
+                  " free port", file=sys.stderr)
+            return 2
     if config.device == "cuda" and (problem := cuda_problem()):
         print(f"kvmesh up: {problem}", file=sys.stderr)
         return 2
@@ -66,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
             _say("traces: off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4317 to export them)")
         cluster.start()
         _say(f"router listening on {cluster.router_address}")
-        _say(f"try: {_kvmesh_command()} generate --router {cluster.router_address} --prompt \"Hello\"")
+        router_flag = "" if cluster.router_address == "127.0.0.1:50051" else f" --router {cluster.router_address}"
+        _say(f"try: {_kvmesh_command()} generate{router_flag} --prompt \"Hello\"")
+        if cluster.http_url:
+            _say(f"OpenAI-compatible API on {cluster.http_url}/v1; try: curl "
+                 f"{cluster.http_url}/v1/completions -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'")
         if config.model == "demo":
             _say("sample generation from the demo model: its weights are random, so the text is noise"
                  " (serve a real checkpoint with --model DIR)")
@@ -113,6 +143,17 @@ def _sample(router: str, args: argparse.Namespace, run_dir: str) -> None:
     if rc != 0:
         raise LaunchError(f"the sample generation failed (exit {rc}); service logs in {run_dir}")
     _say("sample generation done")
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `port` cannot be bound on `host` now (None when it can)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror.lower() if exc.strerror else str(exc)
+    return None
 
 
 def _kvmesh_command() -> str:

@@ -18,8 +18,24 @@ def env_name(option: str) -> str:
     return "KVMESH_" + option.lstrip("-").upper().replace("-", "_")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that shows each option's default (when it has one) and keeps descriptions as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})" if shown not in ("", []) else text
+
+
 class EnvArgumentParser(argparse.ArgumentParser):
-    """argparse with KVMESH_* environment defaults for every long option."""
+    """argparse with KVMESH_* environment defaults for every long option, and defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         longs = [a for a in args if isinstance(a, str) and a.startswith("--")]
@@ -63,7 +79,8 @@ def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> N
                         help="seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port (none = off)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level")
 
 
 def configure_logging(level: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvmesh.serving.errors import ExceptionMappingInterceptor
 from kvmesh.telemetry.tracing import server_interceptors
@@ -25,6 +25,23 @@ from kvmesh.telemetry.tracing import server_interceptors
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# grpc.reflection.v1 is v1alpha renamed: same messages, same field numbers. grpcio-reflection serves
+# only v1alpha, and grpcurl and newer tools ask for v1 first, so v1 is the same servicer under the
+# v1 name.
+REFLECTION_V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Server reflection under both names, v1alpha and v1; each lists every service, itself included."""
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)  # v1alpha
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE_NAME, {"ServerReflectionInfo": v1})])
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -95,8 +112,7 @@ async def start_server(
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    _enable_reflection(server, service_names)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials is not None \
         else server.add_insecure_port(address)

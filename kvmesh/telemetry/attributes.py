@@ -39,6 +39,11 @@ FINISH_REASON_NAMES = {
 # --- general conventions ---
 ERROR_TYPE = "error.type"  # the gRPC status code name, e.g. "INVALID_ARGUMENT"
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+# HTTP conventions (the router's OpenAI-compatible HTTP front: its SERVER span)
+HTTP_REQUEST_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
+ENDUSER_ID = "enduser.id"  # the OpenAI request's `user`
 
 # --- kvmesh request attributes ---
 REQUEST_ID = "kvmesh.request.id"

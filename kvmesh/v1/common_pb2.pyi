@@ -166,7 +166,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("name", "version", "schema_revision", "model", "max_model_len", "vocab_size", "eos_token_ids", "kv_block_size", "kv_total_blocks", "capabilities", "bos_token_id", "pid")
+    __slots__ = ("name", "version", "schema_revision", "model", "max_model_len", "vocab_size", "eos_token_ids", "kv_block_size", "kv_total_blocks", "capabilities", "bos_token_id", "pid", "max_tokens_limit", "default_max_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class ServiceInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     schema_revision: int
@@ -191,4 +193,6 @@ class ServiceInfo(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     bos_token_id: int
     pid: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., schema_revision: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., bos_token_id: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    max_tokens_limit: int
+    default_max_tokens: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., schema_revision: _Optional[int] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., bos_token_id: _Optional[int] = ..., pid: _Optional[int] = ..., max_tokens_limit: _Optional[int] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...

@@ -57,17 +57,28 @@ class RouterServicer:
 
     def Generate(self, request, context):
         """Generate from text, chat messages or token ids. Server-streaming text deltas and token records.
-        Errors before the first response: INVALID_ARGUMENT (naming the field and limit), NOT_FOUND
-        (unknown model), RESOURCE_EXHAUSTED with a RetryInfo detail (no replica can admit),
-        UNAVAILABLE (no healthy replica), UNAUTHENTICATED (bad or missing bearer token when configured).
-        After the first response, failures end the stream with one response carrying `error`.
+        Errors before the first response (a status, no response sent):
+        - INVALID_ARGUMENT: a bad value; the message and a google.rpc.BadRequest detail name the field
+        and the limit (limits in GetInfo: max_model_len, max_tokens_limit, ...);
+        - NOT_FOUND: unknown model;
+        - FAILED_PRECONDITION: chat input for a model whose tokenizer has no chat template;
+        - ALREADY_EXISTS: request_id names a request that is still live;
+        - RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail: no replica can admit the request now,
+        or the router's stream limit is reached; retry after the delay;
+        - UNAVAILABLE: no healthy replica (or the tokenizer is unreachable);
+        - UNAUTHENTICATED: bad or missing `authorization: Bearer <token>` when the router requires one;
+        - DEADLINE_EXCEEDED / CANCELLED: the client's deadline passed / the client cancelled.
+        The last response is the one with finish_reason set (never FINISH_REASON_UNSPECIFIED): it
+        carries usage, and the stream then ends with status OK. After the first response, failures end
+        the stream with that last response carrying finish_reason ERROR and `error`; nothing is resent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """Name, version, schema revision, model, limits and capabilities of the deployment.
+        """Name, version, schema revision, model, limits (max_model_len, max_tokens_limit,
+        default_max_tokens) and capabilities of the deployment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+import httpx
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -164,6 +165,12 @@ def test_readme_command_answers_then_ctrl_c_stops_everything(launch):
     assert all(c["port"] and c["pid"] in live for c in children), children
     address = launcher.wait_for(r"router listening on (127\.0\.0\.1:\d+)", 1).group(1)
     assert address == f"127.0.0.1:{[c for c in children if c['kind'] == 'router'][0]['port']}"
+    # The router is on 50051, `kvmesh generate`'s default: the command printed next works as it is.
+    assert address == "127.0.0.1:50051"
+    launcher.wait_for(r"try: \S*kvmesh generate --prompt", 1)
+    generated = subprocess.run([str(KVMESH), "generate", "--prompt", "Hi", "--max-tokens", "4"], capture_output=True,
+                               text=True, timeout=60)
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
     # Engine startup phases were shown, and the sample came through the router, labelled as noise.
     launcher.wait_for(r"engine-1\s+READY", 1)
     launcher.wait_for(r"demo model: its weights are random", 1)
@@ -184,7 +191,7 @@ def test_readme_command_answers_then_ctrl_c_stops_everything(launch):
 def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
     """A checkpoint the services cannot load: the launcher names the failure and cleans up."""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"], "model_type": "nope"}))
-    launcher = launch([str(KVMESH), "up", "--once", "--model", str(tmp_path), "--run-dir", str(tmp_path / "run")])
+    launcher = launch([str(KVMESH), "up", "--port", "0", "--once", "--model", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     rc = launcher.finish(STARTUP_S)
     assert rc == 1, launcher.output
     assert re.search(r"(tokenizer|engine-\d) exited with code", launcher.output), launcher.output
@@ -194,9 +201,14 @@ def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
 
 def test_killed_launcher_leaves_no_orphans(launch, tmp_path):
     """SIGKILL gives the launcher no chance to clean up: the children stop by themselves."""
-    launcher = launch([str(KVMESH), "up", "--num-engines", "1", "--max-tokens", "4", "--run-dir", str(tmp_path)])
+    launcher = launch([str(KVMESH), "up", "--port", "0", "--http-port", "0", "--num-engines", "1", "--max-tokens", "4",
+                       "--run-dir", str(tmp_path)])
     launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
     children = _children(launcher)
+    # The OpenAI-compatible API that --http-port adds answers what the printed curl line asks.
+    url = launcher.wait_for(r"OpenAI-compatible API on (http://127\.0\.0\.1:\d+)/v1", 1).group(1)
+    reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3, reply.text
     os.kill(launcher.proc.pid, signal.SIGKILL)
     launcher.finish(10)
     _assert_all_gone(children, timeout_s=30)
@@ -207,7 +219,7 @@ def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir, t
     and the launcher exits by itself, leaving nothing behind."""
     with open(stories260k_dir / "greedy_examples.json") as f:
         example = json.load(f)["examples"][0]
-    launcher = launch([str(KVMESH), "up", "--once", "--model", str(stories260k_dir), "--num-engines", "1",
+    launcher = launch([str(KVMESH), "up", "--port", "0", "--once", "--model", str(stories260k_dir), "--num-engines", "1",
                        "--prompt", example["prompt"], "--max-tokens", "16", "--run-dir", str(tmp_path)])
     rc = launcher.finish(STARTUP_S)
     assert rc == 0, launcher.output
@@ -222,7 +234,8 @@ def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir, t
 
 def test_a_child_dying_while_up_stops_the_cluster(launch, tmp_path):
     """An engine lost after startup: the launcher says which one, shows its log, and stops the rest."""
-    launcher = launch([str(KVMESH), "up", "--num-engines", "1", "--max-tokens", "4", "--run-dir", str(tmp_path)])
+    launcher = launch([str(KVMESH), "up", "--port", "0", "--num-engines", "1", "--max-tokens", "4",
+                       "--run-dir", str(tmp_path)])
     launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
     children = _children(launcher)
     (engine,) = [c for c in children if c["kind"] == "engine"]

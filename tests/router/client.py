@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -78,3 +79,12 @@ async def wait_replicas(stub: router_pb2_grpc.RouterStub, n: int, timeout_s: flo
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"router did not see {n} ready engines in {timeout_s:.0f}s")
+
+
+@contextlib.asynccontextmanager
+async def router_stub(address: str, num_replicas: int):
+    """A RouterStub on its own channel, once the router sees `num_replicas` ready engines."""
+    async with create_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        await wait_replicas(stub, num_replicas)
+        yield stub

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+import threading
 
 import pytest
 
@@ -51,17 +52,22 @@ class Mesh:
     def restart_engine(self, name: str) -> ServiceProcess:
         """Start engine `name` again on its old port (after a kill), and wait until it is healthy."""
         old = self.engines[name]
+        # die_with_parent ties the child to the starting *thread*: a restart from a worker thread
+        # (asyncio.to_thread) would be SIGTERMed when that thread ends, leaving later modules a dead engine.
         proc = ServiceProcess("engine", f"engine-{name}", [*self.engine_args(name), "--port", str(old.port)],
-                              log_path=self._log(f"engine-{name}"), env=CHILD_ENV, die_with_parent=True).start()
+                              log_path=self._log(f"engine-{name}"), env=CHILD_ENV,
+                              die_with_parent=threading.current_thread() is threading.main_thread()).start()
         self.engines[name] = proc
         proc.wait_healthy(START_TIMEOUT_S)
         return proc
 
-    def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None) -> ServiceProcess:
-        """Start a router over the named engines and wait until it serves (an engine admitted)."""
+    def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None,
+               tokenizer: ServiceProcess | None = None) -> ServiceProcess:
+        """Start a router over the named engines (and the shared tokenizer unless given another) and
+        wait until it serves (an engine admitted)."""
         targets = ",".join(self.engines[n].address for n in engines)
         proc = ServiceProcess("router", f"router-{len(self.routers)}",
-                              ["--tokenizer", self.tokenizer.address, "--engines", targets,
+                              ["--tokenizer", (tokenizer or self.tokenizer).address, "--engines", targets,
                                "--heartbeat-ms", "200", *flags],
                               env={**CHILD_ENV, **(env or {})}, log_path=self._log(f"router-{len(self.routers)}"),
                               die_with_parent=True).start()

@@ -94,3 +94,22 @@ def test_env_defaults_and_flag_precedence(monkeypatch):
     monkeypatch.setenv("KVMESH_PORT", "not-a-number")
     with pytest.raises(SystemExit):
         add_server_flags(EnvArgumentParser(), default_port=1)
+
+
+@pytest.mark.parametrize("service", ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"])
+async def test_reflection_answers_v1_and_v1alpha(server, service):
+    """grpcurl and newer tools ask grpc.reflection.v1 first; older ones v1alpha. Both list every service
+    and describe ours."""
+    from grpc_reflection.v1alpha import reflection_pb2 as pb  # v1 has the same messages and field numbers
+
+    async with create_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(f"/{service}/ServerReflectionInfo",
+                                     request_serializer=pb.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=pb.ServerReflectionResponse.FromString)
+        replies = [r async for r in call(iter([pb.ServerReflectionRequest(list_services=""),
+                                                pb.ServerReflectionRequest(file_containing_symbol="kvmesh.v1.Engine")]),
+                                         timeout=10)]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"kvmesh.v1.Engine", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # the engine's .proto, for describe

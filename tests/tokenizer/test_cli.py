@@ -80,8 +80,8 @@ def test_reflection_client_and_health(tokenizer_process, stories260k_dir):
         assert len(replies) == 1 and replies[0].text == " dog " and replies[0].done
         assert replies[0].stop_match.stop == "ran" and replies[0].stop_match.token_index == len(ids) - 3
 
-        with pytest.raises(grpc.RpcError) as err:
-            svc.unary("Tokenize", svc.message("Tokenize"))
+        with pytest.raises(grpc.RpcError) as err:  # (empty text is valid: it encodes to BOS)
+            svc.unary("Detokenize", svc.message("Detokenize"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -29,7 +29,10 @@ async def expect_error(stub, coro, code, *needles, field=None):
 
 async def test_empty_requests(stub):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    await expect_error(stub, stub.Tokenize(pb.TokenizeRequest()), code, "text: must not be empty", field="text")
+    # Empty text is valid (as vLLM takes it): it encodes to the special tokens alone, BOS for Llama.
+    info = await stub.GetInfo(common_pb2.GetInfoRequest())
+    assert list((await stub.Tokenize(pb.TokenizeRequest())).token_ids) == [info.bos_token_id]
+    assert list((await stub.Tokenize(pb.TokenizeRequest(add_special_tokens=False))).token_ids) == []
     await expect_error(stub, stub.Detokenize(pb.DetokenizeRequest()), code, "token_ids: must not be empty",
                        field="token_ids")
 

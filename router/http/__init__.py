@@ -1,0 +1,1 @@
+"""The router's OpenAI-compatible HTTP front (FastAPI on uvicorn): see router.http.app."""
