@@ -22,6 +22,7 @@ from router.auth import BearerTokenInterceptor
 from router.config import ConfigError, RouterConfig, add_router_flags, config_from_args
 from router.deployment import Deployment
 from router.discovery import Discovery
+from router.drain import StreamDrain
 from router.engines import Backoff, EnginePool
 from router.kv_events import KvEventFollowers
 from router.orchestrator import Orchestrator
@@ -72,6 +73,7 @@ class Router:
             tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
+        self.streams = StreamDrain()
 
     def _on_pool_change(self) -> None:
         if self.kv_followers is not None:
@@ -95,7 +97,7 @@ class Router:
                 await asyncio.sleep(backoff.delay())
 
     async def start(self) -> None:
-        servicer = RouterServicer(self.orchestrator, self.deployment)
+        servicer = RouterServicer(self.orchestrator, self.deployment, self.streams)
         interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
         self.running = await start_server(
             register=lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
@@ -106,10 +108,17 @@ class Router:
         await self.discovery.start()
         self._on_pool_change()
 
-    async def stop(self, grace_s: float) -> None:
-        """Drain (NOT_SERVING, in-flight streams get grace_s) and release everything."""
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING (health watches end); in-flight streams get grace_s, then a DRAINING error."""
         if self.running is not None:
-            await self.running.stop(grace_s)
+            await self.running.drain()
+        await self.streams.drain(grace_s)
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain, stop serving and release everything."""
+        await self.drain(grace_s)
+        if self.running is not None:
+            await self.running.server.stop(1.0)
         await self.close()
 
     async def close(self) -> None:
@@ -128,7 +137,7 @@ async def serve(args) -> None:
     install_stop_signals(stop)
     await router.start()
     write_port_file(args.port_file, router.running.port)
-    await wait_for_stop(router.running, stop, args.grace)
+    await wait_for_stop(router.running, stop, args.grace, before_stop=lambda: router.drain(args.grace))
     await router.close()
 
 

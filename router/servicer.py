@@ -5,17 +5,19 @@ from __future__ import annotations
 from kvmesh.telemetry.router import RouterRequestTrace
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.deployment import Deployment
+from router.drain import StreamDrain
 from router.orchestrator import Orchestrator
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, orchestrator: Orchestrator, deployment: Deployment):
+    def __init__(self, orchestrator: Orchestrator, deployment: Deployment, drain: StreamDrain | None = None):
         self._orch = orchestrator
         self._deployment = deployment
+        self._drain = drain or StreamDrain()
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         with RouterRequestTrace(request, self._deployment.model) as rec:  # GenAI span attributes, metrics
-            async for out in self._orch.generate(request, context.time_remaining()):
+            async for out in self._drain.guard(self._orch.generate(request, context.time_remaining())):
                 rec.response(out)
                 yield out
 
