@@ -61,6 +61,12 @@ async def _start_detokenizer(detok: DetokenizeSession, prompt: list[int], req) -
     return None
 
 
+def _engine_failed(first: engine_pb2.GenerateResponse) -> bool:
+    """The engine's first answer ends the request with ENGINE_LOST before any token: fail over."""
+    return (first.finish_reason == common_pb2.FINISH_REASON_ERROR and not first.tokens
+            and first.error.reason == common_pb2.ERROR_REASON_ENGINE_LOST)
+
+
 class _Deadline:
     def __init__(self, remaining_s: float | None):
         self._at = None if remaining_s is None else time.monotonic() + remaining_s
@@ -185,9 +191,14 @@ class Orchestrator:
                 call.cancel()
                 self._pool.end(engine, engine_req.request_id)
                 raise
-            if first is grpc.aio.EOF:
+            if first is grpc.aio.EOF or _engine_failed(first):
                 self._pool.end(engine, engine_req.request_id)
-                last_error = f"{engine.address}: stream ended before any response"
+                if first is grpc.aio.EOF:
+                    last_error = f"{engine.address}: stream ended before any response"
+                else:  # it failed for good before this request's first token (engine_svc/watchdog.py)
+                    call.cancel()
+                    engine.eject(f"engine failed: {first.error.message}", recheck=True)
+                    last_error = f"{engine.address}: {first.error.message}"
                 excluded.append(engine.address)
                 continue
             return engine, call, first
