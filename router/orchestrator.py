@@ -22,10 +22,11 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from opentelemetry import trace
 
-from kvmesh.serving.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
 from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
 from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
+from router.capacity import too_large_error
 from router.config import RouterConfig
 from router.engines import Engine, EnginePool
 from router.policy import Decision, Policy, PromptKey
@@ -162,10 +163,7 @@ class Orchestrator:
             if decision.chosen is None:
                 too_big = [s for s in decision.scored if s.need_blocks > s.candidate.total_blocks]
                 if candidates and len(too_big) == len(decision.scored):
-                    largest = max(s.candidate.total_blocks for s in too_big)
-                    raise InvalidArgument("sampling.max_tokens", (
-                        f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs "
-                        f"{min(s.need_blocks for s in too_big)} KV blocks; the largest engine holds {largest}"))
+                    raise too_large_error(self._pool.engines.values(), num_prompt_tokens, max_tokens, too_big)
                 if candidates:
                     needs = sorted({s.need_blocks for s in decision.scored})
                     raise ResourceExhausted(
