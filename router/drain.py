@@ -56,6 +56,7 @@ class StreamDrain:
             yield _draining_response(request_id)
         finally:
             self._tasks.discard(task)
+            await responses.aclose()  # the client went away: the orchestrator's `finally` runs now, not at GC
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to grace_s for the open streams; then end what is left with a DRAINING error."""
