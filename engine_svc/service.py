@@ -8,6 +8,7 @@ a sequence larger than the whole KV cache, a live duplicate id, draining / not r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -244,8 +245,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if self.kv_events is None:
             raise FailedPrecondition("prefix caching is off on this engine (--enable-prefix-caching): no KV events")
         heartbeat = max((request.heartbeat_ms if request.HasField("heartbeat_ms") else 1000) / 1000, 0.001)
-        async for batch in self.kv_events.subscribe(heartbeat):
-            yield batch
+        async with contextlib.aclosing(self.kv_events.subscribe(heartbeat)) as batches:
+            async for batch in batches:
+                yield batch
+                if self.draining:  # a subscriber is not work for the drain to wait for: end within a heartbeat
+                    return
 
     async def GetInfo(self, request, context) -> common_pb2.ServiceInfo:
         caps = CAPABILITIES + (PREFIX_CAPABILITIES if self.engine.config.enable_prefix_caching else [])

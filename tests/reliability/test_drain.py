@@ -1,5 +1,5 @@
 """Drain ends promptly: a server whose only open streams are watchers (grpc.health Watch, the
-engine's WatchLoad, a router watching the engine) exits on SIGTERM as soon as its in-flight work
+engine's WatchLoad and SubscribeKvEvents, a router watching the engine) exits on SIGTERM as soon as its in-flight work
 is done, not after the whole grace period; and a router whose grace runs out ends each open stream
 with a typed DRAINING error rather than gRPC's generic cancellation."""
 
@@ -30,6 +30,11 @@ async def _watch_load(channel) -> list[bool]:
     return [r.draining async for r in stub.WatchLoad(engine_pb2.WatchLoadRequest(min_interval_ms=0))]
 
 
+async def _kv_events(channel) -> int:
+    stub = engine_pb2_grpc.EngineStub(channel)
+    return len([b async for b in stub.SubscribeKvEvents(engine_pb2.SubscribeKvEventsRequest(heartbeat_ms=200))])
+
+
 async def test_engine_with_watchers_exits_once_its_work_is_done(cluster):
     tok, engine = cluster.tokenizer(), cluster.engine(64, "--grace", str(GRACE_S))
     cluster.wait_healthy(tok, engine)
@@ -38,6 +43,7 @@ async def test_engine_with_watchers_exits_once_its_work_is_done(cluster):
     async with create_channel(engine.address) as channel:
         health = asyncio.create_task(_watch_health(channel))
         load = asyncio.create_task(_watch_load(channel))
+        kv_events = asyncio.create_task(_kv_events(channel))
         work = engine_pb2_grpc.EngineStub(channel).Generate(engine_pb2.GenerateRequest(
             prompt_token_ids=[1, 30, 40], sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=60,
                                                                              ignore_eos=True)))
@@ -45,7 +51,7 @@ async def test_engine_with_watchers_exits_once_its_work_is_done(cluster):
         await asyncio.sleep(0.3)  # the watchers are connected
         t0 = time.monotonic()
         exited = asyncio.create_task(asyncio.to_thread(sigterm_and_time, engine))
-        statuses, drainings = await asyncio.wait_for(asyncio.gather(health, load), GRACE_S / 2)
+        statuses, drainings, _ = await asyncio.wait_for(asyncio.gather(health, load, kv_events), GRACE_S / 2)
         watchers_ended = time.monotonic() - t0
         rest = [r async for r in work]
         code, took = await exited
