@@ -30,6 +30,7 @@ from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
 from engine_svc.status import EngineStatusTracker, Phase
 from engine_svc.step import ModelInfo
+from engine_svc.watchdog import StepHeartbeat, is_fatal_device_error
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class EngineLoop:
         self._started: asyncio.Future | None = None
         self._load_changed: asyncio.Event | None = None
         self._stopped = False
+        self.heartbeat = StepHeartbeat()  # the watchdog's view of step progress
+        self.on_fatal: Callable[[str], None] | None = None  # told (event loop side) when the engine cannot go on
 
     # ---- lifecycle (event loop side) ----
 
@@ -120,15 +123,20 @@ class EngineLoop:
         self._thread.start()
         await self._started
 
-    async def stop(self) -> None:
-        """Abort what is still live (CANCELLED), stop the thread and wait for it."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Abort what is still live (CANCELLED), stop the thread and wait for it (at most timeout_s:
+        a hung thread is a daemon and dies with the process)."""
         if self._thread is None or self._stopped:
             return
         self._stopped = True
         self._commands.put(("stop",))
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._thread.join, timeout_s)
 
     # ---- requests (event loop side) ----
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def num_live(self) -> int:
@@ -168,6 +176,16 @@ class EngineLoop:
                   error_kind: ErrorKind | None = None) -> None:
         for request_id in list(self._outputs):
             self.abort(request_id, reason, error, error_kind)
+
+    def fail(self, reason: str) -> None:
+        """The engine cannot go on (event loop side): end every live request with ENGINE_FAILED now,
+        without the engine thread (it may be dead or hung), and tell `on_fatal`."""
+        outputs = [RequestOutput(rid, [], 0, finished=True, finish_reason=FinishReason.ERROR, error=reason,
+                                 error_kind=ErrorKind.ENGINE_FAILED) for rid in self._outputs]
+        if self.load is not None:
+            self._deliver(outputs, self.load)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def wait_load_change(self, timeout: float | None) -> None:
         """Wait until the next load snapshot arrives (or timeout seconds pass)."""
@@ -245,13 +263,23 @@ class EngineLoop:
                 break
             if core.has_work:
                 try:
-                    outputs.extend(core.step())
-                except Exception:  # noqa: BLE001 - fail the batch, keep serving
+                    outputs.extend(self.heartbeat.run(core.step))
+                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving (unless fatal)
+                    if is_fatal_device_error(exc):
+                        self._fail_fatally(core, exc)
+                        return
                     log.exception("engine step failed; aborting every live request")
                     outputs.extend(core.abort_all(FinishReason.ERROR, "internal error in the engine step",
                                                   ErrorKind.INTERNAL))
             self._post(self._deliver, outputs, core.load())
         self._post(self._deliver, core.abort_all(FinishReason.CANCELLED), core.load())
+
+    def _fail_fatally(self, core: EngineCore, exc: Exception) -> None:
+        """A fatal device error: end every request (usage intact) with ENGINE_FAILED; the process exits."""
+        log.critical("fatal device error in an engine step: %s", exc, exc_info=exc)
+        reason = f"the engine hit a fatal device error and exits: {type(exc).__name__}: {exc}"
+        self._post(self._deliver, core.abort_all(FinishReason.ERROR, reason, ErrorKind.ENGINE_FAILED), core.load())
+        self._post(self.fail, reason)
 
     def _drain_commands(self, core: EngineCore, outputs: list[RequestOutput], block: bool) -> bool:
         """Apply every queued command (waiting for one when idle). False once told to stop."""

@@ -3,8 +3,10 @@
 Startup: bind and listen at once (health NOT_SERVING, GetStatus answers), then on the engine thread
 load weights, size and allocate the KV cache, compile/capture; then run one real warm-up generation
 through the whole loop; only then READY and SERVING.
-Shutdown (SIGTERM/SIGINT): DRAINING, NOT_SERVING, new requests get UNAVAILABLE; in-flight requests
-finish within --grace, the rest end with a DRAINING error; then the server and the engine stop.
+Shutdown (SIGTERM/SIGINT): DRAINING, NOT_SERVING, new requests get UNAVAILABLE, WatchLoad and health
+Watch streams end; in-flight requests finish within --grace, the rest end with a DRAINING error; then
+the server and the engine stop (exit 0). A fatal engine failure (engine_svc/watchdog.py) ends every
+request with ENGINE_LOST and exits with EXIT_FATAL, for the supervisor to restart the engine.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from engine_svc.sampling_params import SamplingParams
 from engine_svc.service import SERVICE_NAME, EngineService
 from engine_svc.status import EngineStatusTracker, Phase
 from engine_svc.telemetry_hooks import TelemetryHooks
+from engine_svc.watchdog import DEFAULT_STEP_TIMEOUT_S, EXIT_FATAL, Watchdog
 
 log = logging.getLogger("engine_svc")
 
 DEFAULT_PORT = 50051
 WARMUP_REQUEST_ID = "kvmesh-warmup"
+ENGINE_JOIN_TIMEOUT_S = 10.0  # a hung engine thread is left behind (a daemon) after this
 
 
 class EngineServer:
@@ -45,13 +49,19 @@ class EngineServer:
 
     def __init__(self, config: EngineConfig, *, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, hooks: EngineHooks | None = None,
-                 engine_id: str | None = None, runner_factory: Callable | None = None):
+                 engine_id: str | None = None, runner_factory: Callable | None = None,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.config = config.validate()
         self.host, self.port, self.max_message_bytes = host, port, max_message_bytes
         self.status = EngineStatusTracker()
         self.engine = EngineLoop(self.config, self.status, hooks=hooks, runner_factory=runner_factory)
+        self.engine.on_fatal = self._on_fatal
         self.service = EngineService(self.engine, engine_id, hooks=hooks)
         self.running: RunningServer | None = None
+        self.watchdog = Watchdog(self.engine.heartbeat, self.status, self._set_serving,
+                                 lambda: self.engine.thread_alive, self.engine.fail, step_timeout_s)
+        self.fatal_reason: str | None = None  # why the engine failed for good (the process exits non-zero)
+        self.stop_requested = asyncio.Event()  # SIGTERM, or a fatal failure
 
     async def start(self) -> int:
         """Bind and start serving RPCs (health NOT_SERVING). Returns the bound port."""
@@ -78,6 +88,7 @@ class EngineServer:
         self.status.enter(Phase.ENGINE_PHASE_READY, "serving")
         self.service.ready = True
         await self.running.set_serving(True)
+        self.watchdog.start()
         log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d; startup %s",
                  self.engine.info.name, self.engine.num_blocks, self.config.block_size,
                  self.engine.max_model_len, self.status.phase_seconds())
@@ -95,6 +106,22 @@ class EngineServer:
         if last is None or last.finish_reason != common_pb2.FINISH_REASON_LENGTH:
             raise RuntimeError(f"warm-up generation did not complete: {last}")
 
+    async def _set_serving(self, serving: bool) -> None:
+        if self.running is not None:
+            await self.running.set_serving(serving and not self.service.draining)
+
+    def _on_fatal(self, reason: str) -> None:
+        """The engine cannot go on: NOT_SERVING at once (routers eject it), FAILED, then stop."""
+        if self.fatal_reason is not None:
+            return
+        self.fatal_reason = reason
+        log.critical("engine failed: %s; exiting with status %d", reason, EXIT_FATAL)
+        self.status.fail(reason)
+        self.service.ready = False
+        if self.running is not None:
+            asyncio.ensure_future(self.running.drain())
+        self.stop_requested.set()
+
     async def drain(self, grace_s: float) -> None:
         """Stop taking requests; let in-flight ones finish for grace_s, end the rest, stop the engine."""
         if self.status.phase == Phase.ENGINE_PHASE_READY:
@@ -102,20 +129,41 @@ class EngineServer:
         self.service.draining = True
         self.engine.republish()  # watchers see draining=True now, not at the next heartbeat
         if self.running is not None:
-            await self.running.set_serving(False)
+            await self.running.drain()  # NOT_SERVING; health watches end
         if self.engine.load is not None and not await self.engine.wait_idle(grace_s):
             log.warning("drain grace of %.1fs ran out: ending %d request(s)", grace_s, self.engine.num_live)
             self.engine.abort_all(FinishReason.ERROR, "the engine is shutting down (drain grace ran out)",
                                   ErrorKind.DRAINING)
-            await self.engine.wait_idle(5.0)
+            if not await self.engine.wait_idle(5.0):  # the engine thread does not answer: hung
+                self.engine.fail("the engine is shutting down and its engine thread does not respond")
+
+    async def run_until_stopped(self, grace_s: float, install_signals: bool = True) -> int:
+        """Start up and serve until SIGTERM/SIGINT or `stop_requested`; drain; return the exit status."""
+        stop = self.stop_requested
+        if install_signals:
+            install_stop_signals(stop)
+        startup = asyncio.create_task(self.startup())
+        startup.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
+        await wait_for_stop(self.running, stop, grace_s, before_stop=lambda: self.drain(grace_s))
+        await self.watchdog.stop()
+        await self.service.close()
+        await self.engine.stop(ENGINE_JOIN_TIMEOUT_S)
+        if self.fatal_reason is not None:
+            return EXIT_FATAL
+        if startup.done() and not startup.cancelled() and startup.exception() is not None:
+            log.error("startup failed: %s", startup.exception())
+            return 1
+        startup.cancel()
+        return 0
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Drain, then stop the gRPC server and the engine thread."""
         await self.drain(grace_s)
+        await self.watchdog.stop()
         if self.running is not None:
             await self.running.server.stop(1.0)
         await self.service.close()
-        await self.engine.stop()
+        await self.engine.stop(ENGINE_JOIN_TIMEOUT_S)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (0 = torch's default, one per core); several CPU engines "
                         "on one host run far faster with 1 each than oversubscribed")
     p.add_argument("--engine-id", default=None, help="id in load reports (default: engine-<pid>-<random>)")
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S,
+                   help="seconds a model step may run before the watchdog marks the engine stalled (NOT_SERVING)")
     return p
 
 
@@ -165,30 +215,19 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or a startup failure (exit 1)."""
+    """Run until SIGTERM/SIGINT (exit 0), a startup failure (exit 1) or a fatal engine failure (EXIT_FATAL)."""
     telemetry.setup("kvmesh-engine", metrics_port=args.metrics_port, host=args.host)
     if args.cpu_threads > 0:
         import torch  # the engine thread imports it anyway; process-wide setting
         torch.set_num_threads(args.cpu_threads)
     config = config_from_args(args)
     hooks = TelemetryHooks(os.path.basename(config.model.rstrip("/")))  # request events, step spans, metrics
-    server = EngineServer(config, host=args.host, port=args.port,
-                          max_message_bytes=args.max_message_bytes, engine_id=args.engine_id, hooks=hooks)
+    server = EngineServer(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
+                          engine_id=args.engine_id, hooks=hooks, step_timeout_s=args.step_timeout)
     hooks.bind(server.service.engine_id, lambda: server.engine.load)
     port = await server.start()
     write_port_file(args.port_file, port)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    startup = asyncio.create_task(server.startup())
-    startup.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
-    await wait_for_stop(server.running, stop, args.grace, before_stop=lambda: server.drain(args.grace))
-    await server.service.close()
-    await server.engine.stop()
-    if startup.done() and not startup.cancelled() and startup.exception() is not None:
-        log.error("startup failed: %s", startup.exception())
-        return 1
-    startup.cancel()
-    return 0
+    return await server.run_until_stopped(args.grace)
 
 
 def main(argv: list[str] | None = None) -> None:

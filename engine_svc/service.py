@@ -8,6 +8,7 @@ a sequence larger than the whole KV cache, a live duplicate id, draining / not r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -44,6 +45,7 @@ _ERRORS = {
     ErrorKind.INTERNAL: (13, common_pb2.ERROR_REASON_INTERNAL),
     ErrorKind.OUT_OF_KV_CACHE: (8, common_pb2.ERROR_REASON_OUT_OF_KV_CACHE),
     ErrorKind.DRAINING: (14, common_pb2.ERROR_REASON_DRAINING),
+    ErrorKind.ENGINE_FAILED: (14, common_pb2.ERROR_REASON_ENGINE_LOST),
 }
 _ABORT = {
     AbortResult.ABORTED: engine_pb2.ABORT_RESULT_ABORTED,
@@ -209,15 +211,17 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return self.load_report()
 
     async def WatchLoad(self, request: engine_pb2.WatchLoadRequest, context):
-        """One report at once, then one per change (at most every min_interval), heartbeat otherwise."""
+        """One report at once, then one per change (at most every min_interval), heartbeat otherwise;
+        the stream ends (OK) right after the first report with draining=True."""
         min_interval = (request.min_interval_ms if request.HasField("min_interval_ms") else 20) / 1000
         heartbeat = max((request.heartbeat_ms if request.HasField("heartbeat_ms") else 1000) / 1000, 0.001)
         loop = asyncio.get_running_loop()
         sent_counts, sent_draining = self._counts(), self.draining
         last_sent = loop.time()
         yield self.load_report()
-        # A watcher holds no engine state, so a cancelled stream needs no cleanup.
-        while True:
+        # A watcher holds no engine state, so a cancelled stream needs no cleanup. Draining ends the
+        # stream after the report that says so: a watcher is not work for the drain to wait for.
+        while not sent_draining:
             await self.engine.wait_load_change(max(last_sent + heartbeat - loop.time(), 0))
             changed = self._counts() != sent_counts or self.draining != sent_draining
             if not changed and loop.time() < last_sent + heartbeat:
@@ -237,8 +241,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if self.kv_events is None:
             raise FailedPrecondition("prefix caching is off on this engine (--enable-prefix-caching): no KV events")
         heartbeat = max((request.heartbeat_ms if request.HasField("heartbeat_ms") else 1000) / 1000, 0.001)
-        async for batch in self.kv_events.subscribe(heartbeat):
-            yield batch
+        async with contextlib.aclosing(self.kv_events.subscribe(heartbeat)) as batches:
+            async for batch in batches:
+                yield batch
+                if self.draining:  # a subscriber is not work for the drain to wait for: end within a heartbeat
+                    return
 
     async def GetInfo(self, request, context) -> common_pb2.ServiceInfo:
         caps = CAPABILITIES + (PREFIX_CAPABILITIES if self.engine.config.enable_prefix_caching else [])

@@ -7,6 +7,7 @@ import os
 import kvmesh
 from kvmesh.serving.errors import Unavailable
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, router_pb2, tokenizer_pb2
+from router.capacity import deployment_max_len
 from router.config import RouterConfig
 from router.engines import EnginePool
 from router.validation import RequestLimits
@@ -36,9 +37,10 @@ class Deployment:
 
     @property
     def max_model_len(self) -> int:
-        lens = [i.max_model_len for i in self._engine_infos() if i.HasField("max_model_len")]
-        if lens:
-            return min(lens)
+        """What a configured engine can run (ready now or not: see router/capacity.py)."""
+        known = [e.info for e in self._pool.engines.values() if e.info is not None]
+        if (max_len := deployment_max_len(known)):
+            return max_len
         return self.tokenizer.max_length if self.tokenizer is not None else 0
 
     def limits(self) -> RequestLimits:

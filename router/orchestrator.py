@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from opentelemetry import trace
 
-from kvmesh.serving.errors import AlreadyExists, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
 from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
 from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
+from router.capacity import too_large_error
 from router.config import RouterConfig
 from router.engines import EnginePool
 from router.policy import Decision, Policy, PromptKey
@@ -62,6 +63,12 @@ async def _start_detokenizer(detok: DetokenizeCall, prompt: list[int], req) -> g
     except grpc.aio.AioRpcError as exc:
         return exc
     return None
+
+
+def _engine_failed(first: engine_pb2.GenerateResponse) -> bool:
+    """The engine's first answer ends the request with ENGINE_LOST before any token: fail over."""
+    return (first.finish_reason == common_pb2.FINISH_REASON_ERROR and not first.tokens
+            and first.error.reason == common_pb2.ERROR_REASON_ENGINE_LOST)
 
 
 class _Deadline:
@@ -164,10 +171,7 @@ class Orchestrator:
             if decision.chosen is None:
                 too_big = [s for s in decision.scored if s.need_blocks > s.candidate.total_blocks]
                 if candidates and len(too_big) == len(decision.scored):
-                    largest = max(s.candidate.total_blocks for s in too_big)
-                    raise InvalidArgument("sampling.max_tokens", (
-                        f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs "
-                        f"{min(s.need_blocks for s in too_big)} KV blocks; the largest engine holds {largest}"))
+                    raise too_large_error(self._pool.engines.values(), num_prompt_tokens, max_tokens, too_big)
                 if candidates:
                     needs = sorted({s.need_blocks for s in decision.scored})
                     raise ResourceExhausted(
@@ -193,9 +197,14 @@ class Orchestrator:
                 call.cancel()
                 self._pool.end(engine, engine_req.request_id)
                 raise
-            if first is grpc.aio.EOF:
+            if first is grpc.aio.EOF or _engine_failed(first):
                 self._pool.end(engine, engine_req.request_id)
-                last_error = f"{engine.address}: stream ended before any response"
+                if first is grpc.aio.EOF:
+                    last_error = f"{engine.address}: stream ended before any response"
+                else:  # it failed for good before this request's first token (engine_svc/watchdog.py)
+                    call.cancel()
+                    engine.eject(f"engine failed: {first.error.message}", recheck=True)
+                    last_error = f"{engine.address}: {first.error.message}"
                 excluded.append(engine.address)
                 continue
             return engine, call, first

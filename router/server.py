@@ -25,6 +25,7 @@ from router.auth import BearerTokenInterceptor
 from router.config import ConfigError, RouterConfig, add_router_flags, config_from_args
 from router.deployment import Deployment
 from router.discovery import Discovery
+from router.drain import StreamDrain
 from router.engines import Backoff, EnginePool
 from router.kv_events import KvEventFollowers
 from router.orchestrator import Orchestrator
@@ -77,6 +78,7 @@ class Router:
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
         self._draining = False
+        self.streams = StreamDrain()
         self.http = None  # router.http.server.HttpFront when config.http_port is set
 
     def is_serving(self) -> bool:
@@ -118,7 +120,7 @@ class Router:
                 await asyncio.sleep(backoff.delay())
 
     async def start(self) -> None:
-        servicer = RouterServicer(self.orchestrator, self.deployment)
+        servicer = RouterServicer(self.orchestrator, self.deployment, self.streams)
         interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
         self.running = await start_server(
             register=lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
@@ -131,13 +133,21 @@ class Router:
         await self.discovery.start()
         self._on_pool_change()
 
-    async def stop(self, grace_s: float) -> None:
-        """Drain (NOT_SERVING, in-flight streams get grace_s) and release everything."""
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING (health watches end); in-flight streams get grace_s, then a DRAINING error.
+        The HTTP front drains beside the gRPC one, from the same moment."""
         self._draining = True
         http = asyncio.ensure_future(self.stop_http())
         if self.running is not None:
-            await self.running.stop(grace_s)
+            await self.running.drain()
+        await self.streams.drain(grace_s)
         await http
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain, stop serving and release everything."""
+        await self.drain(grace_s)
+        if self.running is not None:
+            await self.running.server.stop(1.0)
         await self.close()
 
     async def stop_http(self) -> None:
@@ -165,11 +175,7 @@ async def serve(args) -> None:
     if router.http is not None:
         write_port_file(args.http_port_file, router.http.port)
     write_port_file(args.port_file, router.running.port)
-    http_drain: list[asyncio.Future] = []
-    # Both fronts drain at once: the HTTP one starts when the gRPC one goes NOT_SERVING.
-    await wait_for_stop(router.running, stop, args.grace,
-                        before_stop=lambda: http_drain.append(asyncio.ensure_future(router.stop_http())))
-    await asyncio.gather(*http_drain)
+    await wait_for_stop(router.running, stop, args.grace, before_stop=lambda: router.drain(args.grace))
     await router.close()
 
 

@@ -7,18 +7,21 @@ import contextlib
 from kvmesh.telemetry.router import RouterRequestTrace
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.deployment import Deployment
+from router.drain import StreamDrain
 from router.orchestrator import Orchestrator
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, orchestrator: Orchestrator, deployment: Deployment):
+    def __init__(self, orchestrator: Orchestrator, deployment: Deployment, drain: StreamDrain | None = None):
         self._orch = orchestrator
         self._deployment = deployment
+        self._drain = drain or StreamDrain()
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         with RouterRequestTrace(request, self._deployment.model) as rec:  # GenAI span attributes, metrics
             # Closed here when the client goes away, not later by the garbage collector.
-            async with contextlib.aclosing(self._orch.generate(request, context.time_remaining())) as responses:
+            generate = self._drain.guard(self._orch.generate(request, context.time_remaining()))
+            async with contextlib.aclosing(generate) as responses:
                 async for out in responses:
                     rec.response(out)
                     yield out

@@ -6,22 +6,22 @@ import asyncio
 
 import grpc
 
-from kvmesh.serving.errors import ServiceError, Unavailable
+from kvmesh.serving.errors import ServiceError, Unavailable, passed_through
 from kvmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 # Statuses from the tokenizer that describe the caller's input: passed to the client as they are.
+# ALREADY_EXISTS is the engine's: a live duplicate request id sent through another router.
 _CALLER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                 grpc.StatusCode.ALREADY_EXISTS}
 
 
 def downstream_error(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
-    """A downstream failure as the error the router's client gets: caller errors keep their status
-    and message; anything else is UNAVAILABLE naming the tier."""
+    """A downstream failure as the error the router's client gets: caller errors keep their status,
+    message and google.rpc details; anything else is UNAVAILABLE naming the tier."""
     if exc.code() in _CALLER_CODES:
-        err = ServiceError(exc.details() or exc.code().name)
-        err.code = exc.code()
-        return err
+        return passed_through(exc)
     return Unavailable(f"{service} unavailable: {exc.code().name}: {exc.details()}")
 
 

@@ -34,6 +34,7 @@ class ErrorKind(enum.Enum):
     INTERNAL = "internal"  # the model step failed
     OUT_OF_KV_CACHE = "out_of_kv_cache"  # the sequence cannot fit in the KV cache even alone
     DRAINING = "draining"  # the engine is shutting down and the drain grace ran out
+    ENGINE_FAILED = "engine_failed"  # a fatal device error or a dead engine thread: the process exits
 
 
 @dataclass(slots=True, eq=False)  # identity equality: queues remove and find requests by identity

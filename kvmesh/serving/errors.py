@@ -36,6 +36,9 @@ class ServiceError(Exception):
     def to_status(self) -> grpc.Status:
         packed = []
         for detail in self.details:
+            if isinstance(detail, any_pb2.Any):  # passed through from a downstream status as it came
+                packed.append(detail)
+                continue
             any_msg = any_pb2.Any()
             any_msg.Pack(detail)
             packed.append(any_msg)
@@ -95,6 +98,25 @@ class Cancelled(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_details(exc: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    """The google.rpc details (BadRequest, RetryInfo, ...) of a failed call, packed as they came."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY:
+            return list(status_pb2.Status.FromString(value).details)
+    return []
+
+
+def passed_through(exc: grpc.aio.AioRpcError, message: str | None = None) -> ServiceError:
+    """A downstream failure re-raised with its status code and google.rpc details (a BadRequest's
+    field violations reach the client as the service that found them wrote them)."""
+    err = ServiceError(message or exc.details() or exc.code().name, details=status_details(exc))
+    err.code = exc.code()
+    return err
 
 
 def current_trace_id() -> str:
@@ -212,5 +234,5 @@ def _wrap_stream(method, behavior, streaming_in=False):
 __all__ = [
     "ServiceError", "InvalidArgument", "ResourceExhausted", "AlreadyExists", "NotFound", "Unavailable",
     "Unauthenticated", "FailedPrecondition", "Cancelled", "DeadlineExceeded",
-    "ExceptionMappingInterceptor", "internal_error", "current_trace_id",
+    "ExceptionMappingInterceptor", "internal_error", "current_trace_id", "passed_through", "status_details",
 ]

@@ -2,8 +2,10 @@
 limits, graceful stop.
 
 Shutdown order (graceful): health goes NOT_SERVING first, so that load balancers and the router
-stop sending new work, then `server.stop(grace)` lets in-flight RPCs finish for up to `grace`
-seconds before cancelling them.
+stop sending new work, and long-lived streams that are not work end (health Watch here, a
+service's own such as the engine's WatchLoad in its drain hook); then `server.stop(grace)` lets
+in-flight RPCs finish for up to `grace` seconds before cancelling them. A server with no work in
+flight therefore stops at once, whoever is watching it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvmesh.serving.errors import ExceptionMappingInterceptor
+from kvmesh.serving.health import DrainingHealthServicer
 from kvmesh.telemetry.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ class RunningServer:
     """A started server and the handles needed to drain and stop it."""
 
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: DrainingHealthServicer
     port: int
     service_names: list[str] = field(default_factory=list)
 
@@ -73,9 +76,13 @@ class RunningServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    async def drain(self) -> None:
+        """NOT_SERVING for good; health Watch streams end (they are not work to wait for)."""
+        await self.health.drain()
+
     async def stop(self, grace_s: float) -> None:
-        """Graceful stop: NOT_SERVING first, then let in-flight RPCs finish for up to grace_s."""
-        await self.set_serving(False)
+        """Graceful stop: drain first, then let in-flight RPCs finish for up to grace_s."""
+        await self.drain()
         await self.server.stop(grace_s)
 
 
@@ -110,7 +117,7 @@ async def start_server(
         options=server_options(max_message_bytes),
     )
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _enable_reflection(server, service_names)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -145,10 +152,11 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 async def wait_for_stop(running: RunningServer, stop: asyncio.Event, grace_s: float,
                         before_stop: Callable[[], object] | None = None) -> None:
-    """Block until `stop` is set, then drain: NOT_SERVING, optional hook, graceful stop."""
+    """Block until `stop` is set, then drain: NOT_SERVING (health watches end), the optional hook
+    (the service's own drain), graceful stop."""
     await stop.wait()
     log.info("draining (grace %.1fs)", grace_s)
-    await running.set_serving(False)
+    await running.drain()
     if before_stop is not None:
         result = before_stop()
         if asyncio.iscoroutine(result):

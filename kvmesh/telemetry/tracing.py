@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import logging
 import os
 import threading
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import (_aio_client, _aio_server, aio_client_interceptors, aio_server_interceptor,
-                                                filters)
+from opentelemetry.instrumentation.grpc import (_aio_client, _aio_server, _server, aio_client_interceptors,
+                                                aio_server_interceptor, filters)
 from opentelemetry.trace import Status, StatusCode
 
 from kvmesh.telemetry import attributes as attrs
@@ -153,30 +155,77 @@ def _span_processor(name: str):
 
 
 class _ServerInterceptor(_aio_server.OpenTelemetryAioServerInterceptor):
-    """The library's server interceptor, closing a response stream's handler before its span ends.
+    """The library's server interceptor, with response streams that never hold an attached context
+    across a `yield`.
 
-    When a client cancels while grpc is sending, grpc closes the outermost generator only; the
-    handler's generator (and its `finally`, where the engine records the abort on the span) would
-    run later, at garbage collection, after the span ended.
+    The library wraps a response stream in `with attach(...)` / `with start_as_current_span(...)`
+    over the whole stream. When grpc stops iterating (a client cancel, a deadline, the drain), the
+    generator is closed later from another task, or by the garbage collector's finalizer, whose
+    contextvars Context is not the one the token was made in: every such stream logged "Failed to
+    detach context" with a traceback, tracing on or off (the no-op span is attached too). Here the
+    SERVER span's context is attached around each step of the handler and detached before the step
+    returns, so attach and detach always run in one task; closing the handler's generator happens
+    under its own attach/detach pair, before the span ends (where the engine records an abort).
     """
+
+    def __init__(self, tracer, filter_=None):
+        super().__init__(tracer, filter_=filter_)
+        # The library's span start (its attributes from the call), with spans left open on exit.
+        self._span_starter = _server.OpenTelemetryServerInterceptor(_OpenSpanTracer(tracer))
 
     def _intercept_aio_server_stream(self, behavior, handler_call_details):
         async def _stream_interceptor(request_or_iterator, context):
-            with self._set_remote_context(context):
-                with self._start_span(handler_call_details, context, set_status_on_exception=False) as span:
-                    context = _aio_server._OpenTelemetryAioServicerContext(context, span)
-                    responses = behavior(request_or_iterator, context)
+            span_context = self._server_span_context(handler_call_details, context)
+            span = trace.get_current_span(span_context)
+            responses = behavior(request_or_iterator,
+                                 _aio_server._OpenTelemetryAioServicerContext(context, span))
+            try:
+                while True:
+                    token = otel_context.attach(span_context)
                     try:
-                        async for response in responses:
-                            yield response
-                    except Exception as error:
-                        if type(error) is not Exception:  # bare Exceptions are aborts, recorded already
-                            span.record_exception(error)
-                        raise
+                        response = await responses.__anext__()
+                    except StopAsyncIteration:
+                        break
                     finally:
-                        await responses.aclose()
+                        otel_context.detach(token)
+                    yield response
+            except Exception as error:
+                if type(error) is not Exception:  # bare Exceptions are aborts, recorded already
+                    span.record_exception(error)
+                raise
+            finally:
+                token = otel_context.attach(span_context)
+                try:
+                    await responses.aclose()
+                finally:
+                    otel_context.detach(token)
+                    span.end()
 
         return _stream_interceptor
+
+    def _server_span_context(self, handler_call_details, context) -> otel_context.Context:
+        """A context holding a new SERVER span, child of the caller's trace (from the metadata).
+
+        The library's span start makes the span current; it runs here inside a throwaway copy of
+        the contextvars Context, so nothing stays attached, and the span stays open.
+        """
+        starter = self._span_starter
+
+        def start() -> otel_context.Context:
+            with starter._set_remote_context(context):
+                with starter._start_span(handler_call_details, context) as span:
+                    return trace.set_span_in_context(span)
+        return contextvars.copy_context().run(start)
+
+
+class _OpenSpanTracer:
+    """A tracer whose start_as_current_span leaves the span open when its `with` block exits."""
+
+    def __init__(self, tracer):
+        self._tracer = tracer
+
+    def start_as_current_span(self, **kwargs):
+        return self._tracer.start_as_current_span(**kwargs, end_on_exit=False)
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:

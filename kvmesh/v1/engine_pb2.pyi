@@ -25,6 +25,7 @@ class EnginePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENGINE_PHASE_READY: _ClassVar[EnginePhase]
     ENGINE_PHASE_DRAINING: _ClassVar[EnginePhase]
     ENGINE_PHASE_FAILED: _ClassVar[EnginePhase]
+    ENGINE_PHASE_STALLED: _ClassVar[EnginePhase]
 ABORT_RESULT_UNSPECIFIED: AbortResult
 ABORT_RESULT_ABORTED: AbortResult
 ABORT_RESULT_ALREADY_FINISHED: AbortResult
@@ -37,6 +38,7 @@ ENGINE_PHASE_WARMING_UP: EnginePhase
 ENGINE_PHASE_READY: EnginePhase
 ENGINE_PHASE_DRAINING: EnginePhase
 ENGINE_PHASE_FAILED: EnginePhase
+ENGINE_PHASE_STALLED: EnginePhase
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "include_load", "cache_salt", "prefix_cache")

@@ -137,7 +137,9 @@ async def test_limits_overload_and_duplicates():
         cases = [
             (router_pb2.RouterGenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
             (text_req(max_tokens=600), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-            (text_req(max_tokens=510), grpc.StatusCode.INVALID_ARGUMENT, "exceeds max_model_len 512"),
+            # The model allows 512 tokens, but the only engine holds 8 blocks of 16: the deployment's
+            # max_model_len (GetInfo and this check) is what a configured engine can hold, 128.
+            (text_req(max_tokens=510), grpc.StatusCode.INVALID_ARGUMENT, "exceeds max_model_len 128"),
             (text_req(stop=["x"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "at most 8"),
             (text_req(model="other"), grpc.StatusCode.NOT_FOUND, "other"),
             (router_pb2.RouterGenerateRequest(token_ids=common_pb2.TokenIds(ids=[1, 300])),
@@ -150,7 +152,8 @@ async def test_limits_overload_and_duplicates():
         # 8 blocks of 16 tokens; this needs 5 + 200 tokens = 13 blocks: it could never run here.
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await h.collect(text_req(max_tokens=200))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 13 KV blocks" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "= 205 exceeds max_model_len 128" in err.value.details()
+        assert (await h.stub.GetInfo(common_pb2.GetInfoRequest())).max_model_len == 128
         # 5 + 100 tokens = 7 blocks fit an empty engine, but not beside a live request of 4 blocks
         # (queue_ratio 0: engines may not queue): overloaded, retry later.
         busy = h.stub.Generate(text_req(max_tokens=50))
