@@ -30,11 +30,11 @@ SPLIT = 8192  # vocabulary entries per program of the argmax (V=128256 -> 16 pro
 # ---- the hash, in Triton (uint32 arithmetic wraps mod 2^32) ----
 # Constants as constexpr ints, as triton.language.random's Philox uses them: an int above 2^31 is
 # uint32, so uint32 * C and uint32 ^ C stay uint32.
-MUL_A: tl.constexpr = 0x7FEB352D
-MUL_B: tl.constexpr = 0x846CA68B
-VOCAB_SALT: tl.constexpr = 0x5BD1E995
-SEED_SALT: tl.constexpr = 0x68BC21EB
-KEY_SALT: tl.constexpr = 0x02E5BE93
+MUL_A = tl.constexpr(0x7FEB352D)
+MUL_B = tl.constexpr(0x846CA68B)
+VOCAB_SALT = tl.constexpr(0x5BD1E995)
+SEED_SALT = tl.constexpr(0x68BC21EB)
+KEY_SALT = tl.constexpr(0x02E5BE93)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from kvmesh.serving.errors import InvalidArgument, ServiceError, Unavailable
 from kvmesh.v1 import common_pb2
-from router.engines import Engine
+from router.engine_client import EngineClient
 from router.policy import Scored
 
 
@@ -32,7 +32,7 @@ def deployment_max_len(infos: Sequence[common_pb2.ServiceInfo]) -> int:
     return min(min(lens), max(capacities)) if capacities else min(lens)
 
 
-def too_large_error(engines: Iterable[Engine], num_prompt_tokens: int, max_tokens: int,
+def too_large_error(engines: Iterable[EngineClient], num_prompt_tokens: int, max_tokens: int,
                     too_big: Sequence[Scored]) -> ServiceError:
     """The error for a request no ready engine can hold: UNAVAILABLE while a configured engine that
     could hold it is away, else INVALID_ARGUMENT naming both numbers."""

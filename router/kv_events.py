@@ -58,7 +58,7 @@ class KvEventFollowers:
         self._tasks: dict[str, asyncio.Task] = {}
 
     def sync(self, engines: dict) -> None:
-        """Follow every engine of the table (address -> router.engines.Engine), and only those."""
+        """Follow every engine of the table (address -> router.engine_client.EngineClient), and only those."""
         for address, engine in engines.items():
             if address not in self._tasks and not engine.removed:
                 self._tasks[address] = asyncio.create_task(self._follow(engine), name=f"kv-events-{address}")

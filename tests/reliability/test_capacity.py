@@ -3,11 +3,12 @@ ready engine holds (UNAVAILABLE while a configured engine that holds it is away)
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import grpc
 
 from kvmesh.v1 import common_pb2
 from router.capacity import deployment_max_len, too_large_error
-from router.engines import Engine
 from router.policy import Candidate, Scored
 
 
@@ -23,9 +24,9 @@ def test_max_len_is_the_model_limit_capped_by_the_largest_cache():
     assert deployment_max_len([]) == 0
 
 
-def _engine(address: str, blocks: int, up: bool) -> Engine:
-    return Engine(address, channel=None, stub=None, info=_info(blocks), healthy=up, stream_up=up,
-                  ejected_reason="" if up else "health NOT_SERVING", report=common_pb2.LoadReport())
+def _engine(address: str, blocks: int, up: bool) -> SimpleNamespace:
+    # What too_large_error reads of a router.engine_client.EngineClient.
+    return SimpleNamespace(address=address, info=_info(blocks), admissible=up)
 
 
 def _too_big(address: str, blocks: int, need: int) -> Scored:
