@@ -33,7 +33,10 @@ def _round_e4m3(x):
     n = (y + 0.5).to(tl.int32)  # floor(y + 0.5): y + 0.5 is exact at these magnitudes
     n = tl.where((n.to(tl.float32) - y == 0.5) & ((n & 1) == 1), n - 1, n)  # a tie: to even
     r = n.to(tl.float32) * quantum
-    return tl.where(x < 0, -r, r)
+    # x's sign bit onto r by bits, not tl.where(x < 0, -r, r): compiled, that select lost the sign of
+    # a negative x that rounds to zero (+0 where torch's cast gives -0; the H200's bit-exact test).
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31  # 0x80000000 for a negative x, else 0
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
