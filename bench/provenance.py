@@ -22,13 +22,16 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of this checkout; KVMESH_COMMIT where the tree travelled without .git (the GPU machine)."""
+    """KVMESH_COMMIT when set (the GPU machine: the tree travels without this checkout's .git, and a
+    .git found there named a stale commit), else HEAD of this checkout."""
+    if os.environ.get("KVMESH_COMMIT"):
+        return os.environ["KVMESH_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
         commit = out.stdout.strip()
     except OSError:
         commit = ""
-    return commit or os.environ.get("KVMESH_COMMIT", "unknown")
+    return commit or "unknown"
 
 
 def device_name(device: str) -> str:
