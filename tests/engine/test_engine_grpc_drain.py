@@ -18,6 +18,7 @@ from engine_svc.server import EngineServer
 from kvmesh.procs import ServiceProcess
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from tests.stream_reads import read_rest
 
 NUM_BLOCKS = 40  # 640 tokens: more than one 512-token sequence, less than two
 
@@ -61,7 +62,7 @@ async def test_drain_ends_long_requests_with_draining_error(stories260k_dir):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
         while not (await watch.read()).draining:
             pass
-        rest = await _rest(long)
+        rest = await read_rest(long)
         await drain
         last = rest[-1]
         assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
@@ -77,7 +78,7 @@ async def test_drain_lets_short_requests_finish(stories260k_dir):
         short = gen(stub, "short", 30)
         await short.read()
         await srv.drain(grace_s=10.0)
-        rest = await _rest(short)
+        rest = await read_rest(short)
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert rest[-1].usage.completion_tokens == 30
 
@@ -122,11 +123,3 @@ def test_process_started_by_procs_serves_and_exits_cleanly_on_sigterm(stories260
     finally:
         proc.kill()
 
-
-async def _rest(call) -> list:
-    """The responses after those already read with read() (a plain grpc.aio call does not mix
-    read() with `async for`)."""
-    out = []
-    while (r := await call.read()) is not grpc.aio.EOF:
-        out.append(r)
-    return out

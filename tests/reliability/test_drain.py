@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.reliability.cluster import sigterm_and_time
+from tests.stream_reads import read_rest
 
 pytestmark = pytest.mark.slow
 GRACE_S = 30.0  # long, so that "waited out the grace" and "exited after its work" stay far apart on a loaded host
@@ -53,7 +54,7 @@ async def test_engine_with_watchers_exits_once_its_work_is_done(cluster):
         exited = asyncio.create_task(asyncio.to_thread(sigterm_and_time, engine))
         statuses, drainings, _ = await asyncio.wait_for(asyncio.gather(health, load, kv_events), GRACE_S / 2)
         watchers_ended = time.monotonic() - t0
-        rest = [r async for r in work]
+        rest = await read_rest(work)
         code, took = await exited
     assert watchers_ended < GRACE_S / 3, f"the watch streams ended {watchers_ended:.1f}s after SIGTERM"
     assert code == 0
@@ -74,7 +75,7 @@ async def test_router_drain_expiry_ends_streams_with_a_draining_error(cluster):
             sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
         await call.read()
         code, took = await asyncio.to_thread(sigterm_and_time, router)
-        rest = [r async for r in call]
+        rest = await read_rest(call)
         statuses = await asyncio.wait_for(health, 5)
         for _ in range(50):  # the cancelled engine call frees the request's blocks
             load = await engine_pb2_grpc.EngineStub(ech).GetLoad(engine_pb2.GetLoadRequest())

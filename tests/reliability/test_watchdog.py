@@ -22,6 +22,7 @@ from engine_svc.watchdog import EXIT_FATAL, is_fatal_device_error
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.router.client import engine_load, generate, greedy, wait_replicas
+from tests.stream_reads import read_rest
 
 NUM_BLOCKS = 40
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -81,7 +82,7 @@ async def test_a_stalled_step_turns_health_not_serving_with_the_reason_and_back(
         runner.release()
         await _until(lambda: _is(_health(ch), SERVING))
         assert (await stub.GetStatus(engine_pb2.GetStatusRequest())).phase == engine_pb2.ENGINE_PHASE_READY
-        rest = [r async for r in call]
+        rest = await read_rest(call)
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert not run.done()
 
@@ -100,7 +101,7 @@ async def test_a_fatal_failure_ends_every_request_typed_and_exits_nonzero(storie
         for call in calls:
             await call.read()
         runner.fail_next(failure)
-        lasts = [[r async for r in call][-1] for call in calls]
+        lasts = [(await read_rest(call))[-1] for call in calls]
         for last in lasts:
             assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
             assert last.error.reason == common_pb2.ERROR_REASON_ENGINE_LOST and last.error.code == 14, last.error

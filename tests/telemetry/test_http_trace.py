@@ -61,10 +61,16 @@ def test_the_http_span_continues_the_callers_trace_and_parents_every_downstream_
                        headers={"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN_ID}-01", "x-request-id": "http-trace"})
     assert reply.status_code == 200, reply.text
 
+    # Wait for every span asserted below: each process exports in its own batches, and the tokenizer's
+    # DetokenizeStream span ends (and leaves) after the engine's and the router's.
+    wanted = [("kvmesh-engine", "/kvmesh.v1.Engine/Generate", "SERVER"),
+              ("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/Tokenize", "SERVER"),
+              ("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/DetokenizeStream", "SERVER"),
+              ("kvmesh-router", "text_completion stories260k", "SERVER")]
+
     def complete(spans):
-        mine = [s for s in spans if s.trace_id == TRACE_ID]
-        return any(s.service == "kvmesh-engine" and s.name == "/kvmesh.v1.Engine/Generate" for s in mine) and any(
-            s.service == "kvmesh-router" and s.kind == "SERVER" for s in mine)
+        mine = {(s.service, s.name, s.kind) for s in spans if s.trace_id == TRACE_ID}
+        return all(w in mine for w in wanted)
 
     spans = [s for s in receiver.wait_for(complete, timeout_s=20) if s.trace_id == TRACE_ID]
     # The HTTP SERVER span: a child of the caller's span, named and attributed as the gRPC path's is.
