@@ -204,9 +204,8 @@ class ModelRunner:
         The previous step may still run: decode inputs it sampled are read from its device tensor.
         Raises AssertionError if an input token is neither known nor sampled by the previous step."""
         dropped = self.batch.apply(plan)
-        forget = getattr(self.sampler, "forget", None)
-        if dropped and forget is not None:
-            forget(dropped)
+        if dropped:
+            self.sampler.forget(dropped)  # their sampling state goes with their rows
         packed, hidden = self._run_forward(plan)
         return self._launch_sampling(packed, hidden, len(plan.req_ids))
 

@@ -16,6 +16,7 @@ from engine_svc.core.engine_core import EngineCore
 from engine_svc.core.request import Request, RequestStatus
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken
+from core_steps import step_until_idle
 
 EOS = 2
 BUDGET, MAX_SEQS = 16, 4
@@ -102,13 +103,7 @@ def test_shared_blocks_stay_correct_and_accounted_after_every_step(ops, tokens, 
                         finished[out.request_id] = out
                 check(core)
         check(core)
-    for _ in range(500):
-        if not core.has_work:
-            break
-        for out in core.step():
-            if out.finished:
-                finished[out.request_id] = out
-        check(core)
+    step_until_idle(core, finished, check)  # everything finishes (no livelock), and every block comes back
     assert not core.has_work and set(finished) == set(added)
     bm = core.block_manager
     assert bm.num_in_use_blocks == 0 and bm.num_free_blocks + bm.num_cached_blocks == num_blocks

@@ -13,6 +13,7 @@ from engine_svc.core.engine_core import EngineCore
 from engine_svc.core.request import Request, RequestStatus
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken, ScheduledSeq
+from core_steps import step_until_idle
 
 EOS = 2
 BUDGET, MAX_SEQS = 12, 4
@@ -96,13 +97,7 @@ def test_invariant_after_every_step(ops, tokens, num_blocks, chunked, block_size
                         finished[out.request_id] = out
                 check(core)
         check(core)
-    for _ in range(500):  # everything finishes (no livelock), and every block comes back
-        if not core.has_work:
-            break
-        for out in core.step():
-            if out.finished:
-                finished[out.request_id] = out
-        check(core)
+    step_until_idle(core, finished, check)  # everything finishes (no livelock), and every block comes back
     assert not core.has_work and set(finished) == set(added)
     assert core.block_manager.num_free_blocks == num_blocks
     for out in finished.values():
