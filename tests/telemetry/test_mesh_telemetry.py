@@ -133,6 +133,8 @@ def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
         steps = [s for s in spans if s.name == attrs.STEP_SPAN_NAME]
         return (_has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/Tokenize")(spans)
                 and _has("kvmesh-tokenizer", "/kvmesh.v1.Tokenizer/DetokenizeStream")(spans)
+                # the Generate SERVER span ends after the engine's request span: wait for it too
+                and _has("kvmesh-engine", "/kvmesh.v1.Engine/Generate")(spans)
                 and bool(engine) and sum(s.attributes[attrs.STEP_NUM_DECODE_TOKENS] for s in steps) >= max_tokens - 1)
     spans = _trace_of(mesh, "trace-one", done)
     traced = [s for s in spans if s.name != attrs.STEP_SPAN_NAME]
