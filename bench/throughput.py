@@ -33,8 +33,10 @@ from engine_svc.sampling_params import SamplingParams  # noqa: E402
 
 
 def requests(work: list[tuple[list[int], int]], temperature: float, tag: str) -> list[Request]:
-    return [Request(f"{tag}-{i}", prompt, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True))
-            for i, (prompt, n) in enumerate(work)]
+    """The mix as requests; cache_salt=tag: a run never hits the prefix cache another run (the warm-up,
+    the other temperature) left behind, as fresh prompts would not."""
+    return [Request(f"{tag}-{i}", prompt, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True),
+                    cache_salt=tag) for i, (prompt, n) in enumerate(work)]
 
 
 def timed_run(core, work: list[tuple[list[int], int]], temperature: float, device: str, tag: str) -> dict:
