@@ -3,7 +3,7 @@
     # GPU: the 8B shape, random weights (what issue 10's throughput and latency tables run)
     python3 bench/step_profile.py --device cuda --model bench/configs/llama3-8b --load-format dummy
     # CPU smoke (stories260k)
-    python bench/step_profile.py --num-requests 24 --input-mean 24 --output-mean 16 --decode-batch 4 \
+    python bench/step_profile.py --num-requests 24 --input-mean 24 --output-mean 16 --decode 4x48,1x32 \
         --mixed-decode 3 --mixed-prefill 32 --context 48
 
 Two parts, one engine:
@@ -13,9 +13,11 @@ Two parts, one engine:
    per step (event to event: includes any wait for the host inside the step), host ms per launch,
    and the share of the run's wall time; the gap between one step's end and the next one's start
    event is the device idling between steps.
-2. Two steady states profiled with the torch profiler (CUDA activity only): --decode-batch decode
-   rows at --context tokens, and a mixed step of --mixed-decode decode rows plus a --mixed-prefill
-   token prompt. Each: wall and device busy ms per step, and the kernels by total device time.
+2. Steady states profiled with the torch profiler (CUDA activity only) and cProfile: decode windows
+   (--decode BATCHxCONTEXT,...) and a mixed step of --mixed-decode decode rows at --context tokens
+   plus a --mixed-prefill token prompt. Each: wall and device busy ms per step, the kernels by total
+   device time, the host functions by own time. The mix also counts the Triton variants compiled
+   while it ran (each a stall of seconds: there should be none).
 """
 
 from __future__ import annotations
@@ -69,8 +71,24 @@ class LaunchRecorder:
         return pending
 
 
+def triton_variants() -> int:
+    """Compiled variants of our Triton kernels so far (a rise during a timed run is a JIT stall)."""
+    import kernels.activation, kernels.kv_cache, kernels.paged_attention_kernels, kernels.rms_norm, \
+        kernels.rotary, kernels.sampling, kernels.sampling_penalties  # noqa: E401
+    from triton.runtime.jit import JITFunction
+
+    total = 0
+    for mod in (kernels.activation, kernels.kv_cache, kernels.paged_attention_kernels, kernels.rms_norm,
+                kernels.rotary, kernels.sampling, kernels.sampling_penalties):
+        for fn in vars(mod).values():
+            if isinstance(fn, JITFunction):
+                total += sum(len(entry[0]) for entry in getattr(fn, "device_caches", {}).values())
+    return total
+
+
 def mix_breakdown(core, work, temperature: float, device: str) -> dict:
     rec = LaunchRecorder(core.runner, device.startswith("cuda"))
+    variants_before = triton_variants()
     harness.sync(device)
     t0 = time.perf_counter()
     for i, (prompt, n) in enumerate(work):
@@ -99,6 +117,7 @@ def mix_breakdown(core, work, temperature: float, device: str) -> dict:
                      "share_of_wall": round(sum(dev) / wall_ms, 4) if dev else None,
                      "host_launch_ms_median": round(statistics.median(k["host_ms"]), 3)}
     return {"temperature": temperature, "wall_ms": round(wall_ms, 1), "steps": len(rec.records),
+            "triton_variants_compiled_during_run": triton_variants() - variants_before,
             "device_idle_between_steps_ms": round(idle_ms, 1), "kinds": out}
 
 
@@ -113,8 +132,21 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
     return [{"kernel": name, "us_per_step": round(us / steps, 1)} for name, us in rows]
 
 
+def host_profile(run, top: int) -> list[str]:
+    """cProfile of one more window: the host functions by own time (where the CPU's step goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return [line.rstrip() for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
+
+
 def profile_steps(core, device: str, steps: int, top: int, each_step=None) -> dict:
-    """Time `steps` steps plainly, then the same number under the profiler (CUDA activity only)."""
+    """Time `steps` steps plainly, under the profiler (CUDA activity only), and under cProfile."""
     from torch.profiler import ProfilerActivity, profile
 
     def run():
@@ -135,7 +167,7 @@ def profile_steps(core, device: str, steps: int, top: int, each_step=None) -> di
     intervals = busy_intervals_us(prof)
     return {"wall_ms_per_step": round(plain_ms, 3), "profiled_wall_ms_per_step": round(profiled_ms, 3),
             "device_busy_ms_per_step": round(union_length(intervals) / steps / 1e3, 3),
-            "kernels": kernel_table(prof, steps, top)}
+            "kernels": kernel_table(prof, steps, top), "host_profile": host_profile(run, 2 * top)}
 
 
 def steady_states(core, args, vocab: int) -> dict:
@@ -148,16 +180,18 @@ def steady_states(core, args, vocab: int) -> dict:
 
     greedy = dict(temperature=args.temperature, ignore_eos=True)
     out = {}
-    for i in range(args.decode_batch):
-        core.add(Request(f"dec-{i}", prompt(args.context), SamplingParams(max_tokens=10_000, **greedy)))
-    while any(r.is_prefill for r in core.requests.values()):
-        core.step()
-    for _ in range(3):
-        core.step()
-    out["decode"] = {"batch": args.decode_batch, "context": args.context,
-                     **profile_steps(core, args.device, args.steps, args.top)}
-    core.abort_all(FinishReason.CANCELLED)
-    harness.drain(core)
+    for spec in args.decode.split(","):
+        batch, context = (int(x) for x in spec.split("x"))
+        for i in range(batch):
+            core.add(Request(f"dec-{i}", prompt(context), SamplingParams(max_tokens=10_000, **greedy)))
+        while any(r.is_prefill for r in core.requests.values()):
+            core.step()
+        for _ in range(3):
+            core.step()
+        out[f"decode B={batch} ctx={context}"] = {"batch": batch, "context": context,
+                                                   **profile_steps(core, args.device, args.steps, args.top)}
+        core.abort_all(FinishReason.CANCELLED)
+        harness.drain(core)
     for i in range(args.mixed_decode):
         core.add(Request(f"mixdec-{i}", prompt(args.context), SamplingParams(max_tokens=10_000, **greedy)))
     while any(r.is_prefill for r in core.requests.values()):
@@ -182,8 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_engine_args(p, **harness.GPU_ENGINE)
     harness.add_mix_args(p, num_requests=1000)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--decode-batch", type=int, default=256)
-    p.add_argument("--context", type=int, default=512, help="prompt tokens of the steady-state rows")
+    p.add_argument("--decode", default="256x512,64x1024,16x2048,1x512",
+                   help="steady decode windows, BATCHxCONTEXT, comma-separated")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens of the mixed window's decode rows")
     p.add_argument("--mixed-decode", type=int, default=200)
     p.add_argument("--mixed-prefill", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="steps per steady-state window")
@@ -216,6 +251,7 @@ def main(argv=None) -> dict:
         print(f"{name}: wall {s['wall_ms_per_step']} ms/step, busy {s.get('device_busy_ms_per_step')} ms")
         for k in s.get("kernels", []):
             print(f"   {k['us_per_step']:>9.1f} us  {k['kernel']}")
+        print("\n".join(s.get("host_profile", [])))
     print("wrote", ", ".join(paths))
     return report
 

@@ -23,6 +23,11 @@ import numpy as np
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import NewSeq, StepPlan
 
+# A mixed step lists its one-token sequences for the attention backend (decode tiles for them) when
+# it has at least this many: below it, the extra launch per layer costs more host time than the
+# prefill tiles waste on so few rows.
+MIN_LISTED_SINGLES = 32
+
 
 @dataclass(slots=True)
 class PackedStep:
@@ -38,6 +43,7 @@ class PackedStep:
     max_seq_len: int
     num_sampled: int  # rows that sample: staging sample_idx[:num_sampled]
     num_gathered: int  # input tokens fed from the previous step's device ids: gather_dst/src[:n]
+    num_singles: int  # a mixed step's one-token sequences listed in staging singles[:n] (else 0)
     sampled_rows: np.ndarray  # [num_sampled] row of each sampled request
     sampled_epochs: np.ndarray  # [num_sampled] the rows' epochs (a dropped or reused row differs)
     sampled_positions: np.ndarray  # [num_sampled] index in plan.req_ids of each sampled request
@@ -127,7 +133,7 @@ class InputBatch:
 
     def pack(self, plan: StepPlan, st, pad_to: int | None = None) -> PackedStep:
         """Pack plan's step into the staging views `st` (ids, pos, slots, qsl, lens, bt, sample_idx,
-        gather_dst, gather_src: numpy arrays); advance num_computed; mark sampled rows pending.
+        gather_dst, gather_src, singles: numpy arrays); advance num_computed; mark sampled rows pending.
 
         pad_to: pad a pure-decode batch to this many one-token rows that write nowhere (slot -1)."""
         n = len(plan.req_ids)
@@ -164,6 +170,12 @@ class InputBatch:
             st.qsl[n + 1:pad_to + 1] = T + np.arange(1, pad_to - n + 1)
             st.lens[n:pad_to] = 1
             st.bt[n:pad_to, :width] = 0
+        num_singles = 0
+        if T > n:  # a mixed step: its one-token sequences, for decode tiles
+            singles = np.flatnonzero(q == 1)
+            if len(singles) >= MIN_LISTED_SINGLES:
+                num_singles = len(singles)
+                st.singles[:num_singles] = singles
         sampled = np.flatnonzero(np.array(plan.sample, dtype=bool))
         k = len(sampled)
         last = cu[1:] - 1
@@ -177,7 +189,7 @@ class InputBatch:
         return PackedStep(
             step_id=step_id, num_seqs=n, num_tokens=T, num_rows=R, padded_tokens=pad_to or T,
             block_width=width, max_query_len=int(q.max()), max_seq_len=int(seq_lens.max()), num_sampled=k,
-            num_gathered=num_gathered, sampled_rows=sampled_rows, sampled_epochs=self.epoch[sampled_rows],
+            num_gathered=num_gathered, num_singles=num_singles, sampled_rows=sampled_rows, sampled_epochs=self.epoch[sampled_rows],
             sampled_positions=sampled, last_token_index=last)
 
     def complete(self, step: PackedStep, token_ids: list[int]) -> None:

@@ -28,7 +28,7 @@ from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
 from engine_svc.cuda_graphs import GRAPH_BATCH_SIZES, capture_decode_graphs
-from engine_svc.input_batch import InputBatch, PackedStep
+from engine_svc.input_batch import MIN_LISTED_SINGLES, InputBatch, PackedStep
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
 from engine_svc.pending_step import PendingStep, sample_async
@@ -185,8 +185,20 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run the kernels once (compiles Triton), then capture decode CUDA graphs unless eager."""
         assert self.kv_caches, "allocate_kv_cache() first"
-        self._forward([_dummy_seq(min(16, self.max_model_len), [0] * self.max_blocks_per_seq, "warmup")])
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        width = self.max_blocks_per_seq
+        self._forward([_dummy_seq(min(16, self.max_model_len), [0] * width, "warmup")])
+        if self.device.type != "cuda":
+            return
+        # The kernel variants of eager mixed steps, compiled now rather than at the first such step in
+        # service (a stall of seconds): decode rows listed beside a prefill chunk, and short chunks.
+        cfg = self.config
+        singles = min(MIN_LISTED_SINGLES, cfg.max_num_seqs - 1)
+        chunk = min(64, self.max_model_len, max(cfg.max_num_batched_tokens, cfg.max_num_seqs) - singles)
+        if chunk > 1:
+            self._forward([_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(singles)]
+                          + [_dummy_seq(chunk, [0] * width, "warmup-chunk")])
+            self._forward([_dummy_seq(min(4, chunk), [0] * width, "warmup-short"), _dummy_seq(1, [0] * width, "warmup-one")])
+        if cfg.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):
             log.warning("attention backend %s cannot be captured; running eagerly", self.backend.name)
@@ -244,7 +256,8 @@ class ModelRunner:
         st = self.buffers.staging()
         packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None)
         self._last_token_index = packed.last_token_index
-        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered)
+        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
+                            packed.num_singles)
         d = self.buffers.dev
         if packed.num_gathered:
             prev = self._inflight
@@ -262,7 +275,8 @@ class ModelRunner:
         return AttentionMetadata(
             query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows, :packed.block_width],
             slot_mapping=d.slots[:packed.padded_tokens], max_query_len=packed.max_query_len,
-            max_seq_len=packed.max_seq_len, num_seqs=rows)
+            max_seq_len=packed.max_seq_len, num_seqs=rows,
+            decode_seq_index=d.singles[:packed.num_singles] if packed.num_singles else None)
 
     def _launch_sampling(self, packed: PackedStep, hidden: torch.Tensor, num_reqs: int) -> PendingStep:
         batch = self.batch
@@ -309,7 +323,8 @@ class ModelRunner:
         self.batch.apply(plan)
         packed = self.batch.pack(plan, self.buffers.staging(), pad_to=pad_to)
         self._last_token_index = packed.last_token_index
-        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered)
+        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
+                            packed.num_singles)
         self.batch.remove(plan.req_ids)
         d, T = self.buffers.dev, packed.padded_tokens
         return d.ids[:T], d.pos[:T], self._metadata(packed)

@@ -4,7 +4,7 @@ host staging buffers a step is packed into, copied straight across before the st
 Layout, the same on both sides (MT = max tokens per step, MS = max sequences, W = block-table width):
 
     int64  ids[MT] | pos[MT] | slots[MT] | sample_idx[MS] | gather_dst[MS] | gather_src[MS]
-    int32  qsl[MS + 1] | lens[MS] | bt[MS, W]
+    int32  qsl[MS + 1] | lens[MS] | singles[MS] | bt[MS, W]
 
 On CUDA the staging is pinned and double-buffered: step N+1 is packed while step N's copies may
 still be in flight (async scheduling), so consecutive steps use alternate staging sets, each reused
@@ -26,13 +26,13 @@ class _Views:
         o = np.cumsum([0, mt, mt, mt, ms, ms, ms])
         self.ids, self.pos, self.slots, self.sample_idx, self.gather_dst, self.gather_src = (
             i64[o[i]:o[i + 1]] for i in range(6))
-        self.qsl, self.lens = i32[:ms + 1], i32[ms + 1:2 * ms + 1]
-        self.bt = i32[2 * ms + 1:].view(ms, width)
+        self.qsl, self.lens, self.singles = i32[:ms + 1], i32[ms + 1:2 * ms + 1], i32[2 * ms + 1:3 * ms + 1]
+        self.bt = i32[3 * ms + 1:].view(ms, width)
 
     def numpy(self) -> "_Views":
         """The same views as numpy arrays (host buffers only)."""
         out = object.__new__(_Views)
-        for name in ("ids", "pos", "slots", "sample_idx", "gather_dst", "gather_src", "qsl", "lens", "bt"):
+        for name in ("ids", "pos", "slots", "sample_idx", "gather_dst", "gather_src", "qsl", "lens", "singles", "bt"):
             setattr(out, name, getattr(self, name).numpy())
         return out
 
@@ -43,7 +43,7 @@ class StepBuffers:
     def __init__(self, device: torch.device, max_tokens: int, max_seqs: int, width: int):
         self.device = device
         self.cuda = device.type == "cuda"
-        n64, n32 = 3 * max_tokens + 3 * max_seqs, 2 * max_seqs + 1 + max_seqs * width
+        n64, n32 = 3 * max_tokens + 3 * max_seqs, 3 * max_seqs + 1 + max_seqs * width
         shape = (max_tokens, max_seqs, width)
 
         def pair(pin: bool):
@@ -76,7 +76,8 @@ class StepBuffers:
         self._current = entry
         return entry[1]
 
-    def upload(self, num_tokens: int, num_rows: int, num_sampled: int, num_gathered: int) -> None:
+    def upload(self, num_tokens: int, num_rows: int, num_sampled: int, num_gathered: int,
+               num_singles: int = 0) -> None:
         """Copy the used prefix of each staged array into the device buffers (non-blocking)."""
         host, _, event = self._current
         if not self.cuda:
@@ -85,7 +86,7 @@ class StepBuffers:
         for name, n in (("ids", num_tokens), ("pos", num_tokens), ("slots", num_tokens),
                         ("sample_idx", num_sampled), ("gather_dst", num_gathered),
                         ("gather_src", num_gathered), ("qsl", num_rows + 1), ("lens", num_rows),
-                        ("bt", num_rows)):
+                        ("singles", num_singles), ("bt", num_rows)):
             if n:
                 getattr(d, name)[:n].copy_(getattr(host, name)[:n], non_blocking=True)
         event.record()

@@ -153,7 +153,8 @@ def _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_le
 
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
-                    k_scale=1.0, v_scale=1.0, num_splits: int | None = None, plan_overrides: dict | None = None):
+                    k_scale=1.0, v_scale=1.0, num_splits: int | None = None, plan_overrides: dict | None = None,
+                    decode_seq_index=None):
     """Causal attention of packed varlen queries over a paged KV cache.
 
     Args:
@@ -174,6 +175,11 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         num_splits: force the number of KV splits (1 = one-pass); None = heuristic in ``_plan``.
         plan_overrides: for tuning (bench/kernels.py): replace entries of ``_plan``'s result
             (block_m, tile_n, num_warps, num_stages, num_splits, min_seg, k_rows); the rest is re-derived.
+        decode_seq_index: int32 ``[n]``: every sequence of the batch with one query token (a mixed
+            batch's decode rows). Two launches then: the longer sequences with the prefill tiles, and
+            these with the decode tiles (16 rows, one pass), instead of one 128-row prefill tile per
+            decode token (2x the attention time of 200 decode rows beside one 512-token prompt on the
+            H200, bench/results/step-profile-*). Ignored when max_query_len is 1.
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -205,12 +211,25 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
 
     qpk = num_heads // num_kv_heads
     head_dim_pad = max(16, next_pow2(head_dim))
+    if decode_seq_index is not None and max_query_len > 1:
+        check_tensor("decode_seq_index", decode_seq_index, ndim=1, dtypes=(torch.int32,), contiguous=True, device=dev)
+        singles = decode_seq_index.shape[0]
+    else:
+        singles = 0
     plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
                  _num_sms(dev), interpret=dev.type != "cuda", kv_fp8=kv_fp8)
     if plan_overrides:
         plan = _derive({**plan, **plan_overrides}, qpk, num_tokens, num_seqs, max_seq_len)
+    plan["skip_single"] = singles > 0
     _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
             scale, sliding_window, kv_fp8)
+    if singles:
+        # one pass: the merge kernel would rewrite every token of the batch, not only these
+        plan = _plan(head_dim_pad, qpk, singles, singles, num_kv_heads, 1, max_seq_len, 1, _num_sms(dev),
+                     interpret=dev.type != "cuda", kv_fp8=kv_fp8)
+        plan["seq_index"] = decode_seq_index
+        _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
+                scale, sliding_window, kv_fp8)
     return out
 
 
@@ -228,9 +247,10 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
     else:
         part_acc = part_ml = out  # unused by the kernel
     grid = (plan["grid0"], num_kv_heads, plan["num_splits"])
+    seq_index = plan.get("seq_index")
     _paged_attention_kernel[grid](
         out, part_acc, part_ml, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        k_scales, v_scales, scale * LOG2E, num_seqs, sliding_window or 0, plan["min_seg"], plan["num_splits"],
+        seq_lens if seq_index is None else seq_index, k_scales, v_scales, scale * LOG2E, num_seqs, sliding_window or 0, plan["min_seg"], plan["num_splits"],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -239,6 +259,7 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=plan["block_m"], BLOCK_Q=plan["block_q"], TILE_N=plan["tile_n"],
         USE_WINDOW=sliding_window is not None, SPLIT=split, IEEE_DOT=query.dtype == torch.float32,
         DECODE=plan["decode"], KV_FP8=kv_fp8, K_ROWS=plan["k_rows"],
+        SEQ_INDEX=seq_index is not None, SKIP_SINGLE=bool(plan.get("skip_single")),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split:

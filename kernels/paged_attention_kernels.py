@@ -105,15 +105,20 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
 
 
 @triton.jit
-def _locate(query_start_loc_ptr, seq_lens_ptr, num_seqs, BLOCK_Q: tl.constexpr, DECODE: tl.constexpr):
+def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q: tl.constexpr,
+            DECODE: tl.constexpr, SEQ_INDEX: tl.constexpr):
     """(seq, local q-block, first query token, query length, seq_len) of this program's q-block.
 
     Last q-blocks first: under a causal mask they read the most KV, so starting them early shortens
-    the tail of the launch. DECODE promises one query token per sequence: q-block i is sequence i.
+    the tail of the launch. DECODE promises one query token per sequence: q-block i is sequence i,
+    or with SEQ_INDEX sequence seq_index[i] (the one-token sequences of a mixed batch).
     """
     q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
     if DECODE:
-        seq = q_block_id
+        if SEQ_INDEX:
+            seq = tl.load(seq_index_ptr + q_block_id)
+        else:
+            seq = q_block_id
     else:
         seq = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -126,7 +131,9 @@ def _locate(query_start_loc_ptr, seq_lens_ptr, num_seqs, BLOCK_Q: tl.constexpr, 
     return seq, local_block, q_start, q_len, seq_len
 
 
-@triton.jit
+# Runtime ints that change from step to step are not specialised on (divisible by 16, equal to 1):
+# each new combination would compile a variant in the middle of serving, a stall of seconds.
+@triton.jit(do_not_specialize=["num_seqs", "min_seg", "num_splits"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]; written when not SPLIT
     part_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PAD] fp32; written when SPLIT
@@ -137,6 +144,7 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
+    seq_index_ptr,  # [grid axis 0] int32: the sequences of a DECODE launch; read only if SEQ_INDEX
     k_scale_ptr, v_scale_ptr,  # fp32 [num_kv_heads] dequantisation scales; read only if KV_FP8
     scale_log2,  # softmax scale * log2(e): scores are kept in log2 units so exp2 is used
     num_seqs,
@@ -161,13 +169,18 @@ def _paged_attention_kernel(
     DECODE: tl.constexpr,  # one query token per sequence (grid axis 0 = sequences)
     KV_FP8: tl.constexpr,  # the cache holds e4m3 values scaled by 1 / k_scale, 1 / v_scale
     K_ROWS: tl.constexpr,  # load K as rows (see _attend_tile)
+    SEQ_INDEX: tl.constexpr,  # DECODE over the sequences listed in seq_index only
+    SKIP_SINGLE: tl.constexpr,  # leave one-token sequences alone (a SEQ_INDEX launch does them)
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq, local_block, q_start, q_len, seq_len = _locate(query_start_loc_ptr, seq_lens_ptr, num_seqs,
-                                                        BLOCK_Q, DECODE)
+    seq, local_block, q_start, q_len, seq_len = _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr,
+                                                        num_seqs, BLOCK_Q, DECODE, SEQ_INDEX)
     if local_block * BLOCK_Q >= q_len:
         return  # past this sequence's last q-block (the grid is an upper bound)
+    if SKIP_SINGLE:
+        if q_len == 1:
+            return
     ctx_len = seq_len - q_len
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
 
@@ -233,7 +246,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     part_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PAD] fp32

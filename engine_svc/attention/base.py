@@ -38,6 +38,9 @@ class AttentionMetadata:
     max_query_len: int  # host copy: largest query length in the batch (1 for a pure decode batch)
     max_seq_len: int  # host copy: largest seq_len in the batch
     num_seqs: int  # host copy of len(seq_lens)
+    # int32 [n] on the device, or None: the sequences with one query token in a batch that also has
+    # longer ones (a mixed step's decode rows), for a backend that runs them with decode tiles.
+    decode_seq_index: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):

@@ -27,4 +27,4 @@ class TritonAttentionBackend(AttentionBackend):
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
-                               k_scale=self.k_scale, v_scale=self.v_scale)
+                               k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index)

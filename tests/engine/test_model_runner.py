@@ -210,7 +210,8 @@ sys.path.insert(0, {os.path.dirname(__file__)!r})
 torch.set_num_threads(1)
 from engine_svc.config import EngineConfig
 from engine_svc.model_runner import ModelRunner
-import model_driver
+import engine_svc.input_batch, model_driver
+engine_svc.input_batch.MIN_LISTED_SINGLES = 1  # the staggered steps' decode rows take the decode tiles
 d = pathlib.Path({str(stories260k_dir)!r})
 r = ModelRunner(EngineConfig(model=str(d), dtype="float32", num_gpu_blocks_override=64,
                 max_num_batched_tokens=16, max_num_seqs=4), attention_backend="triton", layer_ops="triton")

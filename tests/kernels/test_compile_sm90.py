@@ -27,17 +27,30 @@ def _signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[
         elif name.endswith("_ptr"):
             sig[name] = pointer_types[name]
         else:
-            sig[name] = "i32"
+            sig[name] = pointer_types.get(name, "i32")  # other scalars are named with their type
     return sig
 
 
 def _cases() -> dict:
-    from kernels import kv_cache, sampling, sampling_penalties
+    from kernels import kv_cache, paged_attention_kernels, sampling, sampling_penalties
 
     kv_heads = {"NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HEADS_PAD": 8, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16}
     kv_ptrs = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_mapping_ptr": "*i64", "k_inv_scale_ptr": "*fp32",
                "v_inv_scale_ptr": "*fp32"}
+    attn_ptrs = {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "query_ptr": "*bf16",
+                 "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
+                 "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "seq_index_ptr": "*i32",
+                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_log2": "fp32"}
+    attn = {"QPK": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "USE_WINDOW": False, "SPLIT": False,
+            "IEEE_DOT": False, "KV_FP8": False}
+    kernel = paged_attention_kernels._paged_attention_kernel
     return {
+        # a mixed step: prefill tiles that leave the one-token sequences to the indexed decode launch
+        "attention_mixed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 128, "BLOCK_Q": 32, "TILE_N": 128, "DECODE": False,
+                                                "K_ROWS": True, "SEQ_INDEX": False, "SKIP_SINGLE": True}),
+        "attention_decode_listed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
+                                                        "DECODE": True, "K_ROWS": False, "SEQ_INDEX": True,
+                                                        "SKIP_SINGLE": False}),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
                           {"best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "logits_ptr": "*fp32",
                            "seeds_ptr": "*i64", "steps_ptr": "*i64", "greedy_ptr": "*i64"},
@@ -79,7 +92,7 @@ def test_kernels_compile_for_sm90():
 
 
 def _case_names() -> list[str]:
-    return ["gumbel_argmax", "penalties", "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
+    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ BS = 16  # block size for the CPU cases
 
 
 def check(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
-          num_splits=None, device=DEVICE, scale=None):
+          num_splits=None, device=DEVICE, scale=None, index_singles=False):
     b = make_batch(seqs, num_kv_heads=num_kv_heads, qpk=qpk, head_dim=head_dim, block_size=block_size,
                    dtype=dtype, device=device)
     scale = scale or head_dim ** -0.5
     out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
-    got = paged_attention(*b.args(), scale, window, out=out, num_splits=num_splits)
+    singles = None
+    if index_singles:  # the one-token sequences as the model runner lists them for a mixed batch
+        q_lens = (b.query_start_loc[1:] - b.query_start_loc[:-1]).cpu()
+        singles = torch.nonzero(q_lens == 1).flatten().to(torch.int32).to(device)
+    got = paged_attention(*b.args(), scale, window, out=out, num_splits=num_splits, decode_seq_index=singles)
     assert got is out
     ref = paged_attention_reference(*b.args(), scale, window)
     assert_close(out, ref, dtype)
@@ -40,6 +44,18 @@ MIXED = [(0, 19), (BS - 1, 1), (21, 9), (0, 1), (BS + 1, 1), (2 * BS, BS), (5, 4
 @pytest.mark.parametrize("qpk,num_kv_heads", [(1, 3), (2, 2), (4, 1)])
 def test_mixed_prefill_decode(qpk, num_kv_heads):
     check(MIXED, qpk=qpk, num_kv_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize("qpk,num_kv_heads,window", [(1, 3, None), (4, 1, None), (2, 2, 5)])
+def test_mixed_with_decode_rows_indexed(qpk, num_kv_heads, window):
+    # decode rows first, last and between prefill chunks; each launch must leave the other's rows
+    check([(BS + 1, 1)] + MIXED + [(40, 1), (0, 1)], qpk=qpk, num_kv_heads=num_kv_heads, window=window,
+          index_singles=True)
+
+
+def test_indexed_decode_rows_with_nothing_else_to_do():
+    # only one-token sequences listed, but max_query_len > 1 comes from the one prefill chunk
+    check([(7, 1), (0, 3), (BS, 1)], index_singles=True)
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 128, 256])
