@@ -180,7 +180,7 @@ def steady_states(core, args, vocab: int) -> dict:
 
     greedy = dict(temperature=args.temperature, ignore_eos=True)
     out = {}
-    for spec in args.decode.split(","):
+    for spec in filter(None, args.decode.split(",")):
         batch, context = (int(x) for x in spec.split("x"))
         for i in range(batch):
             core.add(Request(f"dec-{i}", prompt(context), SamplingParams(max_tokens=10_000, **greedy)))
@@ -224,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="steps per steady-state window")
     p.add_argument("--top", type=int, default=14, help="kernels listed per window")
     p.add_argument("--skip-mix", action="store_true")
+    p.add_argument("--no-list-singles", action="store_true",
+                   help="A/B: mixed steps give their decode rows prefill tiles (the old path)")
     return p.parse_args(argv)
 
 
@@ -231,10 +233,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine_svc.engine_loop import build_engine_core
 
+    if args.no_list_singles:
+        import engine_svc.input_batch
+
+        engine_svc.input_batch.MIN_LISTED_SINGLES = 1 << 30
     cfg = harness.engine_config(args, harness.effective_max_model_len(args))
     core, info = build_engine_core(cfg)
     work = harness.mix_from_args(args, info.vocab_size, core.max_model_len)
-    report = {"config": harness.engine_settings(args, core, info)}
+    report = {"config": {**harness.engine_settings(args, core, info), "list_singles": not args.no_list_singles}}
     if not args.skip_mix:
         harness.drain(core)
         report["mix"] = mix_breakdown(core, work, args.temperature, args.device)
