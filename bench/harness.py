@@ -108,6 +108,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int = 256, max_
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    p.add_argument("--mixed-graph-max-tokens", type=int, default=2048,
+                   help="CUDA: prefill/mixed steps up to this many tokens replay piecewise graphs (0 = eager)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="the engine's automatic prefix caching (on by default, as in the engine)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
@@ -127,7 +129,8 @@ def engine_config(args: argparse.Namespace, max_model_len: int | None = None):
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_model_len=max_model_len or args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching).validate()
+        enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching,
+        mixed_graph_max_tokens=args.mixed_graph_max_tokens).validate()
 
 
 def engine_server_flags(args: argparse.Namespace) -> list[str]:
@@ -144,6 +147,7 @@ def engine_server_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--enforce-eager")
     if not args.enable_prefix_caching:
         flags.append("--no-enable-prefix-caching")
+    flags += ["--mixed-graph-max-tokens", str(args.mixed_graph_max_tokens)]
     if args.threads:
         flags += ["--cpu-threads", str(args.threads)]
     return flags
@@ -174,7 +178,7 @@ def engine_settings(args: argparse.Namespace, core, info) -> dict:
             "block_size": args.block_size, "num_kv_blocks": core.block_manager.num_blocks,
             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "max_model_len": core.max_model_len, "enforce_eager": args.enforce_eager,
-            "enable_prefix_caching": args.enable_prefix_caching}
+            "enable_prefix_caching": args.enable_prefix_caching, "mixed_graph_max_tokens": args.mixed_graph_max_tokens}
 
 
 def drain(core) -> dict[str, int]:

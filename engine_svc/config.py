@@ -29,6 +29,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory for weights + activations + KV cache
     num_gpu_blocks_override: int | None = None  # tests: force a number of KV blocks
     enforce_eager: bool = False  # CUDA: skip CUDA-graph capture
+    # CUDA: steps that are not pure decode (prefill chunks, mixed) of up to this many tokens replay
+    # piecewise graphs (engine_svc/piecewise_graphs.py); longer steps run eagerly. 0 = always eager.
+    mixed_graph_max_tokens: int = 2048
     kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 (= fp8_e4m3): e4m3 K/V, half the bytes
     # Schedule and launch step N+1 while step N runs (stop tokens then apply one step late, the
     # extra token discarded). None = on for CUDA, off on CPU (where a step cannot overlap anything).
@@ -57,6 +60,8 @@ class EngineConfig:
             raise ConfigError(f"load_format={self.load_format!r}: use auto or dummy")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.mixed_graph_max_tokens < 0:
+            raise ConfigError(f"mixed_graph_max_tokens={self.mixed_graph_max_tokens}: must be >= 0 (0 = eager)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len={self.max_model_len}: must be >= 1")
         if not self.enable_chunked_prefill and self.max_model_len is not None \

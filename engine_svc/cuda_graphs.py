@@ -19,7 +19,7 @@ GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 51
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
     return _WARMUP_STREAMS[device]
@@ -37,7 +37,7 @@ class DecodeGraph:
             max_query_len=1, max_seq_len=max_model_len, num_seqs=B)
         dev = buffers.device
         with torch.inference_mode():
-            side = _warmup_stream(dev)  # warm up on a side stream before capture, as torch advises
+            side = warmup_stream(dev)  # warm up on a side stream before capture, as torch advises
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):

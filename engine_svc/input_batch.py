@@ -131,11 +131,12 @@ class InputBatch:
 
     # ---- one step ----
 
-    def pack(self, plan: StepPlan, st, pad_to: int | None = None) -> PackedStep:
+    def pack(self, plan: StepPlan, st, pad_to: int | None = None, pad_tokens_to: int | None = None) -> PackedStep:
         """Pack plan's step into the staging views `st` (ids, pos, slots, qsl, lens, bt, sample_idx,
         gather_dst, gather_src, singles: numpy arrays); advance num_computed; mark sampled rows pending.
 
-        pad_to: pad a pure-decode batch to this many one-token rows that write nowhere (slot -1)."""
+        pad_to: pad a pure-decode batch to this many one-token rows that write nowhere (slot -1).
+        pad_tokens_to: pad the tokens alone (piecewise graphs: attention sees the real ones only)."""
         n = len(plan.req_ids)
         rows = np.fromiter(map(self.row_of.__getitem__, plan.req_ids), dtype=np.int64, count=n)
         q = np.array(plan.num_new_tokens, dtype=np.int64)
@@ -170,6 +171,8 @@ class InputBatch:
             st.qsl[n + 1:pad_to + 1] = T + np.arange(1, pad_to - n + 1)
             st.lens[n:pad_to] = 1
             st.bt[n:pad_to, :width] = 0
+        elif pad_tokens_to:
+            st.ids[T:pad_tokens_to], st.pos[T:pad_tokens_to], st.slots[T:pad_tokens_to] = 0, 0, -1
         num_singles = 0
         if T > n:  # a mixed step: its one-token sequences, for decode tiles
             singles = np.flatnonzero(q == 1)
@@ -187,9 +190,10 @@ class InputBatch:
         self.pending_step[sampled_rows] = step_id
         self.pending_index[sampled_rows] = np.arange(k)
         return PackedStep(
-            step_id=step_id, num_seqs=n, num_tokens=T, num_rows=R, padded_tokens=pad_to or T,
+            step_id=step_id, num_seqs=n, num_tokens=T, num_rows=R, padded_tokens=pad_to or pad_tokens_to or T,
             block_width=width, max_query_len=int(q.max()), max_seq_len=int(seq_lens.max()), num_sampled=k,
-            num_gathered=num_gathered, num_singles=num_singles, sampled_rows=sampled_rows, sampled_epochs=self.epoch[sampled_rows],
+            num_gathered=num_gathered, num_singles=num_singles, sampled_rows=sampled_rows,
+            sampled_epochs=self.epoch[sampled_rows],
             sampled_positions=sampled, last_token_index=last)
 
     def complete(self, step: PackedStep, token_ids: list[int]) -> None:

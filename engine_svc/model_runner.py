@@ -32,6 +32,7 @@ from engine_svc.input_batch import MIN_LISTED_SINGLES, InputBatch, PackedStep
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
 from engine_svc.pending_step import PendingStep, sample_async
+from engine_svc.piecewise_graphs import PiecewiseGraphs
 from engine_svc.sampler import SampleRequest, Sampler
 from engine_svc.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from engine_svc.step import ModelInfo, NewSeq, SampledToken, ScheduledSeq, StepPlan
@@ -66,6 +67,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: dict = {}
         self.graph_sizes: list[int] = []
+        self.pieces: PiecewiseGraphs | None = None  # mixed steps' graphs (CUDA, after warmup)
         self.memory_baseline = (kv_sizing.MemoryBaseline.take(self.device)
                                 if self.device.type == "cuda" else None)
         self._inflight: PendingStep | None = None  # the last launched step, until its result()
@@ -133,7 +135,8 @@ class ModelRunner:
         if cfg.kv_cache_memory is not None or not cuda:
             budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else CPU_KV_CACHE_BYTES
         else:
-            reserve = 0 if cfg.enforce_eager else GRAPH_RESERVE_BYTES
+            reserve = 0 if cfg.enforce_eager else GRAPH_RESERVE_BYTES + PiecewiseGraphs.reserve_bytes(
+                self.model_cfg, self.dtype, self._piece_tokens())
             budget = kv_sizing.kv_cache_budget(self.memory_baseline, cfg.gpu_memory_utilization,
                                                scratch_bytes, reserve)
         num_blocks = int(budget // self.kv_bytes_per_block())
@@ -197,7 +200,10 @@ class ModelRunner:
         if chunk > 1:
             self._forward([_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(singles)]
                           + [_dummy_seq(chunk, [0] * width, "warmup-chunk")])
-            self._forward([_dummy_seq(min(4, chunk), [0] * width, "warmup-short"), _dummy_seq(1, [0] * width, "warmup-one")])
+            self._forward([_dummy_seq(min(4, chunk), [0] * width, "warmup-short"),
+                           _dummy_seq(1, [0] * width, "warmup-one")])
+            self._forward([_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(singles)]
+                          + [_dummy_seq(min(4, chunk), [0] * width, "warmup-short")])
         if cfg.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):
@@ -206,6 +212,15 @@ class ModelRunner:
         self.graphs = capture_decode_graphs(self.model, self.kv_caches, self.backend, self.buffers,
                                             self.config.max_num_seqs, self.max_model_len)
         self.graph_sizes = sorted(self.graphs)
+        if self._piece_tokens():
+            self.pieces = PiecewiseGraphs(self.model, self.buffers.dev.ids, self.buffers.dev.pos, self._piece_tokens())
+
+    def _piece_tokens(self) -> int:
+        """Largest step the piecewise graphs serve (0: none are captured)."""
+        cfg = self.config
+        if cfg.enforce_eager or self.device.type != "cuda":
+            return 0
+        return min(cfg.mixed_graph_max_tokens, max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
 
     # ---- one step ----
 
@@ -253,8 +268,11 @@ class ModelRunner:
         graph = None
         if self.graphs and n <= self.graph_sizes[-1] and sum(plan.num_new_tokens) == n:
             graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
+        size = None  # piecewise graphs: the padded token count
+        if graph is None and self.pieces is not None:
+            size = self.pieces.size_for(sum(plan.num_new_tokens))
         st = self.buffers.staging()
-        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None)
+        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None, pad_tokens_to=size)
         self._last_token_index = packed.last_token_index
         self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
                             packed.num_singles)
@@ -267,14 +285,17 @@ class ModelRunner:
         if graph is not None:
             return packed, graph.replay()[:packed.num_tokens]
         T = packed.num_tokens
+        if size is not None:
+            return packed, self.pieces.run(self.kv_caches, self.backend, self._metadata(packed, T), T, size)
         hidden = self.model(d.ids[:T], d.pos[:T], self.kv_caches, self._metadata(packed), self.backend)
         return packed, hidden
 
-    def _metadata(self, packed: PackedStep) -> AttentionMetadata:
+    def _metadata(self, packed: PackedStep, num_tokens: int | None = None) -> AttentionMetadata:
+        """num_tokens: the tokens attention sees (default: all, padding included)."""
         d, rows = self.buffers.dev, packed.num_rows
         return AttentionMetadata(
             query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows, :packed.block_width],
-            slot_mapping=d.slots[:packed.padded_tokens], max_query_len=packed.max_query_len,
+            slot_mapping=d.slots[:num_tokens or packed.padded_tokens], max_query_len=packed.max_query_len,
             max_seq_len=packed.max_seq_len, num_seqs=rows,
             decode_seq_index=d.singles[:packed.num_singles] if packed.num_singles else None)
 

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory for weights, activations and the KV cache")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA-graph capture")
+    p.add_argument("--mixed-graph-max-tokens", type=int, default=d.mixed_graph_max_tokens,
+                   help="CUDA: prefill/mixed steps of up to this many tokens replay piecewise CUDA graphs "
+                        "(attention eager between them); 0 = run them eagerly")
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="KV cache element type: auto = the model's dtype; fp8 = e4m3 (half the bytes per block)")
     p.add_argument("--cpu-threads", type=int, default=0,
@@ -211,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override, enforce_eager=args.enforce_eager,
-        kv_cache_dtype=args.kv_cache_dtype).validate()
+        mixed_graph_max_tokens=args.mixed_graph_max_tokens, kv_cache_dtype=args.kv_cache_dtype).validate()
 
 
 async def serve(args: argparse.Namespace) -> int:

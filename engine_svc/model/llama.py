@@ -184,16 +184,35 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.rotary(q, k, positions, cos_sin)
+        q, k, v = self.split_heads(self.project_qkv(x, positions, cos_sin))
+        return self.o_proj(self.attend(q, k, v, kv_cache, meta, backend))  # [T, H*D] -> [T, hidden]
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden] -> q|k|v [T, (H + 2 KVH) * D] with q and k normed (Qwen3) and rotated.
+
+        out: write there (a CUDA graph's static buffer) instead of a new tensor."""
+        w, b = self.qkv_proj.weight, self.qkv_proj.bias  # the GEMMs F.linear runs, with an out=
+        qkv = torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
+        q, k, _ = self.split_heads(qkv)
+        q2, k2 = (self.q_norm(q), self.k_norm(k)) if self.q_norm is not None else (q, k)
+        q2, k2 = self.ops.rotary(q2, k2, positions, cos_sin)
+        for view, value in ((q, q2), (k, k2)):  # TorchOps rotates out of place, TritonOps in place
+            if value.data_ptr() != view.data_ptr():
+                view.copy_(value)
+        return qkv
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q|k|v [T, ...] -> views q [T, H, D], k [T, KVH, D], v [T, KVH, D]."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                v.view(T, self.num_kv_heads, self.head_dim))
+
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """Write k/v into the paged cache and attend: [T, H*D]."""
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H*D] -> [T, hidden]
+        return out.reshape(q.shape[0], self.q_size)
 
 
 class MLP(nn.Module):
@@ -272,6 +291,39 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.cos_sin, kv_cache, meta, backend)
         return self.norm(h, residual)[0]
+
+    # ---- the same forward in pieces: everything between two attention calls is one piece ----
+    #
+    #   piece 0          embed, layer 0's input norm and q|k|v
+    #   piece i (1..L-1) layer i-1's o_proj, post-attention norm and MLP; layer i's input norm and q|k|v
+    #   piece L          layer L-1's o_proj, post-attention norm and MLP; the final norm
+    #
+    # A piece has fixed shapes and no attention, so a CUDA graph can capture it for a padded token
+    # count while attention (ragged, paged) runs eagerly between the pieces
+    # (engine_svc/piecewise_graphs.py). forward() is the same maths in one go.
+
+    def first_piece(self, input_ids: torch.Tensor, positions: torch.Tensor, qkv_out: torch.Tensor | None = None):
+        """-> (residual stream [T, hidden], q|k|v of layer 0)."""
+        h = self.embed_tokens(input_ids)
+        x, residual = self.layers[0].input_layernorm(h), h
+        return residual, self.layers[0].self_attn.project_qkv(x, positions, self.cos_sin, qkv_out)
+
+    def middle_piece(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                     qkv_out: torch.Tensor | None = None):
+        """Finish layer-1 from its attention output; start layer. -> (residual stream, q|k|v of layer)."""
+        h, residual = self._finish_layer(layer - 1, attn_out, residual)
+        x, residual = self.layers[layer].input_layernorm(h, residual)
+        return residual, self.layers[layer].self_attn.project_qkv(x, positions, self.cos_sin, qkv_out)
+
+    def last_piece(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Finish the last layer from its attention output: normed hidden states [T, hidden]."""
+        h, residual = self._finish_layer(len(self.layers) - 1, attn_out, residual)
+        return self.norm(h, residual)[0]
+
+    def _finish_layer(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor):
+        lay = self.layers[layer]
+        h, residual = lay.post_attention_layernorm(lay.self_attn.o_proj(attn_out), residual)
+        return lay.mlp(h), residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
