@@ -131,12 +131,15 @@ class InputBatch:
 
     # ---- one step ----
 
-    def pack(self, plan: StepPlan, st, pad_to: int | None = None, pad_tokens_to: int | None = None) -> PackedStep:
+    def pack(self, plan: StepPlan, st, pad_to: int | None = None, pad_tokens_to: int | None = None,
+             pad_rows_to: int | None = None) -> PackedStep:
         """Pack plan's step into the staging views `st` (ids, pos, slots, qsl, lens, bt, sample_idx,
         gather_dst, gather_src, singles: numpy arrays); advance num_computed; mark sampled rows pending.
 
         pad_to: pad a pure-decode batch to this many one-token rows that write nowhere (slot -1).
-        pad_tokens_to: pad the tokens alone (piecewise graphs: attention sees the real ones only)."""
+        pad_tokens_to, pad_rows_to: a mixed graph's padding (engine_svc/cuda_graphs.py MixedGraph): tokens
+        that write nowhere and belong to no row, rows without tokens, every one-token row listed in
+        singles and the list padded with the last row (pad_rows_to must exceed the real rows)."""
         n = len(plan.req_ids)
         rows = np.fromiter(map(self.row_of.__getitem__, plan.req_ids), dtype=np.int64, count=n)
         q = np.array(plan.num_new_tokens, dtype=np.int64)
@@ -172,9 +175,18 @@ class InputBatch:
             st.lens[n:pad_to] = 1
             st.bt[n:pad_to, :width] = 0
         elif pad_tokens_to:
+            assert pad_rows_to and pad_rows_to > n, "a mixed graph needs an empty last row"
+            R = pad_rows_to
             st.ids[T:pad_tokens_to], st.pos[T:pad_tokens_to], st.slots[T:pad_tokens_to] = 0, 0, -1
+            st.qsl[n + 1:R + 1] = T
+            st.lens[n:R] = 0
         num_singles = 0
-        if T > n:  # a mixed step: its one-token sequences, for decode tiles
+        if pad_rows_to:  # a mixed graph lists every one-token row, padded to its fixed length
+            singles = np.flatnonzero(q == 1)
+            st.singles[:len(singles)] = singles
+            st.singles[len(singles):R] = R - 1
+            num_singles = R
+        elif T > n:  # an eager mixed step: its one-token sequences, for decode tiles
             singles = np.flatnonzero(q == 1)
             if len(singles) >= MIN_LISTED_SINGLES:
                 num_singles = len(singles)

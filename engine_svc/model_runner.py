@@ -27,12 +27,12 @@ from engine_svc import kv_sizing
 from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
-from engine_svc.cuda_graphs import GRAPH_BATCH_SIZES, capture_decode_graphs
+from engine_svc.cuda_graphs import (GRAPH_BATCH_SIZES, MIXED_GRAPH_TOKENS, MixedGraph, capture_decode_graphs,
+                                    capture_mixed_graphs, mixed_graph_reserve_bytes)
 from engine_svc.input_batch import MIN_LISTED_SINGLES, InputBatch, PackedStep
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
 from engine_svc.pending_step import PendingStep, sample_async
-from engine_svc.piecewise_graphs import PiecewiseGraphs
 from engine_svc.sampler import SampleRequest, Sampler
 from engine_svc.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from engine_svc.step import ModelInfo, NewSeq, SampledToken, ScheduledSeq, StepPlan
@@ -67,7 +67,8 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: dict = {}
         self.graph_sizes: list[int] = []
-        self.pieces: PiecewiseGraphs | None = None  # mixed steps' graphs (CUDA, after warmup)
+        self.mixed_graphs: dict[int, MixedGraph] = {}  # padded token count -> graph (CUDA, after warmup)
+        self.mixed_sizes: list[int] = []
         self.memory_baseline = (kv_sizing.MemoryBaseline.take(self.device)
                                 if self.device.type == "cuda" else None)
         self._inflight: PendingStep | None = None  # the last launched step, until its result()
@@ -102,7 +103,9 @@ class ModelRunner:
         self.sampler = Sampler(loaded.cfg.vocab_size, self.device, loaded.eos_token_ids, cfg.seed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
         max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
-        self.buffers = StepBuffers(self.device, max_tokens, cfg.max_num_seqs, self.max_blocks_per_seq)
+        # one row more than sequences: a mixed graph's last row never has tokens (cuda_graphs.py)
+        self.graph_rows = cfg.max_num_seqs + 1
+        self.buffers = StepBuffers(self.device, max_tokens, self.graph_rows, self.max_blocks_per_seq)
         self.batch = InputBatch(cfg.max_num_seqs, self.max_model_len, self.max_blocks_per_seq, self.block_size)
         cuda = self.device.type == "cuda"
         self._greedy_host = [torch.zeros(cfg.max_num_seqs, dtype=torch.int64, pin_memory=True)
@@ -135,8 +138,8 @@ class ModelRunner:
         if cfg.kv_cache_memory is not None or not cuda:
             budget = cfg.kv_cache_memory if cfg.kv_cache_memory is not None else CPU_KV_CACHE_BYTES
         else:
-            reserve = 0 if cfg.enforce_eager else GRAPH_RESERVE_BYTES + PiecewiseGraphs.reserve_bytes(
-                self.model_cfg, self.dtype, self._piece_tokens())
+            reserve = 0 if cfg.enforce_eager else GRAPH_RESERVE_BYTES + mixed_graph_reserve_bytes(
+                self.model_cfg, self.dtype, self._mixed_graph_tokens())
             budget = kv_sizing.kv_cache_budget(self.memory_baseline, cfg.gpu_memory_utilization,
                                                scratch_bytes, reserve)
         num_blocks = int(budget // self.kv_bytes_per_block())
@@ -212,13 +215,15 @@ class ModelRunner:
         self.graphs = capture_decode_graphs(self.model, self.kv_caches, self.backend, self.buffers,
                                             self.config.max_num_seqs, self.max_model_len)
         self.graph_sizes = sorted(self.graphs)
-        if self._piece_tokens():
-            self.pieces = PiecewiseGraphs(self.model, self.buffers.dev.ids, self.buffers.dev.pos, self._piece_tokens())
+        if self._mixed_graph_tokens():
+            self.mixed_graphs = capture_mixed_graphs(self.model, self.kv_caches, self.backend, self.buffers,
+                                                     self._mixed_graph_tokens(), self.graph_rows, self.max_model_len)
+            self.mixed_sizes = sorted(self.mixed_graphs)
 
-    def _piece_tokens(self) -> int:
-        """Largest step the piecewise graphs serve (0: none are captured)."""
+    def _mixed_graph_tokens(self) -> int:
+        """Largest step the mixed graphs serve (0: none are captured)."""
         cfg = self.config
-        if cfg.enforce_eager or self.device.type != "cuda":
+        if cfg.enforce_eager or self.device.type != "cuda" or min(MIXED_GRAPH_TOKENS) > cfg.mixed_graph_max_tokens:
             return 0
         return min(cfg.mixed_graph_max_tokens, max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
 
@@ -268,11 +273,14 @@ class ModelRunner:
         graph = None
         if self.graphs and n <= self.graph_sizes[-1] and sum(plan.num_new_tokens) == n:
             graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
-        size = None  # piecewise graphs: the padded token count
-        if graph is None and self.pieces is not None:
-            size = self.pieces.size_for(sum(plan.num_new_tokens))
+        mixed = None
+        tokens = sum(plan.num_new_tokens)
+        if graph is None and self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
+            mixed = self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
         st = self.buffers.staging()
-        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None, pad_tokens_to=size)
+        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None,
+                                 pad_tokens_to=mixed.num_tokens if mixed else None,
+                                 pad_rows_to=mixed.rows if mixed else None)
         self._last_token_index = packed.last_token_index
         self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
                             packed.num_singles)
@@ -285,17 +293,16 @@ class ModelRunner:
         if graph is not None:
             return packed, graph.replay()[:packed.num_tokens]
         T = packed.num_tokens
-        if size is not None:
-            return packed, self.pieces.run(self.kv_caches, self.backend, self._metadata(packed, T), T, size)
+        if mixed is not None:
+            return packed, mixed.replay()[:T]
         hidden = self.model(d.ids[:T], d.pos[:T], self.kv_caches, self._metadata(packed), self.backend)
         return packed, hidden
 
-    def _metadata(self, packed: PackedStep, num_tokens: int | None = None) -> AttentionMetadata:
-        """num_tokens: the tokens attention sees (default: all, padding included)."""
+    def _metadata(self, packed: PackedStep) -> AttentionMetadata:
         d, rows = self.buffers.dev, packed.num_rows
         return AttentionMetadata(
             query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows, :packed.block_width],
-            slot_mapping=d.slots[:num_tokens or packed.padded_tokens], max_query_len=packed.max_query_len,
+            slot_mapping=d.slots[:packed.padded_tokens], max_query_len=packed.max_query_len,
             max_seq_len=packed.max_seq_len, num_seqs=rows,
             decode_seq_index=d.singles[:packed.num_singles] if packed.num_singles else None)
 

@@ -67,6 +67,18 @@ class StepBuffers:
         d.slots.fill_(-1)
         d.ids.zero_(), d.pos.zero_(), d.bt.zero_()
 
+    def reset_for_mixed_capture(self, num_tokens: int, rows: int) -> None:
+        """Valid inputs for a mixed graph's warm-up and capture: one-token sequences in the first rows
+        (at most num_tokens of them, the last row left empty), every later token and row empty."""
+        d, k = self.dev, min(rows - 1, num_tokens)
+        qsl = torch.arange(rows + 1, dtype=torch.int32, device=self.device).clamp_(max=k)
+        d.qsl[:rows + 1].copy_(qsl)
+        d.lens[:rows].zero_(), d.lens[:k].fill_(1)
+        d.singles[:rows].fill_(rows - 1)
+        d.singles[:k].copy_(torch.arange(k, dtype=torch.int32, device=self.device))
+        d.slots.fill_(-1)
+        d.ids.zero_(), d.pos.zero_(), d.bt.zero_()
+
     def staging(self):
         """The next host staging set (numpy views), safe to write: its last copies completed."""
         entry = self._staging[self._next]

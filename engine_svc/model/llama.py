@@ -292,39 +292,6 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(h, residual, positions, self.cos_sin, kv_cache, meta, backend)
         return self.norm(h, residual)[0]
 
-    # ---- the same forward in pieces: everything between two attention calls is one piece ----
-    #
-    #   piece 0          embed, layer 0's input norm and q|k|v
-    #   piece i (1..L-1) layer i-1's o_proj, post-attention norm and MLP; layer i's input norm and q|k|v
-    #   piece L          layer L-1's o_proj, post-attention norm and MLP; the final norm
-    #
-    # A piece has fixed shapes and no attention, so a CUDA graph can capture it for a padded token
-    # count while attention (ragged, paged) runs eagerly between the pieces
-    # (engine_svc/piecewise_graphs.py). forward() is the same maths in one go.
-
-    def first_piece(self, input_ids: torch.Tensor, positions: torch.Tensor, qkv_out: torch.Tensor | None = None):
-        """-> (residual stream [T, hidden], q|k|v of layer 0)."""
-        h = self.embed_tokens(input_ids)
-        x, residual = self.layers[0].input_layernorm(h), h
-        return residual, self.layers[0].self_attn.project_qkv(x, positions, self.cos_sin, qkv_out)
-
-    def middle_piece(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-                     qkv_out: torch.Tensor | None = None):
-        """Finish layer-1 from its attention output; start layer. -> (residual stream, q|k|v of layer)."""
-        h, residual = self._finish_layer(layer - 1, attn_out, residual)
-        x, residual = self.layers[layer].input_layernorm(h, residual)
-        return residual, self.layers[layer].self_attn.project_qkv(x, positions, self.cos_sin, qkv_out)
-
-    def last_piece(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Finish the last layer from its attention output: normed hidden states [T, hidden]."""
-        h, residual = self._finish_layer(len(self.layers) - 1, attn_out, residual)
-        return self.norm(h, residual)[0]
-
-    def _finish_layer(self, layer: int, attn_out: torch.Tensor, residual: torch.Tensor):
-        lay = self.layers[layer]
-        h, residual = lay.post_attention_layernorm(lay.self_attn.o_proj(attn_out), residual)
-        return lay.mlp(h), residual
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -35,7 +35,7 @@ def cuda_runner(model, **kw) -> ModelRunner:
 def test_graphs_captured_and_greedy_examples_reproduced(stories260k_dir):
     runner = cuda_runner(stories260k_dir, max_num_seqs=64, gpu_memory_utilization=0.3)
     assert runner.backend.name == "triton" and runner.graphs and max(runner.graphs) == 64
-    assert runner.pieces is not None and max(runner.pieces.graphs) == 2048  # prefill steps replay pieces
+    assert max(runner.mixed_graphs) == 2048  # prefill steps replay mixed graphs
     ex = greedy_examples(stories260k_dir)
     outs = generate(runner, [e["prompt_ids"] for e in ex], max_new=128)
     for e, out in zip(ex, outs):
@@ -48,7 +48,7 @@ def test_graph_and_eager_decode_agree_with_batch_padding(stories260k_dir):
     prompts = [e["prompt_ids"] for e in ex] * 3  # 9 sequences: padded to the 16-graph
     graphed = cuda_runner(stories260k_dir, max_num_seqs=32, gpu_memory_utilization=0.3)
     eager = cuda_runner(stories260k_dir, max_num_seqs=32, gpu_memory_utilization=0.3, enforce_eager=True)
-    assert graphed.graphs and graphed.pieces.graphs and not eager.graphs and eager.pieces is None
+    assert graphed.graphs and graphed.mixed_graphs and not eager.graphs and not eager.mixed_graphs
     params = [SamplingParams(temperature=0.8, seed=i) for i in range(len(prompts))]
     assert generate(graphed, prompts, max_new=64, params=params, stagger=True) == \
         generate(eager, prompts, max_new=64, params=params, stagger=True)

@@ -1,0 +1,69 @@
+"""Mixed steps as a CUDA graph replays them: tokens padded to the graph's size, every buffer row
+present (the rows past the step's sequences have no tokens), the one-token rows listed for the
+decode tiles. On the CPU the same padded step runs eagerly (MixedGraph(capture=False)), through the
+torch backend and, in a child process, through the Triton kernels in Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from model_driver import generate, greedy_examples, make_runner
+
+from engine_svc.cuda_graphs import MIXED_GRAPH_TOKENS, MixedGraph
+
+
+def use_mixed_graphs(runner, sizes) -> None:
+    """Give the runner uncaptured mixed graphs of these sizes ([]: none)."""
+    runner.mixed_graphs = {t: MixedGraph(runner.model, runner.kv_caches, runner.backend, runner.buffers, t,
+                                         runner.graph_rows, runner.max_model_len, capture=False) for t in sizes}
+    runner.mixed_sizes = sorted(runner.mixed_graphs)
+
+
+@pytest.fixture(scope="module")
+def runner(stories260k_dir):
+    return make_runner(stories260k_dir, block_size=8, max_num_batched_tokens=256, max_num_seqs=8)
+
+
+def test_sizes_are_increasing_multiples_of_64():
+    assert MIXED_GRAPH_TOKENS == sorted(MIXED_GRAPH_TOKENS) and all(t % 64 == 0 for t in MIXED_GRAPH_TOKENS)
+
+
+def test_padded_mixed_steps_generate_the_greedy_examples(runner, stories260k_dir):
+    ex = greedy_examples(stories260k_dir)
+    use_mixed_graphs(runner, [64, 128, 256])
+    try:
+        # chunked and staggered: steps mix prefill chunks with decode tokens; 3 sequences in 9 rows
+        outs = generate(runner, [e["prompt_ids"] for e in ex], max_new=24, chunk=5, stagger=True)
+        packed_rows = runner.buffers.dev.qsl.shape[0] - 1
+    finally:
+        use_mixed_graphs(runner, [])
+    assert outs == [e["expected_ids"][:24] for e in ex]
+    assert packed_rows == runner.graph_rows == 9
+
+
+def test_padded_mixed_steps_through_the_triton_kernels(stories260k_dir):
+    """The Triton attention over padded rows and listed singles (what the graph captures), run by
+    Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before triton loads)."""
+    code = f"""
+import sys, pathlib, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+torch.set_num_threads(1)
+from engine_svc.config import EngineConfig
+from engine_svc.model_runner import ModelRunner
+import model_driver, test_mixed_graphs
+d = pathlib.Path({str(stories260k_dir)!r})
+r = ModelRunner(EngineConfig(model=str(d), dtype="float32", num_gpu_blocks_override=64,
+                max_num_batched_tokens=64, max_num_seqs=4), attention_backend="triton", layer_ops="triton")
+r.load_model(); r.allocate_kv_cache(r.determine_num_blocks()); r.warmup()
+test_mixed_graphs.use_mixed_graphs(r, [64])
+ex = model_driver.greedy_examples(d)[:2]
+outs = model_driver.generate(r, [e["prompt_ids"] for e in ex], max_new=3, chunk=6, stagger=True)
+assert outs == [e["expected_ids"][:3] for e in ex], outs
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
