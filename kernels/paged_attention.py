@@ -250,7 +250,8 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
     seq_index = plan.get("seq_index")
     _paged_attention_kernel[grid](
         out, part_acc, part_ml, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        seq_lens if seq_index is None else seq_index, k_scales, v_scales, scale * LOG2E, num_seqs, sliding_window or 0, plan["min_seg"], plan["num_splits"],
+        seq_lens if seq_index is None else seq_index, k_scales, v_scales, scale * LOG2E, num_seqs,
+        sliding_window or 0, plan["min_seg"], plan["num_splits"],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
