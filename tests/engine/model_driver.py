@@ -4,7 +4,10 @@ decodes itself, so model-side tests need neither the engine core's scheduler nor
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import torch
 
@@ -12,6 +15,33 @@ from engine_svc.config import EngineConfig
 from engine_svc.model_runner import ModelRunner
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.step import SampledToken, ScheduledSeq
+
+
+def interpreted_triton_runner_code(model_dir: pathlib.Path, max_num_batched_tokens: int) -> str:
+    """Python source for a child process: a stories260k runner on the Triton kernels (attention and
+    layer ops) as `r`, with model_driver importable. Finish it with the checks and print("ok")."""
+    return f"""
+import sys, pathlib, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+torch.set_num_threads(1)
+from engine_svc.config import EngineConfig
+from engine_svc.model_runner import ModelRunner
+import model_driver
+d = pathlib.Path({str(model_dir)!r})
+r = ModelRunner(EngineConfig(model=str(d), dtype="float32", num_gpu_blocks_override=64,
+                max_num_batched_tokens={max_num_batched_tokens}, max_num_seqs=4), attention_backend="triton",
+                layer_ops="triton")
+r.load_model(); r.allocate_kv_cache(r.determine_num_blocks()); r.warmup()
+assert r.backend.name == "triton"
+"""
+
+
+def run_interpreted(code: str, timeout: float) -> None:
+    """Run code in a child under Triton's CPU interpreter (TRITON_INTERPRET must be set before
+    triton is imported); it must print "ok" last."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def make_runner(model: str, num_blocks: int = 256, **kw) -> ModelRunner:

@@ -5,10 +5,7 @@ torch backend and, in a child process, through the Triton kernels in Triton's in
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+import model_driver
 import pytest
 from model_driver import generate, greedy_examples, make_runner
 
@@ -47,23 +44,12 @@ def test_padded_mixed_steps_generate_the_greedy_examples(runner, stories260k_dir
 def test_padded_mixed_steps_through_the_triton_kernels(stories260k_dir):
     """The Triton attention over padded rows and listed singles (what the graph captures), run by
     Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before triton loads)."""
-    code = f"""
-import sys, pathlib, torch
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-torch.set_num_threads(1)
-from engine_svc.config import EngineConfig
-from engine_svc.model_runner import ModelRunner
-import model_driver, test_mixed_graphs
-d = pathlib.Path({str(stories260k_dir)!r})
-r = ModelRunner(EngineConfig(model=str(d), dtype="float32", num_gpu_blocks_override=64,
-                max_num_batched_tokens=64, max_num_seqs=4), attention_backend="triton", layer_ops="triton")
-r.load_model(); r.allocate_kv_cache(r.determine_num_blocks()); r.warmup()
+    code = model_driver.interpreted_triton_runner_code(stories260k_dir, 64) + """
+import test_mixed_graphs
 test_mixed_graphs.use_mixed_graphs(r, [64])
 ex = model_driver.greedy_examples(d)[:2]
 outs = model_driver.generate(r, [e["prompt_ids"] for e in ex], max_new=3, chunk=6, stagger=True)
 assert outs == [e["expected_ids"][:3] for e in ex], outs
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    model_driver.run_interpreted(code, timeout=300)

@@ -4,14 +4,13 @@ invariance and seeded sampling through the whole runner."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+
+import model_driver
 from model_driver import generate, greedy_examples, make_runner, one_thread, prefill_logits
 
 from engine_svc.config import ConfigError, EngineConfig
@@ -204,27 +203,15 @@ def test_half_precision_runs_close_to_fp32(stories260k_dir, stories, dtype):
 def test_triton_path_through_the_interpreter(stories260k_dir):
     """The CUDA composition (Triton attention backend + fused layer kernels) run by Triton's CPU
     interpreter in a subprocess (TRITON_INTERPRET must be set before triton is imported)."""
-    code = f"""
-import sys, pathlib, torch
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-torch.set_num_threads(1)
-from engine_svc.config import EngineConfig
-from engine_svc.model_runner import ModelRunner
-import engine_svc.input_batch, model_driver
+    code = model_driver.interpreted_triton_runner_code(stories260k_dir, 16) + """
+import engine_svc.input_batch
 engine_svc.input_batch.MIN_LISTED_SINGLES = 1  # the staggered steps' decode rows take the decode tiles
-d = pathlib.Path({str(stories260k_dir)!r})
-r = ModelRunner(EngineConfig(model=str(d), dtype="float32", num_gpu_blocks_override=64,
-                max_num_batched_tokens=16, max_num_seqs=4), attention_backend="triton", layer_ops="triton")
-r.load_model(); r.allocate_kv_cache(r.determine_num_blocks()); r.warmup()
-assert r.backend.name == "triton"
 ex = model_driver.greedy_examples(d)
 outs = model_driver.generate(r, [e["prompt_ids"] for e in ex], max_new=4, chunk=6, stagger=True)
 assert outs == [e["expected_ids"][:4] for e in ex], outs
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    model_driver.run_interpreted(code, timeout=240)
 
 
 def test_sharded_index_with_missing_shard_is_named(tmp_path, stories260k_dir):
