@@ -68,6 +68,9 @@ class Request:
     cache_salt: str = ""
     use_prefix_cache: bool = True
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
+    # Tokens covered by the leading table blocks already findable (BlockManager.num_hashed x block
+    # size), kept by the scheduler so that a step looks a request's blocks up only once it filled one.
+    hashed_up_to: int = 0
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
     # The request's telemetry (kvmesh.telemetry.engine.RequestTrace), set by the service and read by
     # the hooks; opaque to the core. None: not traced.

@@ -16,64 +16,17 @@ just the uncached suffix.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-
+import operator
 from engine_svc.core.block_manager import BlockManager
 from engine_svc.core.prefix_cache import PrefixHit
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestStatus
-from engine_svc.step import NewSeq, ScheduledSeq, StepPlan
+from engine_svc.core.scheduler_output import Budget, SchedulerOutput
+from engine_svc.step import NewSeq
 from kvmesh.prefix_hash import extend_block_hashes
 
+_output_ids = operator.attrgetter("output_token_ids")
 
-@dataclass(slots=True)
-class SchedulerOutput:
-    """One step's decisions. Built by Scheduler.schedule(); read by the engine core.
-
-    The step itself is ``plan`` (engine_svc/step.py StepPlan): new requests in full, running ones as
-    differences, for the model runner's persistent batch. ``seqs`` gives the same step in full
-    (ScheduledSeq per request), built on first access, for tests and simple runners.
-    """
-
-    # The model runner's input, in batch order: running requests first (decodes, then prefill chunks),
-    # then newly admitted ones. plan.removed_ids is filled by the engine core.
-    plan: StepPlan = field(default_factory=StepPlan)
-    # Aligned with plan.req_ids: the requests the engine core advances with the step's results, and
-    # each one's num_computed_tokens when it was scheduled (the position of its first new token).
-    requests: list[Request] = field(default_factory=list)
-    start_pos: list[int] = field(default_factory=list)
-    # Sum of plan.num_new_tokens; never above max_num_batched_tokens.
-    num_batched_tokens: int = 0
-    # Requests admitted from the waiting queue this step (new, or resumed after a preemption).
-    # Tracing/metrics: the "scheduled" event, queue time.
-    admitted: list[Request] = field(default_factory=list)
-    # Requests preempted this step, newest first: blocks freed, requeued at the front of waiting.
-    # Tracing/metrics: the "preempted" event and counter.
-    preempted: list[Request] = field(default_factory=list)
-    # Requests that can never fit in the KV cache, even alone: the engine core finishes them with
-    # FinishReason.ERROR. The scheduler already removed them from its queues.
-    failed: list[Request] = field(default_factory=list)
-    _seqs: list[ScheduledSeq] | None = None
-
-    @property
-    def seqs(self) -> list[ScheduledSeq]:
-        """The step in full; block_ids are live tables, valid until the next schedule(). Build it
-        before the engine core advances the requests (new_token_ids are read from them)."""
-        if self._seqs is None:
-            self._seqs = [ScheduledSeq(
-                request_id=req.request_id, new_token_ids=req.token_ids(start, start + n), start_pos=start,
-                block_ids=self._block_table(req.request_id), sample=sample, params=req.params,
-                prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
-                for req, start, n, sample in zip(self.requests, self.start_pos, self.plan.num_new_tokens,
-                                                 self.plan.sample)]
-        return self._seqs
-
-    _block_table: object = None  # BlockManager.block_table, set by the scheduler
-
-
-@dataclass(slots=True)
-class _Budget:
-    tokens: int
-    seqs: int
+__all__ = ["Scheduler", "SchedulerOutput"]
 
 
 class Scheduler:
@@ -103,6 +56,12 @@ class Scheduler:
         # sequence that looked the cache up, hits = the tokens found cached (vLLM's definition).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Running totals for load reports (see num_reserved_blocks): blocks in running tables,
+        # blocks running requests would hold at their longest, their prompt tokens, and waiting ones'.
+        self._num_running_blocks = 0
+        self._num_running_max_blocks = 0
+        self._num_running_prompt_tokens = 0
+        self._num_waiting_tokens = 0
 
     # ---- queue changes (commands from the engine core) ----
 
@@ -116,10 +75,11 @@ class Scheduler:
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Remove a request from its queue for good and free its blocks."""
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            self._leave_running(request)
         elif request.status is RequestStatus.WAITING:
             i = self.waiting.index(request)
             del self.waiting[i], self._waiting_keys[i]
+            self._num_waiting_tokens -= len(request.prompt_token_ids)
         self._cache_computed(request)
         self.bm.free(request.request_id)
         request.status = RequestStatus.FINISHED
@@ -143,41 +103,122 @@ class Scheduler:
         recompute (blocks freed, requeued at the front) until it can, or until it is the victim.
         """
         out = SchedulerOutput(_block_table=self.bm.block_table)
-        budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
-        for req in self.running:  # blocks the last step filled become findable by later requests
-            self._cache_computed(req)
-        self._schedule_running(out, budget)
+        budget = Budget(self.max_num_batched_tokens, self.max_num_seqs)
+        decodes, prefills = self._split_running()
+        unscheduled = self._schedule_decodes(decodes, out, budget)
+        for req in prefills:
+            if req.status is RequestStatus.RUNNING:  # not preempted earlier in this step
+                if budget.seqs == 0 or budget.tokens == 0:
+                    break
+                self._schedule_one(req, out, budget)
         if not out.preempted:  # a step that had to preempt admits nothing (it would thrash)
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, prefills + unscheduled)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> None:
-        order = [r for r in self.running if not r.is_prefill] + [r for r in self.running if r.is_prefill]
-        for req in order:
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            if budget.seqs == 0 or budget.tokens == 0:
-                break
-            if req.awaits_last_token:
-                continue  # its last token is still being sampled (async scheduling): nothing to run
-            num_new = self._chunk(req, budget)
-            if num_new == 0:
-                continue  # chunking off and the rest does not fit this step's budget
-            while (allocation := self.bm.allocate(req.request_id, req.num_computed_tokens + num_new)) is None:
-                victim = self.running[-1]
-                self._preempt(victim, out, budget)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.RUNNING:
-                self._add_seq(out, budget, req, num_new)
-                if allocation.new_block_ids:
-                    out.plan.new_block_ids.append((req.request_id, allocation.new_block_ids))
+    def _split_running(self) -> tuple[list[Request], list[Request]]:
+        """The running requests in admission order, in one pass over plain counters: decodes (just
+        the last sampled token to compute) and the rest (prompt chunks, recompute). Requests with
+        nothing to compute (their last possible token is still being sampled) are in neither.
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
-        # Blocks already promised: what running prefills still need to hold their known tokens.
-        promised = sum(self.bm.num_blocks_needed(r.request_id, r.num_tokens) for r in self.running)
+        It also makes the blocks the last step filled findable by later requests (prefix caching),
+        calling the block manager only for a request that filled one (req.hashed_up_to says).
+        """
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        bs = self.bm.block_size
+        caching = self.bm.enable_prefix_caching
+        for req in self.running:
+            num_output = len(req.output_token_ids)
+            num_known = len(req.prompt_token_ids) + num_output
+            computed = req.num_computed_tokens
+            if caching and min(computed, num_known) >= req.hashed_up_to + bs and req.use_prefix_cache:
+                self._cache_computed(req)
+            placeholders = req.num_output_placeholders
+            remaining = num_known + placeholders - computed
+            if remaining > 1 or num_output + placeholders == 0:
+                prefills.append(req)
+            elif remaining == 1 and not (  # Request.awaits_last_token, inline
+                    placeholders and (num_output + placeholders >= req.params.max_tokens
+                                      or (req.max_model_len is not None
+                                          and num_known + placeholders >= req.max_model_len))):
+                decodes.append(req)
+        return decodes, prefills
+
+    def _schedule_decodes(self, decodes: list[Request], out: SchedulerOutput, budget: Budget) -> list[Request]:
+        """One token each, in order, while the budget lasts. Returns the decodes left unscheduled
+        when it ran out.
+
+        Why a loop of its own: it is most of every step, so per request it reads one counter and
+        keeps the request aside; the step's lists grow by whole runs (_add_decodes). The block
+        manager is called only for a request that enters a new block this step, i.e. whose
+        computed tokens are a multiple of the block size (its table holds at least the blocks its
+        computed tokens need, and only a new block's first token needs one more): that request
+        takes the general path (_schedule_one: allocation, preemption), after the run before it
+        is added, so the batch order stays the running order.
+        """
+        bs = self.bm.block_size
+        running = RequestStatus.RUNNING
+        run: list[Request] = []
+        limit = min(budget.tokens, budget.seqs)  # decodes the budget still takes (one token each)
+        for i, req in enumerate(decodes):
+            if len(run) == limit:
+                self._add_decodes(run, out, budget)
+                return decodes[i:]
+            if req.status is not running:
+                continue  # preempted earlier in this loop
+            if req.num_computed_tokens % bs == 0:
+                self._add_decodes(run, out, budget)
+                run = []
+                self._schedule_one(req, out, budget)
+                limit = min(budget.tokens, budget.seqs)
+            else:
+                run.append(req)
+        self._add_decodes(run, out, budget)
+        return []
+
+    @staticmethod
+    def _add_decodes(run: list[Request], out: SchedulerOutput, budget: Budget) -> None:
+        """Put a run of decodes (one token each, sampled, no new block) in the step."""
+        n = len(run)
+        if not n:
+            return
+        plan = out.plan
+        plan.req_ids.extend([req.request_id for req in run])
+        plan.num_new_tokens.extend([1] * n)
+        plan.sample.extend([True] * n)
+        out.requests.extend(run)
+        out.start_pos.extend([req.num_computed_tokens for req in run])
+        out.num_batched_tokens += n
+        budget.tokens -= n
+        budget.seqs -= n
+
+    def _schedule_one(self, req: Request, out: SchedulerOutput, budget: Budget) -> None:
+        """Schedule a running request's next chunk: allocate its blocks, preempting the newest
+        running requests while they do not fit (the request itself may be the victim)."""
+        if req.awaits_last_token:
+            return  # its last token is still being sampled (async scheduling): nothing to run
+        num_new = self._chunk(req, budget)
+        if num_new == 0:
+            return  # chunking off and the rest does not fit this step's budget
+        while (allocation := self.bm.allocate(req.request_id, req.num_computed_tokens + num_new)) is None:
+            victim = self.running[-1]
+            self._preempt(victim, out, budget)
+            if victim is req:
+                return
+        self._add_seq(out, budget, req, num_new)
+        if allocation.new_block_ids:
+            self._num_running_blocks += len(allocation.new_block_ids)
+            out.plan.new_block_ids.append((req.request_id, allocation.new_block_ids))
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: Budget, not_covered: list[Request]) -> None:
+        """Admit waiting requests. not_covered: the running requests whose tables may not hold all
+        their known tokens yet (prefills, decodes the budget left out); the others need no blocks."""
+        promised = None
         while self.waiting and budget.seqs > 0 and budget.tokens > 0 \
                 and len(self.running) < self.max_num_seqs:
+            if promised is None:  # blocks already promised to running requests for their known tokens
+                promised = sum(self.bm.num_blocks_needed(r.request_id, r.num_tokens)
+                               for r in not_covered if r.status is RequestStatus.RUNNING)
             req = self.waiting[0]
             need = self.bm.num_blocks_for(req.num_tokens)
             if need > self.bm.num_blocks:
@@ -201,12 +242,16 @@ class Scheduler:
                 break
             self._count_prefix_hit(req, num_cached)
             self.bm.take_prefix(req.request_id, hit)
+            req.hashed_up_to = num_cached
             allocation = self.bm.allocate(req.request_id, num_cached + num_new)
             assert allocation is not None, "admission checked the available blocks"
             promised += need - allocation.num_blocks
             self._pop_waiting()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            self._num_running_blocks += allocation.num_blocks
+            self._num_running_max_blocks += self.bm.num_blocks_for(req.max_num_tokens)
+            self._num_running_prompt_tokens += len(req.prompt_token_ids)
             out.admitted.append(req)
             self._add_seq(out, budget, req, num_new, joins=True)
 
@@ -243,17 +288,18 @@ class Scheduler:
         if num_full > self.bm.num_hashed(req.request_id):
             self.bm.cache_blocks(req.request_id, self._hashes(req, num_full), num_full, req.token_ids,
                                  req.cache_salt)
+        req.hashed_up_to = self.bm.num_hashed(req.request_id) * self.bm.block_size
 
     # ---- helpers ----
 
-    def _chunk(self, req: Request, budget: _Budget) -> int:
+    def _chunk(self, req: Request, budget: Budget) -> int:
         """Tokens this request computes this step (0 = it does not fit the budget)."""
         remaining = req.num_remaining_tokens
         if remaining <= budget.tokens:
             return remaining
         return budget.tokens if self.enable_chunked_prefill else 0
 
-    def _add_seq(self, out: SchedulerOutput, budget: _Budget, req: Request, num_new: int,
+    def _add_seq(self, out: SchedulerOutput, budget: Budget, req: Request, num_new: int,
                  joins: bool = False) -> None:
         """Put num_new tokens of req in the step; joins: it enters the runner's batch (admitted)."""
         start = req.num_computed_tokens
@@ -270,7 +316,7 @@ class Scheduler:
         budget.tokens -= num_new
         budget.seqs -= 1
 
-    def _preempt(self, req: Request, out: SchedulerOutput, budget: _Budget) -> None:
+    def _preempt(self, req: Request, out: SchedulerOutput, budget: Budget) -> None:
         """Preempt by recompute: free the blocks, forget the computed tokens, requeue at the front.
 
         If the victim was already scheduled this step, it is taken out of the step again.
@@ -284,10 +330,11 @@ class Scheduler:
             out.num_batched_tokens -= num_new
             budget.tokens += num_new
             budget.seqs += 1
-        self.running.remove(req)
+        self._leave_running(req)
         self._cache_computed(req)  # its recompute will find these blocks, unless they are evicted
         self.bm.free(req.request_id)
         req.num_computed_tokens = 0
+        req.hashed_up_to = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
@@ -301,19 +348,44 @@ class Scheduler:
         i = bisect.bisect_left(self._waiting_keys, key)
         self._waiting_keys.insert(i, key)
         self.waiting.insert(i, req)
+        self._num_waiting_tokens += len(req.prompt_token_ids)
 
     def _pop_waiting(self) -> Request:
         del self._waiting_keys[0]
-        return self.waiting.pop(0)
+        req = self.waiting.pop(0)
+        self._num_waiting_tokens -= len(req.prompt_token_ids)
+        return req
+
+    def _leave_running(self, req: Request) -> None:
+        """Take a request out of the running set and out of the running totals (before its blocks
+        are freed)."""
+        self.running.remove(req)
+        self._num_running_blocks -= len(self.bm.block_table(req.request_id))
+        self._num_running_max_blocks -= self.bm.num_blocks_for(req.max_num_tokens)
+        self._num_running_prompt_tokens -= len(req.prompt_token_ids)
 
     # ---- load (read by the engine core for LoadReport) ----
 
+    # Kept as running totals, updated where requests join and leave the queues and where running
+    # tables grow, so that a load report costs O(1) and not O(running); check_totals recomputes them.
+
     def num_reserved_blocks(self) -> int:
         """Blocks running requests still need to reach their max_tokens (or max_model_len)."""
-        return sum(self.bm.num_blocks_needed(r.request_id, r.max_num_tokens) for r in self.running)
+        return self._num_running_max_blocks - self._num_running_blocks
 
     def num_running_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.running)
+        # The generated part grows outside the scheduler (the engine core appends tokens): one
+        # C-speed pass over the output lists, no per-request Python.
+        return self._num_running_prompt_tokens + sum(map(len, map(_output_ids, self.running)))
 
     def num_waiting_tokens(self) -> int:
-        return sum(r.num_prompt_tokens for r in self.waiting)
+        return self._num_waiting_tokens
+
+    def check_totals(self) -> None:
+        """Assert the running totals against a recount from scratch (tests; O(requests))."""
+        bm = self.bm
+        assert self.num_reserved_blocks() == sum(bm.num_blocks_needed(r.request_id, r.max_num_tokens)
+                                                 for r in self.running)
+        assert self._num_running_blocks == sum(len(bm.block_table(r.request_id)) for r in self.running)
+        assert self.num_running_tokens() == sum(r.num_tokens for r in self.running)
+        assert self.num_waiting_tokens() == sum(r.num_prompt_tokens for r in self.waiting)

@@ -60,6 +60,8 @@ def check(core: EngineCore) -> None:
     for r in sched.running:
         assert len(bm.block_table(r.request_id)) * bm.block_size >= r.num_computed_tokens
         assert r.num_computed_tokens < r.num_tokens or r.num_output_tokens > 0
+        assert r.hashed_up_to == bm.num_hashed(r.request_id) * bm.block_size  # the scheduler's mirror
+    sched.check_totals()  # the O(1) load figures agree with a recount
     if not core.requests:
         assert bm.num_in_use_blocks == 0
 

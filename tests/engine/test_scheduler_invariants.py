@@ -1,11 +1,14 @@
 """The accounting invariant after every step of hypothesis-generated add/abort/finish sequences.
 
 Drives the real EngineCore (scheduler + block manager + stop conditions) with a runner that
-returns scripted tokens, so requests finish by EOS, stop ids and max_tokens at random points.
+returns scripted tokens, so requests finish by EOS, stop ids and max_tokens at random points;
+synchronously (execute), and with async scheduling (launch: StepPlan differences, placeholders,
+stops one step late), where the runner rebuilds each row's block table from the plans alone.
 """
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +46,43 @@ class ScriptedRunner:
         return out
 
 
+class _Ready:
+    def __init__(self, results):
+        self._results = results
+
+    def result(self):
+        return self._results
+
+
+class PlanRunner(ScriptedRunner):
+    """The same script through launch(StepPlan): rows kept from the plans' differences, as the
+    model runner's persistent batch keeps them, and checked against the block manager's tables."""
+
+    def __init__(self, tokens: list[int], block_size: int):
+        super().__init__(tokens, block_size)
+        self.rows: dict[str, list] = {}  # request id -> [computed tokens, block table]
+        self.block_manager = None  # set once the core exists
+
+    def launch(self, plan):
+        assert len(plan.req_ids) <= MAX_SEQS and sum(plan.num_new_tokens) <= BUDGET
+        assert len(set(plan.req_ids)) == len(plan.req_ids)
+        for rid in plan.removed_ids:
+            self.rows.pop(rid, None)
+        for seq in plan.new_seqs:
+            self.rows[seq.request_id] = [seq.start_pos, list(seq.block_ids)]
+        for rid, blocks in plan.new_block_ids:
+            self.rows[rid][1].extend(blocks)
+        out = []
+        for rid, n, sample in zip(plan.req_ids, plan.num_new_tokens, plan.sample):
+            row = self.rows[rid]
+            row[0] += n
+            assert row[1] == self.block_manager.block_table(rid), "the plan's differences lost a block"
+            assert len(row[1]) * self.block_size >= row[0], "block table too short"
+            out.append(SampledToken(self.tokens[self.i % len(self.tokens)]) if sample else None)
+            self.i += sample
+        return _Ready(out)
+
+
 def check(core: EngineCore) -> None:
     bm, sched = core.block_manager, core.scheduler
     bm.check()
@@ -54,6 +94,8 @@ def check(core: EngineCore) -> None:
     for r in sched.running:
         assert r.status is RequestStatus.RUNNING
         assert len(bm.block_table(r.request_id)) * bm.block_size >= r.num_computed_tokens
+        assert r.hashed_up_to == bm.num_hashed(r.request_id) * bm.block_size  # the scheduler's mirror
+    sched.check_totals()  # the O(1) load figures agree with a recount
     assert set(core.requests) == {r.request_id for r in sched.waiting + sched.running}
     if not core.requests:
         assert bm.num_free_blocks == bm.num_blocks
@@ -66,14 +108,17 @@ ops = st.lists(st.one_of(
 ), max_size=40)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, tokens=st.lists(st.sampled_from([5, 6, 7, EOS, 9]), min_size=1, max_size=8),
        num_blocks=st.integers(5, 12), chunked=st.booleans(), block_size=st.sampled_from([2, 4]))
-def test_invariant_after_every_step(ops, tokens, num_blocks, chunked, block_size):
-    runner = ScriptedRunner(tokens, block_size)
+def test_invariant_after_every_step(overlap, ops, tokens, num_blocks, chunked, block_size):
+    runner = (PlanRunner if overlap else ScriptedRunner)(tokens, block_size)
     core = EngineCore(runner, num_blocks=num_blocks, block_size=block_size, eos_token_ids=[EOS],
                       max_model_len=BUDGET if not chunked else 40, max_num_batched_tokens=BUDGET,
-                      max_num_seqs=MAX_SEQS, enable_chunked_prefill=chunked)
+                      max_num_seqs=MAX_SEQS, enable_chunked_prefill=chunked, async_scheduling=overlap)
+    assert core.async_scheduling is overlap
+    runner.block_manager = core.block_manager
     added, finished = [], {}
     for op in ops:
         if op[0] == "add":
