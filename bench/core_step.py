@@ -15,7 +15,8 @@ Scenarios (all with async scheduling, as on CUDA, and ignore_eos):
              --decode-steps steps after every request has left prefill.
   sharegpt   the issue-10 mix (bench/harness.py sharegpt_mix: 1000 requests, all queued at t=0),
              max_num_seqs 256, max_num_batched_tokens 8192, max_model_len 4096, prefix caching on:
-             every step from the first to the last.
+             every step from the first to the last. 32768 KV blocks (no preemption, as on the
+             H200); sharegpt-2048 has 2048 blocks, so admission waits and requests get preempted.
 
 Per step: thread CPU time (time.thread_time_ns: what this thread spent, not what the other tenants
 of a shared machine took) of EngineCore.step() minus the fake runner's own share, and of
@@ -161,15 +162,16 @@ def decode(batch: int, prefix: bool, steps: int, seed: int = 1) -> dict:
             "plan_digest": runner.plans.hexdigest(), "output_digest": runner.tokens.hexdigest()}
 
 
-def sharegpt(num_requests: int, prefix: bool = True) -> dict:
+def sharegpt(num_requests: int, prefix: bool = True, num_blocks: int = 32768) -> dict:
     """The issue-10 mix, queued at t=0, stepped to the end."""
     from bench.harness import GPU_ENGINE, sharegpt_mix
 
     work = sharegpt_mix(num_requests, VOCAB, GPU_ENGINE["max_model_len"])
     runner = FakeRunner()
-    # About what the 8B shape leaves for KV on an H200 is far more than this mix can hold at once;
-    # 32768 blocks (512k tokens) never preempts, like the GPU run.
-    core = _core(runner, num_blocks=32768, prefix=prefix, **GPU_ENGINE)
+    # The 8B shape leaves an H200 more KV than this mix holds at once: 32768 blocks (512k tokens)
+    # never preempt, like the GPU run. A smaller cache (sharegpt-N) makes admission wait and
+    # running requests be preempted, so that the digests cover those paths too.
+    core = _core(runner, num_blocks=num_blocks, prefix=prefix, **GPU_ENGINE)
     for i, (prompt, n) in enumerate(work):
         core.add(Request(f"s-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)))
     step_us, load_us, rows = [], [], []
@@ -180,7 +182,8 @@ def sharegpt(num_requests: int, prefix: bool = True) -> dict:
         sel = [s for s, b in zip(step_us, rows) if lo <= b < hi]
         if sel:
             by_batch[f"{lo}-{hi - 1}"] = {"steps": len(sel), **_summary(sel)}
-    return {"scenario": "sharegpt", "num_requests": num_requests, "prefix_caching": prefix,
+    return {"scenario": "sharegpt" if num_blocks == 32768 else f"sharegpt-{num_blocks}",
+            "num_requests": num_requests, "prefix_caching": prefix, "num_blocks": num_blocks,
             "steps": len(step_us), "step": _summary(step_us), "load": _summary(load_us),
             "total_step_s": round(sum(step_us) / 1e6, 3), "total_load_s": round(sum(load_us) / 1e6, 3),
             "step_by_running": by_batch, "preemptions": core.scheduler.num_preemptions,
@@ -192,8 +195,9 @@ def run_cases(cases: list[str], decode_steps: int, num_requests: int) -> list[di
     for case in cases:
         name, _, flag = case.partition(":")
         prefix = flag != "noprefix"
-        if name == "sharegpt":
-            results.append(sharegpt(num_requests, prefix))
+        if name.startswith("sharegpt"):
+            blocks = name.partition("-")[2]
+            results.append(sharegpt(num_requests, prefix, int(blocks) if blocks else 32768))
         else:
             results.append(decode(int(name.split("-")[1]), prefix, decode_steps))
     return results
@@ -201,7 +205,7 @@ def run_cases(cases: list[str], decode_steps: int, num_requests: int) -> list[di
 
 def all_cases(include_sharegpt: bool = True) -> list[str]:
     cases = [f"decode-{b}:{p}" for b in DECODE_BATCHES for p in ("prefix", "noprefix")]
-    return cases + (["sharegpt:prefix"] if include_sharegpt else [])
+    return cases + (["sharegpt:prefix", "sharegpt-2048:prefix"] if include_sharegpt else [])
 
 
 def _subprocess(root: str | None, cases: list[str], args) -> list[dict]:
@@ -256,9 +260,10 @@ def _print(report: dict) -> None:
                       f"{r['same_plans']} / {r['same_tokens']}"] for r in report["cases"]],
                     "CPU us per engine step outside the runner (thread time; median / p90)")
         for r in report["cases"]:
-            if r["scenario"] == "sharegpt":
-                print(f"sharegpt total step CPU: before {r['before']['total_step_s']} s, "
-                      f"after {r['after']['total_step_s']} s over {r['after']['steps']} steps")
+            if r["scenario"].startswith("sharegpt"):
+                print(f"{r['scenario']} total step CPU: before {r['before']['total_step_s']} s, "
+                      f"after {r['after']['total_step_s']} s over {r['after']['steps']} steps "
+                      f"({r['after']['preemptions']} preemptions)")
     else:
         print_table(["scenario", "prefix", "step med/p90 us", "load med us", "steps"],
                     [[r["scenario"], r["prefix_caching"], f"{r['step']['median_us']} / {r['step']['p90_us']}",

@@ -11,6 +11,12 @@ The scheduler owns the waiting and running queues and talks to the block manager
 Prefix caching enters at admission only: a request starts with num_computed_tokens = its longest
 cached prefix (full blocks, at least its last token left to compute), so the rule above computes
 just the uncached suffix.
+
+Per-step cost: the engine plans step N+1 while the GPU runs step N, so a steady decode step must
+cost little CPU. The decodes are scheduled in one pass over plain counters (_split_running,
+_schedule_decodes); only requests that enter a new block, fill one (prefix caching), join, leave
+or are preempted reach the block manager, and the load figures are running totals
+(bench/core_step.py measures it).
 """
 
 from __future__ import annotations
@@ -152,11 +158,13 @@ class Scheduler:
         keeps the request aside; the step's lists grow by whole runs (_add_decodes). The block
         manager is called only for a request that enters a new block this step, i.e. whose
         computed tokens are a multiple of the block size (its table holds at least the blocks its
-        computed tokens need, and only a new block's first token needs one more): that request
-        takes the general path (_schedule_one: allocation, preemption), after the run before it
-        is added, so the batch order stays the running order.
+        computed tokens need, and only a new block's first token needs one more). When no block is
+        left, that request takes the general path (_schedule_one: preemption), after the run
+        before it is added, so the batch order stays the running order.
         """
         bs = self.bm.block_size
+        allocate = self.bm.allocate
+        new_block_ids = out.plan.new_block_ids
         running = RequestStatus.RUNNING
         run: list[Request] = []
         limit = min(budget.tokens, budget.seqs)  # decodes the budget still takes (one token each)
@@ -166,13 +174,20 @@ class Scheduler:
                 return decodes[i:]
             if req.status is not running:
                 continue  # preempted earlier in this loop
-            if req.num_computed_tokens % bs == 0:
-                self._add_decodes(run, out, budget)
-                run = []
-                self._schedule_one(req, out, budget)
-                limit = min(budget.tokens, budget.seqs)
-            else:
-                run.append(req)
+            computed = req.num_computed_tokens
+            if computed % bs == 0:  # enters a new block
+                allocation = allocate(req.request_id, computed + 1)
+                if allocation is None:  # no block left: preempt (general path, rare)
+                    self._add_decodes(run, out, budget)
+                    run = []
+                    self._schedule_one(req, out, budget)
+                    limit = min(budget.tokens, budget.seqs)
+                    new_block_ids = out.plan.new_block_ids  # a preemption rebuilds the list
+                    continue
+                if allocation.new_block_ids:
+                    self._num_running_blocks += len(allocation.new_block_ids)
+                    new_block_ids.append((req.request_id, allocation.new_block_ids))
+            run.append(req)
         self._add_decodes(run, out, budget)
         return []
 
