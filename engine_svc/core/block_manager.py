@@ -169,7 +169,7 @@ class BlockManager:
             return
         table = self._tables[request_id]
         assert num_full_blocks <= len(table) and num_full_blocks <= len(block_hashes)
-        self._prefix.store(table[:num_full_blocks], block_hashes, first, token_ids, cache_salt)
+        self._prefix.store(table, num_full_blocks, block_hashes, first, token_ids, cache_salt)
         self._num_hashed[request_id] = num_full_blocks
 
     def enable_events(self):

@@ -97,9 +97,9 @@ class PrefixCache:
             hit.num_evictable += ref_counts[block_id] == 0
         return hit
 
-    def store(self, block_ids: Sequence[int], hashes: Sequence[int], first: int,
+    def store(self, block_ids: Sequence[int], num_blocks: int, hashes: Sequence[int], first: int,
               token_ids: Callable[[int, int], list[int]], cache_salt: str) -> None:
-        """Make table blocks [first, len(block_ids)) findable under hashes[first:].
+        """Make table blocks [first, num_blocks) findable under hashes[first:num_blocks].
 
         A hash already naming another block (the same prefix computed twice, by requests admitted
         together) keeps its block; this copy stays unhashed and goes to the free list when released.
@@ -107,7 +107,7 @@ class PrefixCache:
         bs = self.block_size
         stored: list[int] = []
         parent = hashes[first - 1] if first > 0 else root_hash(cache_salt)
-        for i in range(first, len(block_ids)):
+        for i in range(first, num_blocks):
             h, block_id = hashes[i], block_ids[i]
             if h in self._block_of or block_id in self._hash_of:
                 if not stored:

@@ -294,16 +294,16 @@ class Scheduler:
 
     def _cache_computed(self, req: Request) -> None:
         """Make the request's fully computed blocks findable (before its blocks are released)."""
-        if not (self.bm.enable_prefix_caching and req.use_prefix_cache):
+        bm = self.bm
+        if not (bm.enable_prefix_caching and req.use_prefix_cache):
             return
         # Only positions whose token ids are known (an overlapped step may have computed a token
         # the engine then discarded, past a stop) and whose KV is computed.
-        known = req.num_prompt_tokens + req.num_output_tokens
-        num_full = min(req.num_computed_tokens, known) // self.bm.block_size
-        if num_full > self.bm.num_hashed(req.request_id):
-            self.bm.cache_blocks(req.request_id, self._hashes(req, num_full), num_full, req.token_ids,
-                                 req.cache_salt)
-        req.hashed_up_to = self.bm.num_hashed(req.request_id) * self.bm.block_size
+        known = len(req.prompt_token_ids) + len(req.output_token_ids)
+        num_full = min(req.num_computed_tokens, known) // bm.block_size
+        if num_full * bm.block_size > req.hashed_up_to:  # hashed_up_to mirrors bm.num_hashed
+            bm.cache_blocks(req.request_id, self._hashes(req, num_full), num_full, req.token_ids, req.cache_salt)
+            req.hashed_up_to = num_full * bm.block_size
 
     # ---- helpers ----
 
