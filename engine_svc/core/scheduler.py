@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+
 from engine_svc.core.block_manager import BlockManager
 from engine_svc.core.prefix_cache import PrefixHit
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestStatus
