@@ -9,6 +9,9 @@ from router.discovery import Target, parse_targets
 from router.policy import POLICIES
 
 
+DETOKENIZE_MODES = ("shared", "per_request")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
@@ -39,6 +42,10 @@ class RouterConfig:
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
     http_port: int | None = None  # the OpenAI-compatible HTTP front's port (None = off, 0 = any free port)
     http_host: str | None = None  # where the HTTP front listens (None = the gRPC --host)
+    # shared: every request's detokenization on one DetokenizeSessions stream (when the tokenizer
+    # offers it and tracing is off: a traced request keeps its own DetokenizeStream and span);
+    # per_request: one DetokenizeStream per request.
+    detokenize: str = "shared"
 
     def validate(self) -> "RouterConfig":
         if self.policy not in POLICIES:
@@ -69,6 +76,8 @@ class RouterConfig:
             raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.http_port is not None and not (0 <= self.http_port <= 65535):
             raise ConfigError(f"http_port={self.http_port}: use a port in [0, 65535] (0 = any free port)")
+        if self.detokenize not in DETOKENIZE_MODES:
+            raise ConfigError(f"detokenize={self.detokenize!r}: use one of {', '.join(DETOKENIZE_MODES)}")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("auth_token is empty: pass a token or leave the flag out")
         return self
@@ -122,6 +131,11 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,"
                              " /v1/models, /health) on this port; 0 = any free port; off when absent")
     parser.add_argument("--http-host", default=None, help="address the HTTP API listens on (default: --host)")
+    parser.add_argument("--detokenize", default=d["detokenize"].default, choices=DETOKENIZE_MODES,
+                        type=lambda name: name.replace("-", "_"),
+                        help="shared: all requests' detokenization on one stream to the tokenizer (fewest "
+                             "messages; used when the tokenizer offers it and tracing is off); per_request: "
+                             "one DetokenizeStream per request")
     parser.add_argument("--http-port-file", default=None,
                         help="write the HTTP API's bound port to this file once serving (launchers, tests)")
 
@@ -142,5 +156,5 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_concurrent_streams=args.max_concurrent_streams, max_attempts=args.max_attempts,
         retry_after_s=args.retry_after, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, http_port=args.http_port,
-        http_host=args.http_host,
+        http_host=args.http_host, detokenize=args.detokenize,
     ).validate()

@@ -20,6 +20,7 @@ from kvmesh import telemetry
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
+from kvmesh.telemetry.tracing import tracing_enabled
 from kvmesh.v1 import common_pb2, router_pb2_grpc, tokenizer_pb2_grpc
 from router.auth import BearerTokenInterceptor
 from router.config import ConfigError, RouterConfig, add_router_flags, config_from_args
@@ -72,9 +73,9 @@ class Router:
         self._tokenizer_channel = create_channel(config.tokenizer, max_message_bytes=max_message_bytes)
         policy = make_policy(config.policy, queue_ratio=config.queue_ratio, prefix_index=self.prefix_index,
                              cache_weight=config.cache_weight, balance_requests=config.balance_requests)
-        self.orchestrator = Orchestrator(
-            config=config, pool=self.pool, policy=policy,
-            tokenizer=TokenizerClient(self._tokenizer_channel), limits=self.deployment.limits)
+        self.tokenizer = TokenizerClient(self._tokenizer_channel)
+        self.orchestrator = Orchestrator(config=config, pool=self.pool, policy=policy, tokenizer=self.tokenizer,
+                                         limits=self.deployment.limits)
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
         self._draining = False
@@ -109,11 +110,17 @@ class Router:
             asyncio.ensure_future(self.running.set_serving(serving))
 
     async def _reach_tokenizer(self) -> None:
-        tokenizer = TokenizerClient(self._tokenizer_channel)
         backoff = Backoff(max_s=2.0)
         while True:
             try:
-                self.deployment.tokenizer = await tokenizer.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+                info = await self.tokenizer.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5.0)
+                self.deployment.tokenizer = info
+                # A traced request keeps its own DetokenizeStream: the tokenizer's span per request.
+                if (self.config.detokenize == "shared" and "detokenize_sessions" in info.service.capabilities
+                        and not tracing_enabled()):
+                    self.tokenizer.use_shared_sessions()
+                log.info("detokenization: %s", "one shared DetokenizeSessions stream" if self.tokenizer.sessions
+                         else "one DetokenizeStream per request")
                 return
             except grpc.aio.AioRpcError as exc:
                 log.warning("tokenizer %s not reachable yet: %s", self.config.tokenizer, exc.code().name)
@@ -161,6 +168,7 @@ class Router:
             await self.kv_followers.close()
         await self.discovery.stop()
         await self.pool.close()
+        await self.tokenizer.close()
         await self._tokenizer_channel.close()
 
 

@@ -1,4 +1,6 @@
-"""The router's side of tokenizer_svc: prompt ids for each input kind, and one detokenize session per request."""
+"""The router's side of tokenizer_svc: prompt ids for each input kind, and one detokenize session per
+request: on the shared DetokenizeSessions stream (router.detokenize_sessions) when it is on, else on
+a DetokenizeStream of its own."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import grpc
 
 from kvmesh.serving.errors import ServiceError, Unavailable, passed_through
 from kvmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from router.detokenize_sessions import DetokenizeSessions, SharedSession, start_message
 
 # Statuses from the tokenizer that describe the caller's input: passed to the client as they are.
 # ALREADY_EXISTS is the engine's: a live duplicate request id sent through another router.
@@ -28,6 +31,12 @@ def downstream_error(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
 class TokenizerClient:
     def __init__(self, channel: grpc.aio.Channel):
         self.stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        self.sessions: DetokenizeSessions | None = None  # the shared stream, once use_shared_sessions()
+
+    def use_shared_sessions(self) -> None:
+        """Detokenize every request on one shared DetokenizeSessions stream (the tokenizer offers it)."""
+        if self.sessions is None:
+            self.sessions = DetokenizeSessions(self.stub)
 
     async def prompt_ids(self, request: router_pb2.RouterGenerateRequest, timeout: float | None) -> list[int]:
         """Token ids for the request's input (text, chat or ids). Raises ServiceError."""
@@ -52,8 +61,14 @@ class TokenizerClient:
         assert kind == "token_ids", kind
         return list(request.token_ids.ids)
 
-    def detokenizer(self, timeout: float | None) -> "DetokenizeCall":
+    def detokenizer(self, timeout: float | None) -> "DetokenizeCall | SharedSession":
+        if self.sessions is not None:
+            return self.sessions.session(timeout)
         return DetokenizeCall(self.stub.DetokenizeStream(timeout=timeout))
+
+    async def close(self) -> None:
+        if self.sessions is not None:
+            await self.sessions.close()
 
 
 class DetokenizeCall:
@@ -64,12 +79,7 @@ class DetokenizeCall:
         self.done = False
 
     async def start(self, prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> None:
-        start = tokenizer_pb2.DetokenizeStreamStart(prompt_token_ids=prompt_ids, stop=request.stop)
-        if request.HasField("include_stop_string"):
-            start.include_stop_string = request.include_stop_string
-        if request.HasField("skip_special_tokens"):
-            start.skip_special_tokens = request.skip_special_tokens
-        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(start=start))
+        await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(start=start_message(prompt_ids, request)))
 
     async def push(self, ids: list[int]) -> tokenizer_pb2.DetokenizeStreamResponse:
         await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=ids)))

@@ -20,9 +20,11 @@ class TokenizerLimits:
     max_ids_per_request: int = 1 << 20  # Detokenize ids, stream prompt ids, one stream batch
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 256
+    max_sessions_per_stream: int = 16384  # DetokenizeSessions: sessions open at once on one stream
 
     def __post_init__(self):
-        for name in ("max_text_bytes", "max_ids_per_request", "max_stop_strings", "max_stop_string_bytes"):
+        for name in ("max_text_bytes", "max_ids_per_request", "max_stop_strings", "max_stop_string_bytes",
+                     "max_sessions_per_stream"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -42,6 +42,8 @@ def build_parser() -> EnvArgumentParser:
                         help="most stop strings per DetokenizeStream")
     parser.add_argument("--max-stop-string-bytes", type=int, default=defaults.max_stop_string_bytes,
                         help="longest stop string, in UTF-8 bytes")
+    parser.add_argument("--max-sessions-per-stream", type=int, default=defaults.max_sessions_per_stream,
+                        help="most detokenize sessions open at once on one DetokenizeSessions stream")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads for tokenizer work (encode, decode, chat templates)")
     return parser
@@ -49,7 +51,8 @@ def build_parser() -> EnvArgumentParser:
 
 def limits_from_args(args) -> TokenizerLimits:
     return TokenizerLimits(max_text_bytes=args.max_text_bytes, max_ids_per_request=args.max_ids_per_request,
-                  max_stop_strings=args.max_stop_strings, max_stop_string_bytes=args.max_stop_string_bytes)
+                           max_stop_strings=args.max_stop_strings, max_stop_string_bytes=args.max_stop_string_bytes,
+                           max_sessions_per_stream=args.max_sessions_per_stream)
 
 
 async def serve_tokenizer(tok: LoadedTokenizer, limits: TokenizerLimits, *, host: str = "127.0.0.1", port: int = 0,

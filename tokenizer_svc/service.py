@@ -20,11 +20,16 @@ from kvmesh.v1 import SCHEMA_REVISION, common_pb2, tokenizer_pb2, tokenizer_pb2_
 from tokenizer_svc.chat import parse_chat_request, render_chat
 from tokenizer_svc.limits import TokenizerLimits, check_ids, check_stops, check_text
 from tokenizer_svc.loader import LoadedTokenizer
+from tokenizer_svc.sessions import SessionTable
 from tokenizer_svc.stream import StreamDetokenizer, StreamStep
 
 SERVICE_NAME = "kvmesh.v1.Tokenizer"
 # Stream batches up to this many ids are detokenized on the event loop (see the module docstring).
 INLINE_STREAM_IDS = 64
+# A DetokenizeSessions message up to this many ids (all sessions together) is applied on the event
+# loop: per id it costs a table lookup of a microsecond or two, which holds the GIL in a worker
+# thread as well, so the hop would only add latency to every session in the message.
+INLINE_SESSION_IDS = 1024
 # Texts up to this many characters are encoded on the event loop: tens of microseconds, less than
 # the hop to a worker thread and back on a busy host (a text this short blocks nothing for long).
 INLINE_TEXT_CHARS = 2048
@@ -32,7 +37,8 @@ INLINE_TEXT_CHARS = 2048
 
 def tokenizer_info(tok: LoadedTokenizer, limits: TokenizerLimits) -> tokenizer_pb2.TokenizerInfo:
     """GetInfo's answer; fixed for the life of the process."""
-    capabilities = ["tokenize", "detokenize", "detokenize_stream", "stop_strings", "parse_special_tokens"]
+    capabilities = ["tokenize", "detokenize", "detokenize_stream", "detokenize_sessions", "stop_strings",
+                    "parse_special_tokens"]
     if tok.has_chat_template:
         capabilities.append("chat_template")
     service = common_pb2.ServiceInfo(
@@ -46,7 +52,7 @@ def tokenizer_info(tok: LoadedTokenizer, limits: TokenizerLimits) -> tokenizer_p
         service=service, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids, max_length=tok.max_length,
         has_chat_template=tok.has_chat_template, max_text_bytes=limits.max_text_bytes,
         max_stop_strings=limits.max_stop_strings, max_stop_string_bytes=limits.max_stop_string_bytes,
-        max_ids_per_request=limits.max_ids_per_request)
+        max_ids_per_request=limits.max_ids_per_request, max_sessions_per_stream=limits.max_sessions_per_stream)
     if tok.bos_token_id is not None:
         info.bos_token_id = tok.bos_token_id
     if tok.pad_token_id is not None:
@@ -125,6 +131,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 record_tokens("detokenize_stream", step.num_tokens)
                 return  # the stream ends; nothing after a stop match or finish is ever answered
 
+    async def DetokenizeSessions(self, request_iterator, context) -> AsyncIterator:
+        table = SessionTable(self._start_session, self._check_batch, self._limits.max_sessions_per_stream)
+        try:
+            async for request in request_iterator:
+                # One stream's messages are applied in order, so the table is never touched by two
+                # threads at once; a large message goes to a worker thread (as a large batch does).
+                if table.num_ids(request) <= INLINE_SESSION_IDS:
+                    yield table.apply(request)
+                else:
+                    yield await self._offload(table.apply, request)
+        finally:
+            table.close_all()
+
+    def _check_batch(self, field: str, ids) -> None:
+        check_ids(field, ids, self._tok.vocab_size, self._limits, allow_empty=True)
+
     def _start_session(self, start) -> StreamDetokenizer:
         check_ids("start.prompt_token_ids", start.prompt_token_ids, self._tok.vocab_size, self._limits,
                   allow_empty=True)
@@ -135,7 +157,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                                  special_ids=self._tok.special_ids, token_bytes=self._tok.token_bytes)
 
     async def _feed(self, session: StreamDetokenizer, ids) -> StreamStep:
-        check_ids("tokens.ids", ids, self._tok.vocab_size, self._limits, allow_empty=True)
+        self._check_batch("tokens.ids", ids)
         if len(ids) <= INLINE_STREAM_IDS:
             return session.feed(ids)
         return await self._offload(session.feed, list(ids))

@@ -93,6 +93,48 @@ class DetokenizeStreamResponse(_message.Message):
     done: bool
     def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., stop_match: _Optional[_Union[StopStringMatch, _Mapping]] = ..., done: _Optional[bool] = ...) -> None: ...
 
+class DetokenizeSessionsRequest(_message.Message):
+    __slots__ = ("inputs",)
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[SessionInput]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[SessionInput, _Mapping]]] = ...) -> None: ...
+
+class SessionInput(_message.Message):
+    __slots__ = ("session_id", "open", "token_ids", "finish", "cancel")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    open: DetokenizeStreamStart
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish: bool
+    cancel: bool
+    def __init__(self, session_id: _Optional[int] = ..., open: _Optional[_Union[DetokenizeStreamStart, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class DetokenizeSessionsResponse(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[SessionUpdate]
+    def __init__(self, updates: _Optional[_Iterable[_Union[SessionUpdate, _Mapping]]] = ...) -> None: ...
+
+class SessionUpdate(_message.Message):
+    __slots__ = ("session_id", "text", "num_tokens", "stop_match", "done", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_MATCH_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    text: str
+    num_tokens: int
+    stop_match: StopStringMatch
+    done: bool
+    error: _common_pb2.StreamError
+    def __init__(self, session_id: _Optional[int] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., stop_match: _Optional[_Union[StopStringMatch, _Mapping]] = ..., done: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
+
 class StopStringMatch(_message.Message):
     __slots__ = ("stop", "token_index")
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -102,7 +144,7 @@ class StopStringMatch(_message.Message):
     def __init__(self, stop: _Optional[str] = ..., token_index: _Optional[int] = ...) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("service", "vocab_size", "bos_token_id", "eos_token_ids", "pad_token_id", "max_length", "has_chat_template", "max_text_bytes", "max_stop_strings", "max_stop_string_bytes", "max_ids_per_request")
+    __slots__ = ("service", "vocab_size", "bos_token_id", "eos_token_ids", "pad_token_id", "max_length", "has_chat_template", "max_text_bytes", "max_stop_strings", "max_stop_string_bytes", "max_ids_per_request", "max_sessions_per_stream")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +156,7 @@ class TokenizerInfo(_message.Message):
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRING_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
     service: _common_pb2.ServiceInfo
     vocab_size: int
     bos_token_id: int
@@ -125,4 +168,5 @@ class TokenizerInfo(_message.Message):
     max_stop_strings: int
     max_stop_string_bytes: int
     max_ids_per_request: int
-    def __init__(self, service: _Optional[_Union[_common_pb2.ServiceInfo, _Mapping]] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., max_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_text_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ...) -> None: ...
+    max_sessions_per_stream: int
+    def __init__(self, service: _Optional[_Union[_common_pb2.ServiceInfo, _Mapping]] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., max_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_text_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., max_sessions_per_stream: _Optional[int] = ...) -> None: ...

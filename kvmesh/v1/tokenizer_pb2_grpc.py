@@ -55,6 +55,11 @@ class TokenizerStub:
                 request_serializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
                 _registered_method=True)
+        self.DetokenizeSessions = channel.stream_stream(
+                '/kvmesh.v1.Tokenizer/DetokenizeSessions',
+                request_serializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/kvmesh.v1.Tokenizer/GetInfo',
                 request_serializer=kvmesh_dot_v1_dot_common__pb2.GetInfoRequest.SerializeToString,
@@ -96,6 +101,21 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetokenizeSessions(self, request_iterator, context):
+        """Optional (capability "detokenize_sessions"; the router's choice when tracing is off): ONE
+        long-lived stream per client channel carrying the detokenize sessions of many generations, so
+        that a router sends the new ids of all its requests in one message and gets every session's new
+        text back in one message, instead of two messages per request per batch. Each session follows
+        DetokenizeStream's rules (safe text, held-back stop prefixes, first stop match). Each request
+        message gets exactly one response message, in order. A refused input (an id outside the
+        vocabulary, a bad stop string, an unknown session) closes that session alone, with an error in
+        its update; the stream and the other sessions go on. When the stream itself fails, every session
+        on it is lost: the client fails them and opens a new stream for new sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Vocabulary size, special ids, max length, chat-template presence.
         """
@@ -125,6 +145,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.DetokenizeStream,
                     request_deserializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.SerializeToString,
+            ),
+            'DetokenizeSessions': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetokenizeSessions,
+                    request_deserializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -240,6 +265,33 @@ class Tokenizer:
             '/kvmesh.v1.Tokenizer/DetokenizeStream',
             kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
             kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetokenizeSessions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvmesh.v1.Tokenizer/DetokenizeSessions',
+            kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsRequest.SerializeToString,
+            kvmesh_dot_v1_dot_tokenizer__pb2.DetokenizeSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,218 @@
+"""The router's detokenize sessions on one shared DetokenizeSessions stream per tokenizer channel.
+
+gRPC in Python costs about 150 us of CPU per message sent or received, and the per-request
+DetokenizeStream costs two messages per request per batch of ids. Here every request's session
+rides one long-lived stream: whatever ids of all requests arrived since the last send go out in
+one message, and the tokenizer answers with one message holding every session's new text. At
+most `max_in_flight` messages are unanswered at a time, so that while one is with the tokenizer
+the next batch of every request gathers (the engine streams keep flowing meanwhile: router.stream).
+
+A session is opened lazily: its open travels with its first ids, so it costs no message of its own.
+When the stream fails, every session on it fails with UNAVAILABLE naming the status, and the next
+session opens a new stream (the channel reconnects by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+
+import grpc
+
+from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable
+from kvmesh.v1 import router_pb2, tokenizer_pb2
+
+log = logging.getLogger(__name__)
+
+# Messages sent and not yet answered. One gathers the most per message (the fewest messages, the
+# least CPU); a session waits at most one round trip for the message ahead of its batch.
+MAX_IN_FLIGHT = 1
+
+
+def start_message(prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> tokenizer_pb2.DetokenizeStreamStart:
+    """A request's detokenization settings, as both stream kinds open a session."""
+    start = tokenizer_pb2.DetokenizeStreamStart(prompt_token_ids=prompt_ids, stop=request.stop)
+    if request.HasField("include_stop_string"):
+        start.include_stop_string = request.include_stop_string
+    if request.HasField("skip_special_tokens"):
+        start.skip_special_tokens = request.skip_special_tokens
+    return start
+
+
+def refused(error) -> ServiceError:
+    """A session's refused input (SessionUpdate.error) as the ServiceError it stands for."""
+    err = ServiceError(f"tokenizer refused the detokenize session: {error.message}")
+    err.code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
+    return err
+
+
+class SharedStream:
+    """One DetokenizeSessions call and its writer and reader tasks. Lives until it fails or is closed."""
+
+    def __init__(self, stub, max_in_flight: int = MAX_IN_FLIGHT):
+        self._call = stub.DetokenizeSessions()
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._pending: dict[int, tokenizer_pb2.SessionInput] = {}  # to go out with the next message
+        self._waiting: dict[int, asyncio.Future] = {}  # session id -> its update, once answered
+        self._wake = asyncio.Event()
+        self.failure: ServiceError | None = None
+        self.num_messages = 0  # request messages sent (the coalescing shows as inputs per message)
+        self.num_inputs = 0
+        self._tasks = [asyncio.create_task(self._write_loop(), name="detokenize-sessions-writer"),
+                       asyncio.create_task(self._read_loop(), name="detokenize-sessions-reader")]
+
+    def send(self, inp: tokenizer_pb2.SessionInput) -> asyncio.Future:
+        """Queue a session's input for the next message; the future gets its update (or the stream's failure)."""
+        if self.failure is not None:
+            raise self.failure
+        assert inp.session_id not in self._waiting, "one input per session at a time"
+        future = asyncio.get_running_loop().create_future()
+        self._pending[inp.session_id] = inp
+        self._waiting[inp.session_id] = future
+        self._wake.set()
+        return future
+
+    def cancel(self, session_id: int) -> None:
+        """Forget a session and tell the tokenizer to drop it, unless its open has not gone out yet."""
+        self._waiting.pop(session_id, None)
+        unsent = self._pending.pop(session_id, None)
+        if self.failure is None and (unsent is None or not unsent.HasField("open")):
+            self._pending[session_id] = tokenizer_pb2.SessionInput(session_id=session_id, cancel=True)
+            self._wake.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()  # set by send(): runs after the callbacks ready now, so they gather
+                self._wake.clear()
+                if not self._pending or self._in_flight >= self._max_in_flight:
+                    continue
+                inputs, self._pending = list(self._pending.values()), {}
+                self._in_flight += 1
+                self.num_messages += 1
+                self.num_inputs += len(inputs)
+                await self._call.write(tokenizer_pb2.DetokenizeSessionsRequest(inputs=inputs))
+        except grpc.aio.AioRpcError as exc:
+            self._fail(f"{exc.code().name}: {exc.details()}")
+        except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
+            self._fail("the stream ended")
+
+    async def _read_loop(self) -> None:
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                self._in_flight -= 1
+                for update in response.updates:
+                    future = self._waiting.pop(update.session_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(update)
+                if self._pending:
+                    self._wake.set()
+            self._fail("the tokenizer ended the stream")
+        except grpc.aio.AioRpcError as exc:
+            self._fail(f"{exc.code().name}: {exc.details()}")
+
+    def _fail(self, why: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = Unavailable(f"tokenizer detokenize stream failed: {why}")
+        if self._waiting:
+            log.warning("%s; %d sessions waiting on it fail", self.failure.message, len(self._waiting))
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(self.failure)
+        self._waiting.clear()
+        self._pending.clear()
+        self._call.cancel()
+
+    async def close(self) -> None:
+        self._fail("closed")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class DetokenizeSessions:
+    """The router's sessions on one tokenizer channel: the current SharedStream, replaced when it fails."""
+
+    def __init__(self, stub, max_in_flight: int = MAX_IN_FLIGHT):
+        self._stub = stub
+        self._max_in_flight = max_in_flight
+        self._stream: SharedStream | None = None
+        self._ids = itertools.count(1)
+        self._old: list[SharedStream] = []  # failed streams whose tasks are still winding down
+
+    def stream(self) -> SharedStream:
+        if self._stream is None or self._stream.failure is not None:
+            if self._stream is not None:
+                self._reap(self._stream)
+            self._stream = SharedStream(self._stub, self._max_in_flight)
+        return self._stream
+
+    def _reap(self, stream: SharedStream) -> None:
+        task = asyncio.ensure_future(stream.close())
+        self._old.append(stream)
+        task.add_done_callback(lambda _: self._old.remove(stream))
+
+    def session(self, timeout: float | None) -> "SharedSession":
+        return SharedSession(self, next(self._ids), timeout)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+
+
+class SharedSession:
+    """One request's detokenization on the shared stream. Same use as tokenizer_client.DetokenizeCall:
+    start, then one update per batch of ids (lockstep per session), then finish; close always."""
+
+    def __init__(self, owner: DetokenizeSessions, session_id: int, timeout: float | None):
+        self._owner = owner
+        self._id = session_id
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        self._open: tokenizer_pb2.DetokenizeStreamStart | None = None
+        self._stream: SharedStream | None = None  # the stream the session was opened on
+        self.done = False
+
+    async def start(self, prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> None:
+        """Nothing is sent yet: the open travels with the first batch of ids."""
+        self._open = start_message(prompt_ids, request)
+
+    async def push(self, ids: list[int]) -> tokenizer_pb2.SessionUpdate:
+        return await self._send(tokenizer_pb2.SessionInput(session_id=self._id, token_ids=ids))
+
+    async def finish(self) -> tokenizer_pb2.SessionUpdate:
+        """Flush text held back; the session ends."""
+        return await self._send(tokenizer_pb2.SessionInput(session_id=self._id, finish=True))
+
+    async def _send(self, inp: tokenizer_pb2.SessionInput) -> tokenizer_pb2.SessionUpdate:
+        if self._stream is None:  # the first input opens the session on the current stream
+            assert self._open is not None, "start() first"
+            self._stream = self._owner.stream()
+            inp.open.CopyFrom(self._open)
+        elif self._stream.failure is not None:
+            raise self._stream.failure  # the tokenizer's state of this session went with that stream
+        future = self._stream.send(inp)
+        if self._deadline is None:
+            update = await future
+        else:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    update = await future
+            except TimeoutError:
+                raise DeadlineExceeded("deadline exceeded while the tokenizer detokenized") from None
+        if update.done:
+            self.done = True
+        if update.HasField("error"):
+            raise refused(update.error)
+        return update
+
+    async def close(self) -> None:
+        """Drop the session unless it ended (finish, stop match or error): the tokenizer forgets it."""
+        if self._stream is not None and not self.done:
+            self._stream.cancel(self._id)

@@ -1,0 +1,261 @@
+"""The router's shared DetokenizeSessions stream (router.detokenize_sessions) against a real
+tokenizer server on loopback: concurrent sessions gathered into few messages, one session's
+refusal leaving the others alone, the stream lost mid-flight (in-flight sessions fail with
+UNAVAILABLE, new ones get a new stream), deadlines, cancels; and a real mesh router using it.
+
+Oracle: the tokenizer's one-shot Detokenize, and a router on per-request DetokenizeStreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import grpc
+import pytest
+
+from kvmesh.serving.channels import create_channel
+from kvmesh.serving.errors import ServiceError
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from router.detokenize_sessions import DetokenizeSessions
+from tests.router.client import engines_idle, generate, greedy, wait_replicas
+from tokenizer_svc import service as tokenizer_service
+from tokenizer_svc.limits import TokenizerLimits
+from tokenizer_svc.loader import load_tokenizer
+from tokenizer_svc.server import serve_tokenizer
+
+TEXTS = [f"Tom {i} saw a 🐸 and said \"héllo 中文\"{'!' * i} Then they went home." for i in range(40)]
+GATE_ID = 7  # a batch holding this id waits at the tokenizer until the test opens the gate
+
+
+@pytest.fixture(scope="module")
+def stories_tok(stories260k_dir):
+    return load_tokenizer(str(stories260k_dir))
+
+
+class GatedTables:
+    """Records the tokenizer's session tables and holds any message carrying GATE_ID until opened."""
+
+    def __init__(self, monkeypatch):
+        self.tables = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = asyncio.Event()
+        gated = self
+        base = tokenizer_service.SessionTable
+
+        class Table(base):
+            def __init__(self, *args):
+                super().__init__(*args)
+                gated.tables.append(self)
+
+        monkeypatch.setattr(tokenizer_service, "SessionTable", Table)
+        original = tokenizer_service.TokenizerServicer.DetokenizeSessions
+
+        async def DetokenizeSessions(servicer, request_iterator, context):
+            async def gated_requests():
+                async for request in request_iterator:
+                    if any(GATE_ID in inp.token_ids for inp in request.inputs):
+                        gated.held.set()
+                        await gated.gate.wait()
+                    yield request
+            async for response in original(servicer, gated_requests(), context):
+                yield response
+
+        monkeypatch.setattr(tokenizer_service.TokenizerServicer, "DetokenizeSessions", DetokenizeSessions)
+
+
+@pytest.fixture
+async def served(stories_tok, monkeypatch):
+    """(start, gated): start(port=0) serves the real tokenizer and returns (running, executor)."""
+    gated = GatedTables(monkeypatch)
+    servers = []
+
+    async def start(port=0):
+        running, executor = await serve_tokenizer(stories_tok, TokenizerLimits(), port=port)
+        servers.append((running, executor))
+        return running
+
+    yield start, gated
+    for running, executor in servers:
+        await running.stop(0)
+        executor.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def sessions_on(port):
+    async with create_channel(f"127.0.0.1:{port}") as channel:
+        sessions = DetokenizeSessions(tokenizer_pb2_grpc.TokenizerStub(channel))
+        try:
+            yield sessions, tokenizer_pb2_grpc.TokenizerStub(channel)
+        finally:
+            await sessions.close()
+
+
+def request(stop=()):
+    return router_pb2.RouterGenerateRequest(stop=stop)
+
+
+async def test_concurrent_sessions_gather_into_few_messages_and_match_detokenize(served, stories_tok):
+    start, gated = served
+    running = await start()
+    encode = stories_tok.text_tokenizer.encode
+    rng = random.Random(0)
+
+    async def run(sessions, text):
+        ids = encode(text, add_special_tokens=False).ids
+        session = sessions.session(timeout=30)
+        await session.start([1], request())
+        out = []
+        i = 0
+        while i < len(ids):  # batches of 1 to 3 ids, as engine responses gather in the inbox
+            n = rng.randint(1, 3)
+            update = await session.push(ids[i:i + n])
+            assert "\ufffd" not in update.text and update.num_tokens == min(i + n, len(ids))
+            out.append(update.text)
+            i += n
+        out.append((await session.finish()).text)
+        assert session.done
+        await session.close()
+        return "".join(out)
+
+    async with sessions_on(running.port) as (sessions, _):
+        assert await asyncio.gather(*(run(sessions, t) for t in TEXTS)) == TEXTS
+        stream = sessions.stream()
+        # 40 sessions stepping together: each message carries many sessions' inputs.
+        assert stream.num_inputs >= 4 * stream.num_messages, (stream.num_inputs, stream.num_messages)
+    assert len(gated.tables) == 1 and len(gated.tables[0]) == 0  # one stream; every session closed
+
+
+async def test_one_sessions_bad_id_fails_it_alone(served, stories_tok):
+    start, gated = served
+    running = await start()
+    ids = stories_tok.text_tokenizer.encode("Once upon a time", add_special_tokens=False).ids
+    async with sessions_on(running.port) as (sessions, _):
+        good, bad = sessions.session(None), sessions.session(None)
+        for s in (good, bad):
+            await s.start([1], request())
+        results = await asyncio.gather(good.push(ids[:2]), bad.push([ids[0], 100000]), return_exceptions=True)
+        assert not isinstance(results[0], BaseException) and results[0].num_tokens == 2
+        err = results[1]
+        assert isinstance(err, ServiceError) and err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs.token_ids[1]: id 100000 is outside the vocabulary [0, 512)" in err.message
+        assert bad.done  # closed at the tokenizer: close() sends nothing
+        await bad.close()
+        assert (await good.push(ids[2:])).text and (await good.finish()).done
+        assert sessions.stream().failure is None and len(gated.tables) == 1
+
+
+async def test_stream_lost_mid_flight_fails_its_sessions_and_the_next_gets_a_new_stream(served, stories_tok):
+    start, gated = served
+    running = await start()
+    port = running.port
+    async with sessions_on(port) as (sessions, stub):
+        idle, busy = sessions.session(None), sessions.session(None)
+        for s in (idle, busy):
+            await s.start([1], request())
+        await idle.push([300])
+        gated.gate.clear()
+        pending = asyncio.ensure_future(busy.push([GATE_ID]))
+        await asyncio.wait_for(gated.held.wait(), 10)
+        await running.stop(0)  # the tokenizer goes away with busy's batch in flight
+        with pytest.raises(ServiceError) as err:
+            await asyncio.wait_for(pending, 10)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert err.value.message.startswith("tokenizer detokenize stream failed: ")
+        # The idle session's state went with the stream: it fails at once, without a message.
+        with pytest.raises(ServiceError) as err:
+            await idle.push([301])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        gated.gate.set()
+
+        await start(port)  # the tokenizer is back on its port: a new session opens a new stream
+        fresh = sessions.session(None)
+        await fresh.start([1], request())
+        for _ in range(50):  # the channel reconnects with backoff
+            try:
+                update = await fresh.push([300, 301])
+                break
+            except ServiceError:
+                fresh = sessions.session(None)
+                await fresh.start([1], request())
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no new stream after the tokenizer came back")
+        assert update.num_tokens == 2 and (await fresh.finish()).done
+
+
+async def test_deadline_while_the_tokenizer_holds_the_batch(served):
+    start, gated = served
+    running = await start()
+    async with sessions_on(running.port) as (sessions, _):
+        session = sessions.session(timeout=0.3)
+        await session.start([1], request())
+        gated.gate.clear()
+        with pytest.raises(ServiceError) as err:
+            await session.push([GATE_ID])
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await session.close()  # sends a cancel behind the held batch
+        gated.gate.set()
+        other = sessions.session(None)
+        await other.start([1], request())
+        assert (await other.push([300])).num_tokens == 1
+        assert len(gated.tables[0]) == 1  # the expired session is gone, the other is open
+        assert sessions.stream().failure is None
+
+
+async def test_cancelled_push_closes_the_session_at_the_tokenizer(served):
+    start, gated = served
+    running = await start()
+    async with sessions_on(running.port) as (sessions, _):
+        sessions_list = [sessions.session(None) for _ in range(5)]
+        for s in sessions_list:
+            await s.start([1], request(stop=["zz"]))
+        await asyncio.gather(*(s.push([300]) for s in sessions_list))
+        assert len(gated.tables[0]) == 5
+        gated.gate.clear()
+        task = asyncio.ensure_future(sessions_list[0].push([GATE_ID]))
+        await asyncio.wait_for(gated.held.wait(), 10)
+        task.cancel()  # a client cancel while its batch is with the tokenizer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for s in sessions_list:
+            await s.close()
+        gated.gate.set()
+        probe = sessions.session(None)
+        await probe.start([1], request())
+        await probe.push([300])  # answered after the cancels: they were applied before it
+        assert len(gated.tables[0]) == 1
+
+
+# A real mesh: the router uses the shared stream by default; one on per-request streams is the oracle.
+
+@pytest.fixture(scope="module")
+def routers(mesh):
+    return mesh.router(["a"]), mesh.router(["a"], "--detokenize", "per-request")
+
+
+async def test_mesh_router_on_the_shared_stream_matches_per_request_streams(mesh, routers):
+    shared, per_request = routers
+    assert "detokenization: one shared DetokenizeSessions stream" in (mesh.log_dir / f"{shared.name}.log").read_text()
+    assert "detokenization: one DetokenizeStream per request" in (mesh.log_dir / f"{per_request.name}.log").read_text()
+    prompts = [f"Lily had {i} red balls. She" for i in range(12)]
+    stops = [["ball"], [], ["the"], ["She said"]] * 3
+
+    async def run(router):
+        async with create_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await wait_replicas(stub, 1)
+            return await asyncio.gather(*(generate(stub, router_pb2.RouterGenerateRequest(
+                text=p, stop=s, sampling=greedy(48, ignore_eos=True), return_tokens=True))
+                for p, s in zip(prompts, stops)))
+
+    got, expected = await run(shared), await run(per_request)
+    for g, e in zip(got, expected):
+        assert g.status == grpc.StatusCode.OK, g.details
+        assert (g.text, g.token_ids, g.last.finish_reason, g.last.matched_stop_string) == \
+            (e.text, e.token_ids, e.last.finish_reason, e.last.matched_stop_string)
+    assert any(g.last.finish_reason == common_pb2.FINISH_REASON_STOP_STRING for g in got)
+    (load,) = (await engines_idle([mesh.engines["a"].address])).values()
+    assert load.free_blocks + load.cached_blocks == load.total_blocks and load.num_running_requests == 0
