@@ -8,8 +8,10 @@ to the engine, in the same run, on the same engine, under the same load.
     # the services of another checkout (an older commit, for a before/after on one machine):
     python bench/overhead.py --services-from /tmp/ov-base ...
 
-For each concurrency level, rounds alternate between the two paths (direct, router, router, direct,
-...) so that drift in the machine's state hits both alike. The direct path sends the prompt's ids,
+For each concurrency level, rounds alternate between the paths (direct, router, router, direct,
+...) so that drift in the machine's state hits both alike. --compare-per-request adds a third path:
+a second router on one DetokenizeStream per request (`--detokenize per-request`), the code before
+the shared DetokenizeSessions stream, measured in the same run. The direct path sends the prompt's ids,
 tokenized once beforehand (outside the timing); the router path sends the text, so its numbers
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -106,40 +110,49 @@ def requests_per_worker(concurrency: int, override: int | None) -> int:
     return override if override else max(2, min(8, 64 // concurrency))
 
 
+def _compare(path: dict, direct: dict) -> dict:
+    return {"ttft_added_p50_ms": round(path["ttft_p50_ms"] - direct["ttft_p50_ms"], 3),
+            "throughput_ratio": round(path["throughput_tok_s"] / direct["throughput_tok_s"], 4),
+            # What the router and tokenizer tiers add to the CPU cost of a token (the engine's own
+            # share on the router path included: it attaches load reports there).
+            "cpu_added_us_per_token": round(path["cpu_us_per_token_all_tiers"] - direct["cpu_us_per_token_all_tiers"], 1)}
+
+
 async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: int, per_worker: int | None,
                   max_tokens: int) -> dict:
-    tok_addr, engine_addr, router_addr = (procs[name].address for name in ("tokenizer", "engine", "router"))
+    """Rounds rotate the order of the paths (direct, router[, router_per_request]) so drift hits all alike."""
+    tok_addr, engine_addr = procs["tokenizer"].address, procs["engine"].address
+    routers = [name for name in ("router", "router_per_request") if name in procs]
     pids = {name: proc.pid for name, proc in procs.items()}
     sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
-    async with create_channel(tok_addr) as tc, create_channel(engine_addr) as ec, create_channel(router_addr) as rc:
+    async with contextlib.AsyncExitStack() as stack:
+        tc = await stack.enter_async_context(create_channel(tok_addr))
+        ec = await stack.enter_async_context(create_channel(engine_addr))
         ids = list((await tokenizer_pb2_grpc.TokenizerStub(tc).Tokenize(
             tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
         engine = engine_pb2_grpc.EngineStub(ec)
-        router = router_pb2_grpc.RouterStub(rc)
-        paths = {
-            "direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling)),
-            "router": lambda: router.Generate(router_pb2.RouterGenerateRequest(text=PROMPT, sampling=sampling,
-                                                                               return_tokens=True)),
-        }
-        for fn in paths.values():  # warm up both paths (connections, caches)
+        paths = {"direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling))}
+        for name in routers:
+            stub = router_pb2_grpc.RouterStub(await stack.enter_async_context(create_channel(procs[name].address)))
+            paths[name] = functools.partial(stub.Generate, router_pb2.RouterGenerateRequest(
+                text=PROMPT, sampling=sampling, return_tokens=True))
+        for fn in paths.values():  # warm up every path (connections, caches)
             await run_phase(fn, 4, 2, pids)
         results = {}
+        order = list(paths)
         for c in levels:
             n = requests_per_worker(c, per_worker)
-            phases = {"direct": [], "router": []}
+            phases = {name: [] for name in paths}
             for r in range(rounds):
-                for name in (["direct", "router"] if r % 2 == 0 else ["router", "direct"]):
+                rotated = order[r % len(order):] + order[:r % len(order)]
+                for name in (rotated if r % 2 == 0 else rotated[::-1]):
                     phases[name].append(await run_phase(paths[name], c, n, pids))
-            d, rt = merge(phases["direct"]), merge(phases["router"])
-            results[f"concurrency_{c}"] = {
-                "requests_per_stream_per_round": n, "direct": d, "router": rt,
-                "ttft_added_p50_ms": round(rt["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
-                "throughput_ratio": round(rt["throughput_tok_s"] / d["throughput_tok_s"], 4),
-                # What the router and tokenizer tiers add to the CPU cost of a token (the engine's
-                # own share on the router path included: it attaches load reports there).
-                "cpu_added_us_per_token": round(rt["cpu_us_per_token_all_tiers"] - d["cpu_us_per_token_all_tiers"], 1),
-            }
-            print(f"concurrency {c}: {json.dumps(results[f'concurrency_{c}'])}", flush=True)
+            merged = {name: merge(p) for name, p in phases.items()}
+            level = {"requests_per_stream_per_round": n, **merged, **_compare(merged["router"], merged["direct"])}
+            if "router_per_request" in merged:
+                level["router_per_request_vs_direct"] = _compare(merged["router_per_request"], merged["direct"])
+            results[f"concurrency_{c}"] = level
+            print(f"concurrency {c}: {json.dumps(level)}", flush=True)
         return results
 
 
@@ -166,9 +179,12 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path) -> list[ServiceP
                                             "--num-gpu-blocks-override", str(args.blocks)])
         for proc in (tok, engine):
             proc.wait_healthy(600)
-        router = start("router", "router", ["--tokenizer", tok.address, "--engines", engine.address,
-                                            "--log-level", "WARNING"])
-        router.wait_healthy(120)
+        router_flags = ["--tokenizer", tok.address, "--engines", engine.address, "--log-level", "WARNING"]
+        start("router", "router", router_flags)
+        if args.compare_per_request:  # the same router on one DetokenizeStream per request
+            start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
+        for proc in procs[2:]:
+            proc.wait_healthy(120)
     except BaseException:
         stop_all(procs)
         raise
@@ -257,28 +273,31 @@ def main() -> None:
                         help="sequential requests per stream per round (default: 8, fewer above 8 streams)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--services-from", default=str(REPO), help="checkout whose services are measured")
+    parser.add_argument("--compare-per-request", action="store_true",
+                        help="also measure a router on per-request DetokenizeStreams (--detokenize per-request)")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-overhead")
     args = parser.parse_args()
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     tree = pathlib.Path(args.services_from).resolve()
     args.model = str(pathlib.Path(args.model).resolve())
     procs = start_mesh(args, pathlib.Path(args.log_dir), tree)
-    tok, engine, router = procs
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        with Profiler(args.profile, [router, tok]):
+        with Profiler(args.profile, [procs[2], procs[0]]):  # the (shared-stream) router and the tokenizer
             results = asyncio.run(measure({p.name: p for p in procs}, levels, args.rounds, args.per_worker,
                                           args.max_tokens))
     finally:
         stop_all(procs)
-    report = {"bench": "overhead", **environment(args, tree), "model": pathlib.Path(args.model).name,
+    report = {"bench": "overhead", **environment(args, tree), "loadavg_at_start": load_at_start, "model": pathlib.Path(args.model).name,
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
-                      "Tokenize, the engine choice and DetokenizeStream; the direct path sends ids tokenized once "
+                      "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
+                      "stream; router_per_request, when measured: one DetokenizeStream per request); the direct path sends ids tokenized once "
                       "beforehand. All tiers and the client share the host's cores.",
               "results": results}
     text = json.dumps(report, indent=1)

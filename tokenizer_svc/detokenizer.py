@@ -56,7 +56,8 @@ class IncrementalDetokenizer:
     """Turns a stream of generated ids into text deltas whose concatenation equals
     `decode(prompt + generated)[len(decode(prompt)):]` (for text that is valid UTF-8).
 
-    Each `step` costs one decode of a window of a few tokens, whatever the sequence length.
+    Each `step` costs one decode of a window of a few tokens, whatever the sequence length; `extend`
+    one decode per batch.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *,
@@ -96,8 +97,21 @@ class IncrementalDetokenizer:
         return self._emit(text)
 
     def extend(self, ids: Sequence[int]) -> str:
-        """Add several ids at once: the concatenation of their step() results."""
-        return "".join([self.step(i) for i in ids])
+        """Add several ids at once: the concatenation of their step() results, for one decode of the
+        window per batch instead of one per id (plus one to trim a long window). A batch whose text
+        ends inside a character is stepped id by id instead, so that what precedes it is not held."""
+        kept = [i for i in ids if not self._skipped(i)]
+        if len(kept) <= 1:
+            return self.step(kept[0]) if kept else ""
+        before = len(self._ids)
+        self._ids.extend(kept)
+        text = self._decode(self._ids)
+        if text.endswith(REPLACEMENT_CHAR):
+            del self._ids[before:]
+            return "".join([self.step(i) for i in kept])
+        if len(text) <= len(self._prefix_text):  # nothing visible yet (ids that decode to no text)
+            return ""
+        return self._emit(text)
 
     def _emit(self, text: str) -> str:
         delta = text[len(self._prefix_text):]

@@ -137,3 +137,46 @@ def test_other_tokenizer_families(other_tokenizer, text, skip, special):
     detok = IncrementalDetokenizer(other_tokenizer, skip_special_tokens=skip)
     deltas = [detok.step(i) for i in ids] + [detok.flush()]
     assert "".join(deltas) == other_tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+class _CountingDecodes:
+    """A tokenizer whose decode calls are counted (the rest passes through)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.num_decodes = 0
+
+    def decode(self, ids, **kwargs):
+        self.num_decodes += 1
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, sizes=st.lists(st.integers(min_value=1, max_value=9), min_size=1), skip=st.booleans())
+def test_batches_decode_once_each_and_equal_whole_decode(stories_tok, text, sizes, skip):
+    ids = encode(stories_tok, text) + [2]
+    counting = _CountingDecodes(stories_tok.text_tokenizer)
+    detok = IncrementalDetokenizer(counting, skip_special_tokens=skip, special_ids=stories_tok.special_ids)
+    deltas, i, k = [], 0, 0
+    while i < len(ids):
+        batch = ids[i:i + sizes[k % len(sizes)]]
+        before = counting.num_decodes
+        deltas.append(detok.extend(batch))
+        # One decode per batch, one more to trim a long window; id by id only when the batch's text
+        # ends inside a character.
+        stepped = counting.num_decodes - before > 2
+        assert not stepped or stories_tok.text_tokenizer.decode(ids[:i + len(batch)], skip_special_tokens=skip
+                                                                 ).endswith("\ufffd")
+        i, k = i + len(batch), k + 1
+    assert "".join(deltas) + detok.flush() == decode(stories_tok, ids, skip)
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in d for d in deltas)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts, size=st.integers(min_value=2, max_value=6))
+def test_batches_in_other_tokenizer_families(other_tokenizer, text, size):
+    ids = other_tokenizer.encode(text).ids
+    detok = IncrementalDetokenizer(other_tokenizer)
+    deltas = [detok.extend(ids[i:i + size]) for i in range(0, len(ids), size)] + [detok.flush()]
+    assert "".join(deltas) == other_tokenizer.decode(ids, skip_special_tokens=True)
