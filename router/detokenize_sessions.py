@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # Messages sent and not yet answered. One gathers the most per message (the fewest messages, the
 # least CPU); a session waits at most one round trip for the message ahead of its batch.
 MAX_IN_FLIGHT = 1
+# Inputs beyond this many bytes wait for the next message: one message stays far below any
+# receive limit (16 MiB by default), since a message too large would fail the stream and every
+# session on it. Only opens with long prompts come near it; an input larger than this goes alone.
+MESSAGE_BUDGET_BYTES = 1 << 20
 
 
 def start_message(prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> tokenizer_pb2.DetokenizeStreamStart:
@@ -90,7 +94,7 @@ class SharedStream:
                 self._wake.clear()
                 if not self._pending or self._in_flight >= self._max_in_flight:
                     continue
-                inputs, self._pending = list(self._pending.values()), {}
+                inputs = self._take_inputs()
                 self._in_flight += 1
                 self.num_messages += 1
                 self.num_inputs += len(inputs)
@@ -99,6 +103,21 @@ class SharedStream:
             self._fail(f"{exc.code().name}: {exc.details()}")
         except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
             self._fail("the stream ended")
+
+    def _take_inputs(self) -> list[tokenizer_pb2.SessionInput]:
+        """The pending inputs for one message, oldest first, within MESSAGE_BUDGET_BYTES."""
+        inputs, size = [], 0
+        for inp in self._pending.values():
+            size += inp.ByteSize() if inp.HasField("open") else 0  # only opens carry much (the prompt)
+            if inputs and size > MESSAGE_BUDGET_BYTES:
+                break
+            inputs.append(inp)
+        if len(inputs) == len(self._pending):
+            self._pending = {}
+        else:
+            for inp in inputs:
+                del self._pending[inp.session_id]
+        return inputs
 
     async def _read_loop(self) -> None:
         try:

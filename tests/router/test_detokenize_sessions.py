@@ -128,6 +128,24 @@ async def test_concurrent_sessions_gather_into_few_messages_and_match_detokenize
     assert len(gated.tables) == 1 and len(gated.tables[0]) == 0  # one stream; every session closed
 
 
+async def test_opens_with_long_prompts_are_split_across_messages(served, stories_tok, monkeypatch):
+    from router import detokenize_sessions
+    monkeypatch.setattr(detokenize_sessions, "MESSAGE_BUDGET_BYTES", 1000)
+    start, _ = served
+    running = await start()
+    prompt = stories_tok.text_tokenizer.encode(" ".join(TEXTS[:8])).ids  # a few hundred ids: ~600 bytes an open
+    ids = stories_tok.text_tokenizer.encode(" and then", add_special_tokens=False).ids
+    async with sessions_on(running.port) as (sessions, _):
+        batch = [sessions.session(None) for _ in range(10)]
+        for s in batch:
+            await s.start(prompt, request())
+        updates = await asyncio.gather(*(s.push(ids) for s in batch))
+        decode = stories_tok.text_tokenizer.decode
+        assert [u.text for u in updates] == [decode(prompt + ids)[len(decode(prompt)):]] * 10
+        stream = sessions.stream()
+        assert stream.num_inputs == 10 and stream.num_messages >= 5  # at most one open of ~600 bytes a message
+
+
 async def test_one_sessions_bad_id_fails_it_alone(served, stories_tok):
     start, gated = served
     running = await start()
