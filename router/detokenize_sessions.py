@@ -76,7 +76,8 @@ class SharedStream:
         future = asyncio.get_running_loop().create_future()
         self._pending[inp.session_id] = inp
         self._waiting[inp.session_id] = future
-        self._wake.set()
+        if self._in_flight < self._max_in_flight:  # else the reader wakes the writer with the answer
+            self._wake.set()
         return future
 
     def cancel(self, session_id: int) -> None:
@@ -85,7 +86,8 @@ class SharedStream:
         unsent = self._pending.pop(session_id, None)
         if self.failure is None and (unsent is None or not unsent.HasField("open")):
             self._pending[session_id] = tokenizer_pb2.SessionInput(session_id=session_id, cancel=True)
-            self._wake.set()
+            if self._in_flight < self._max_in_flight:
+                self._wake.set()
 
     async def _write_loop(self) -> None:
         try:
