@@ -277,3 +277,53 @@ async def test_mesh_router_on_the_shared_stream_matches_per_request_streams(mesh
     assert any(g.last.finish_reason == common_pb2.FINISH_REASON_STOP_STRING for g in got)
     (load,) = (await engines_idle([mesh.engines["a"].address])).values()
     assert load.free_blocks + load.cached_blocks == load.total_blocks and load.num_running_requests == 0
+
+
+async def test_tokenizer_killed_mid_flight_through_a_real_router(mesh, tmp_path):
+    """Requests streaming when the tokenizer dies end with one terminal UNAVAILABLE naming the lost
+    stream (not a hang, not a bare status); the engine's blocks come back; once the tokenizer is
+    back on its port, new requests work on a new shared stream."""
+    from kvmesh.procs import ServiceProcess
+
+    def tokenizer(port=0):
+        return ServiceProcess("tokenizer", "tokenizer-killed", ["--model", str(mesh.model_dir)],
+                              listen_port=port, log_path=str(mesh.log_dir / "tokenizer-killed.log"),
+                              env={"OTEL_TRACES_EXPORTER": "none"}, die_with_parent=True).start()
+
+    tok = tokenizer()
+    tok.wait_healthy(120)
+    port = tok.port
+    router = mesh.router(["a"], tokenizer=tok)
+    req = router_pb2.RouterGenerateRequest(text="Once upon a time", sampling=greedy(400, ignore_eos=True),
+                                           return_tokens=True)
+    try:
+        async with create_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await wait_replicas(stub, 1)
+            calls = [stub.Generate(req, timeout=60) for _ in range(3)]  # 3 x 26 blocks fit engine a
+            firsts = [await call.read() for call in calls]  # every stream has begun
+            assert all(f.text or f.tokens for f in firsts)
+            await asyncio.to_thread(tok.kill)
+            for call in calls:
+                rest = []
+                while (r := await call.read()) is not grpc.aio.EOF:
+                    rest.append(r)
+                last = rest[-1]
+                assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
+                assert last.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+                assert "tokenizer" in last.error.message and "detokenize stream failed" in last.error.message
+                assert sum(x.HasField("error") for x in rest) == 1
+            (load,) = (await engines_idle([mesh.engines["a"].address])).values()
+            assert load.free_blocks + load.cached_blocks == load.total_blocks and load.num_running_requests == 0
+
+            tok = tokenizer(port)
+            await asyncio.to_thread(tok.wait_healthy, 120)
+            for _ in range(100):  # the router's channel reconnects with backoff
+                res = await generate(stub, router_pb2.RouterGenerateRequest(
+                    text="Once upon a time", sampling=greedy(8), return_tokens=True))
+                if res.status == grpc.StatusCode.OK and not res.last.HasField("error"):
+                    break
+                await asyncio.sleep(0.2)
+            assert res.status == grpc.StatusCode.OK and len(res.token_ids) == 8 and res.text, res.details
+    finally:
+        tok.stop(5)
