@@ -96,6 +96,8 @@ class TokenizerServicer:
         """One stream per generation: a start message, then batches of new token ids; answers each batch
         with the text delta that is safe to show (never half a UTF-8 character, never text that could
         still become a stop string). Reports the first stop-string match and then ends the stream.
+        Every tokenizer serves it, for any client; a router prefers DetokenizeSessions when offered
+        (and keeps this one per request when tracing, for the tokenizer's span per request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
