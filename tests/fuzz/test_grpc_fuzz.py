@@ -51,6 +51,13 @@ SEEDS = {
                                                                                         stop=["the"])),
         tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=[30, 40, 50])),
         tokenizer_pb2.DetokenizeStreamRequest(finish=True)],
+    "DetokenizeSessionsRequest": [
+        tokenizer_pb2.DetokenizeSessionsRequest(inputs=[tokenizer_pb2.SessionInput(
+            session_id=1, open=tokenizer_pb2.DetokenizeStreamStart(prompt_token_ids=[1], stop=["the"]),
+            token_ids=[30, 40])]),
+        tokenizer_pb2.DetokenizeSessionsRequest(inputs=[tokenizer_pb2.SessionInput(session_id=1, token_ids=[50]),
+                                                        tokenizer_pb2.SessionInput(session_id=2, cancel=True)]),
+        tokenizer_pb2.DetokenizeSessionsRequest(inputs=[tokenizer_pb2.SessionInput(session_id=1, finish=True)])],
 }
 FILES = {"kvmesh.v1.Tokenizer": tokenizer_pb2, "kvmesh.v1.Engine": engine_pb2, "kvmesh.v1.Router": router_pb2}
 examples_run: dict[str, collections.Counter] = {}  # service -> (method, status) -> count
