@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmesh.blocks import KV_CACHE_DTYPES
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = float8_e4m3fn with per-tensor scales of 1.0, as vLLM
+__all__ = ["KV_CACHE_DTYPES", "ConfigError", "EngineConfig"]
 
 
 class ConfigError(ValueError):

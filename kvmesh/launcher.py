@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kvmesh.blocks import KV_CACHE_DTYPES
 from kvmesh.procs import ServiceProcess, stop_all
 from kvmesh.v1 import engine_pb2, engine_pb2_grpc
 
@@ -55,11 +56,13 @@ class ClusterConfig:
     max_num_seqs: int | None = None
     gpu_memory_utilization: float | None = None
     kv_cache_memory: int | None = None  # bytes
+    kv_cache_dtype: str | None = None  # auto | fp8 | fp8_e4m3 (e4m3 K/V: twice the blocks per byte)
 
     def engine_flags(self) -> list[str]:
         """The engine settings above as engine command-line flags."""
         flags = []
-        for name in ("dtype", "max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_memory"):
+        for name in ("dtype", "max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_memory",
+                     "kv_cache_dtype"):
             value = getattr(self, name)
             if value is not None:
                 flags += ["--" + name.replace("_", "-"), str(value)]
@@ -85,6 +88,8 @@ class ClusterConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
         return self

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+from kvmesh.blocks import KV_CACHE_DTYPES
 from kvmesh.launcher import ClusterConfig, LaunchError, LocalCluster, cuda_problem, tracing_env
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -58,6 +59,8 @@ def add_parser(subparsers) -> None:
                    help="with --device cuda: share of each GPU an engine may use (weights + KV cache)")
     e.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
                    help="bytes of KV cache per engine (instead of --gpu-memory-utilization; CPU default 256 MiB)")
+    e.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                   help="KV cache element type: auto = the model's dtype; fp8 = e4m3 (twice the blocks per byte)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None, host=args.host, port=args.port,
             http_port=args.http_port, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-            kv_cache_memory=args.kv_cache_memory).validate()
+            kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype).validate()
     except ValueError as exc:
         print(f"kvmesh up: {exc}", file=sys.stderr)
         return 2

@@ -78,9 +78,10 @@ def test_version():
 
 def test_engine_settings_become_engine_flags():
     config = ClusterConfig(dtype="float32", max_model_len=256, max_num_seqs=8, gpu_memory_utilization=0.5,
-                           kv_cache_memory=1 << 20).validate()
+                           kv_cache_memory=1 << 20, kv_cache_dtype="fp8").validate()
     assert config.engine_flags() == ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
-                                     "--gpu-memory-utilization", "0.5", "--kv-cache-memory", "1048576"]
+                                     "--gpu-memory-utilization", "0.5", "--kv-cache-memory", "1048576",
+                                     "--kv-cache-dtype", "fp8"]
     assert ClusterConfig().engine_flags() == [] and ClusterConfig().port == 50051
 
 
@@ -89,6 +90,7 @@ def test_engine_settings_become_engine_flags():
     ({"http_port": 50051}, "also the gRPC port"),
     ({"max_num_seqs": 0}, "max_num_seqs=0"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5"),
+    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4': use one of auto, fp8, fp8_e4m3"),
 ])
 def test_bad_up_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
