@@ -36,29 +36,43 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return _WARMUP_STREAMS[device]
 
 
+def _capture(run, device: torch.device, pool):
+    """Warm `run` up twice on the side stream (as torch advises), then capture it: (graph, output)."""
+    with torch.inference_mode():
+        side = warmup_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+    return graph, out
+
+
+def _capture_sizes(make, sizes: list[int], device: torch.device) -> dict:
+    """make(size, pool) for every size, largest first: smaller graphs reuse the largest one's pool."""
+    graphs, pool = {}, None
+    for size in sorted(sizes, reverse=True):
+        graphs[size] = make(size, pool)
+        pool = graphs[size].graph.pool()
+    torch.cuda.synchronize(device)
+    return graphs
+
+
 class DecodeGraph:
     """One captured pure-decode step for a fixed batch size."""
 
     def __init__(self, model, kv_caches, backend, buffers, batch_size: int, max_model_len: int, pool):
         d, B = buffers.dev, batch_size
         self.batch_size = B
-        ids, pos = d.ids[:B], d.pos[:B]
         meta = AttentionMetadata(
             query_start_loc=d.qsl[:B + 1], seq_lens=d.lens[:B], block_tables=d.bt[:B], slot_mapping=d.slots[:B],
             max_query_len=1, max_seq_len=max_model_len, num_seqs=B)
-        dev = buffers.device
-        with torch.inference_mode():
-            side = warmup_stream(dev)  # warm up on a side stream before capture, as torch advises
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    model(ids, pos, kv_caches, meta, backend)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out = model(ids, pos, kv_caches, meta, backend)
-        self.pool = self.graph.pool()
+        self.graph, self.out = _capture(lambda: model(d.ids[:B], d.pos[:B], kv_caches, meta, backend),
+                                        buffers.device, pool)
 
     def replay(self) -> torch.Tensor:
         """Run the step on whatever the input buffers hold; hidden states [B, hidden]."""
@@ -80,23 +94,10 @@ class MixedGraph:
             max_query_len=min(T, max_model_len), max_seq_len=max_model_len, num_seqs=rows,
             decode_seq_index=d.singles[:rows])
         self._run = lambda: model(d.ids[:T], d.pos[:T], kv_caches, meta, backend)
-        self.graph = self.out = self.pool = None
-        if not capture:
-            return
-        buffers.reset_for_mixed_capture(T, rows)
-        dev = buffers.device
-        with torch.inference_mode():
-            side = warmup_stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out = self._run()
-        self.pool = self.graph.pool()
+        self.graph = self.out = None
+        if capture:
+            buffers.reset_for_mixed_capture(T, rows)
+            self.graph, self.out = _capture(self._run, buffers.device, pool)
 
     def replay(self) -> torch.Tensor:
         """Run the step the input buffers hold; hidden states [num_tokens, hidden] (padding rows are
@@ -117,27 +118,17 @@ def mixed_graph_reserve_bytes(model_cfg, dtype: torch.dtype, max_tokens: int) ->
     return int(max_tokens * per_token * torch.empty(0, dtype=dtype).element_size() * 1.25)
 
 
-def capture_mixed_graphs(model, kv_caches, backend, buffers, max_tokens: int, rows: int, max_model_len: int,
-                         pool=None) -> dict[int, MixedGraph]:
-    """Graphs for every size in MIXED_GRAPH_TOKENS up to max_tokens, largest first, into one pool."""
-    graphs = {}
-    for size in reversed([t for t in MIXED_GRAPH_TOKENS if t <= max_tokens]):
-        graph = MixedGraph(model, kv_caches, backend, buffers, size, rows, max_model_len, pool)
-        pool = graph.pool
-        graphs[size] = graph
-    torch.cuda.synchronize(buffers.device)
-    return graphs
+def capture_mixed_graphs(model, kv_caches, backend, buffers, max_tokens: int, rows: int,
+                         max_model_len: int) -> dict[int, MixedGraph]:
+    """Graphs for every size in MIXED_GRAPH_TOKENS up to max_tokens, into one pool."""
+    return _capture_sizes(
+        lambda size, pool: MixedGraph(model, kv_caches, backend, buffers, size, rows, max_model_len, pool),
+        [t for t in MIXED_GRAPH_TOKENS if t <= max_tokens], buffers.device)
 
 
 def capture_decode_graphs(model, kv_caches, backend, buffers, max_num_seqs: int,
                           max_model_len: int) -> dict[int, DecodeGraph]:
-    """Graphs for every size in GRAPH_BATCH_SIZES up to max_num_seqs, largest first (smaller graphs
-    then reuse its memory pool)."""
+    """Graphs for every size in GRAPH_BATCH_SIZES up to max_num_seqs, into one pool."""
     buffers.reset_for_capture()
-    graphs, pool = {}, None
-    for bs in reversed([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]):
-        graph = DecodeGraph(model, kv_caches, backend, buffers, bs, max_model_len, pool)
-        pool = graph.pool
-        graphs[bs] = graph
-    torch.cuda.synchronize(buffers.device)
-    return graphs
+    return _capture_sizes(lambda size, pool: DecodeGraph(model, kv_caches, backend, buffers, size, max_model_len, pool),
+                          [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs], buffers.device)

@@ -181,16 +181,14 @@ class InputBatch:
             st.qsl[n + 1:R + 1] = T
             st.lens[n:R] = 0
         num_singles = 0
-        if pad_rows_to:  # a mixed graph lists every one-token row, padded to its fixed length
+        if T > n or pad_rows_to:  # a mixed step lists its one-token rows, for decode tiles
             singles = np.flatnonzero(q == 1)
             st.singles[:len(singles)] = singles
-            st.singles[len(singles):R] = R - 1
-            num_singles = R
-        elif T > n:  # an eager mixed step: its one-token sequences, for decode tiles
-            singles = np.flatnonzero(q == 1)
-            if len(singles) >= MIN_LISTED_SINGLES:
+            if pad_rows_to:  # a mixed graph: always, padded to its fixed length with the empty last row
+                st.singles[len(singles):R] = R - 1
+                num_singles = R
+            elif len(singles) >= MIN_LISTED_SINGLES:  # eager: when worth the extra launch per layer
                 num_singles = len(singles)
-                st.singles[:num_singles] = singles
         sampled = np.flatnonzero(np.array(plan.sample, dtype=bool))
         k = len(sampled)
         last = cu[1:] - 1

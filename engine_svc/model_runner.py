@@ -198,15 +198,14 @@ class ModelRunner:
         # The kernel variants of eager mixed steps, compiled now rather than at the first such step in
         # service (a stall of seconds): decode rows listed beside a prefill chunk, and short chunks.
         cfg = self.config
-        singles = min(MIN_LISTED_SINGLES, cfg.max_num_seqs - 1)
-        chunk = min(64, self.max_model_len, max(cfg.max_num_batched_tokens, cfg.max_num_seqs) - singles)
+        num_decode = min(MIN_LISTED_SINGLES, cfg.max_num_seqs - 1)
+        chunk = min(64, self.max_model_len, max(cfg.max_num_batched_tokens, cfg.max_num_seqs) - num_decode)
         if chunk > 1:
-            self._forward([_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(singles)]
-                          + [_dummy_seq(chunk, [0] * width, "warmup-chunk")])
-            self._forward([_dummy_seq(min(4, chunk), [0] * width, "warmup-short"),
-                           _dummy_seq(1, [0] * width, "warmup-one")])
-            self._forward([_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(singles)]
-                          + [_dummy_seq(min(4, chunk), [0] * width, "warmup-short")])
+            decode = [_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(num_decode)]
+            short = _dummy_seq(min(4, chunk), [0] * width, "warmup-short")
+            for seqs in (decode + [_dummy_seq(chunk, [0] * width, "warmup-chunk")], decode[:1] + [short],
+                         decode + [short]):
+                self._forward(seqs)
         if cfg.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):
@@ -215,9 +214,9 @@ class ModelRunner:
         self.graphs = capture_decode_graphs(self.model, self.kv_caches, self.backend, self.buffers,
                                             self.config.max_num_seqs, self.max_model_len)
         self.graph_sizes = sorted(self.graphs)
-        if self._mixed_graph_tokens():
+        if mixed_tokens := self._mixed_graph_tokens():
             self.mixed_graphs = capture_mixed_graphs(self.model, self.kv_caches, self.backend, self.buffers,
-                                                     self._mixed_graph_tokens(), self.graph_rows, self.max_model_len)
+                                                     mixed_tokens, self.graph_rows, self.max_model_len)
             self.mixed_sizes = sorted(self.mixed_graphs)
 
     def _mixed_graph_tokens(self) -> int:
@@ -270,20 +269,18 @@ class ModelRunner:
     def _run_forward(self, plan: StepPlan) -> tuple[PackedStep, torch.Tensor]:
         """Pack, upload and run the model (a graph replay for pure decode): (packed, hidden [T])."""
         n = len(plan.req_ids)
-        graph = None
-        if self.graphs and n <= self.graph_sizes[-1] and sum(plan.num_new_tokens) == n:
-            graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
-        mixed = None
+        graph = mixed = None
         tokens = sum(plan.num_new_tokens)
-        if graph is None and self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
+        if self.graphs and n <= self.graph_sizes[-1] and tokens == n:
+            graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
+        elif self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
             mixed = self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
         st = self.buffers.staging()
         packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None,
                                  pad_tokens_to=mixed.num_tokens if mixed else None,
                                  pad_rows_to=mixed.rows if mixed else None)
         self._last_token_index = packed.last_token_index
-        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
-                            packed.num_singles)
+        self.buffers.upload(packed)
         d = self.buffers.dev
         if packed.num_gathered:
             prev = self._inflight
@@ -351,8 +348,7 @@ class ModelRunner:
         self.batch.apply(plan)
         packed = self.batch.pack(plan, self.buffers.staging(), pad_to=pad_to)
         self._last_token_index = packed.last_token_index
-        self.buffers.upload(packed.padded_tokens, packed.num_rows, packed.num_sampled, packed.num_gathered,
-                            packed.num_singles)
+        self.buffers.upload(packed)
         self.batch.remove(plan.req_ids)
         d, T = self.buffers.dev, packed.padded_tokens
         return d.ids[:T], d.pos[:T], self._metadata(packed)

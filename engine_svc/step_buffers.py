@@ -68,16 +68,14 @@ class StepBuffers:
         d.ids.zero_(), d.pos.zero_(), d.bt.zero_()
 
     def reset_for_mixed_capture(self, num_tokens: int, rows: int) -> None:
-        """Valid inputs for a mixed graph's warm-up and capture: one-token sequences in the first rows
-        (at most num_tokens of them, the last row left empty), every later token and row empty."""
+        """Valid inputs for a mixed graph's warm-up and capture: reset_for_capture's one-token rows in
+        the first rows (at most num_tokens of them, the last row left empty), later rows empty."""
+        self.reset_for_capture()
         d, k = self.dev, min(rows - 1, num_tokens)
-        qsl = torch.arange(rows + 1, dtype=torch.int32, device=self.device).clamp_(max=k)
-        d.qsl[:rows + 1].copy_(qsl)
-        d.lens[:rows].zero_(), d.lens[:k].fill_(1)
-        d.singles[:rows].fill_(rows - 1)
-        d.singles[:k].copy_(torch.arange(k, dtype=torch.int32, device=self.device))
-        d.slots.fill_(-1)
-        d.ids.zero_(), d.pos.zero_(), d.bt.zero_()
+        d.qsl[k + 1:rows + 1].fill_(k)
+        d.lens[k:rows].zero_()
+        d.singles[:k].copy_(d.qsl[:k])  # qsl[:k] is 0..k-1: row i is a one-token row
+        d.singles[k:rows].fill_(rows - 1)
 
     def staging(self):
         """The next host staging set (numpy views), safe to write: its last copies completed."""
@@ -88,17 +86,17 @@ class StepBuffers:
         self._current = entry
         return entry[1]
 
-    def upload(self, num_tokens: int, num_rows: int, num_sampled: int, num_gathered: int,
-               num_singles: int = 0) -> None:
-        """Copy the used prefix of each staged array into the device buffers (non-blocking)."""
+    def upload(self, packed) -> None:
+        """Copy the used prefix of each staged array of a packed step (engine_svc/input_batch.py
+        PackedStep) into the device buffers (non-blocking)."""
         host, _, event = self._current
         if not self.cuda:
             return
         d = self.dev
-        for name, n in (("ids", num_tokens), ("pos", num_tokens), ("slots", num_tokens),
-                        ("sample_idx", num_sampled), ("gather_dst", num_gathered),
-                        ("gather_src", num_gathered), ("qsl", num_rows + 1), ("lens", num_rows),
-                        ("singles", num_singles), ("bt", num_rows)):
+        for name, n in (("ids", packed.padded_tokens), ("pos", packed.padded_tokens), ("slots", packed.padded_tokens),
+                        ("sample_idx", packed.num_sampled), ("gather_dst", packed.num_gathered),
+                        ("gather_src", packed.num_gathered), ("qsl", packed.num_rows + 1),
+                        ("lens", packed.num_rows), ("singles", packed.num_singles), ("bt", packed.num_rows)):
             if n:
                 getattr(d, name)[:n].copy_(getattr(host, name)[:n], non_blocking=True)
         event.record()

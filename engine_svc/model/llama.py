@@ -184,35 +184,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.split_heads(self.project_qkv(x, positions, cos_sin))
-        return self.o_proj(self.attend(q, k, v, kv_cache, meta, backend))  # [T, H*D] -> [T, hidden]
-
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, hidden] -> q|k|v [T, (H + 2 KVH) * D] with q and k normed (Qwen3) and rotated.
-
-        out: write there (a CUDA graph's static buffer) instead of a new tensor."""
-        w, b = self.qkv_proj.weight, self.qkv_proj.bias  # the GEMMs F.linear runs, with an out=
-        qkv = torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
-        q, k, _ = self.split_heads(qkv)
-        q2, k2 = (self.q_norm(q), self.k_norm(k)) if self.q_norm is not None else (q, k)
-        q2, k2 = self.ops.rotary(q2, k2, positions, cos_sin)
-        for view, value in ((q, q2), (k, k2)):  # TorchOps rotates out of place, TritonOps in place
-            if value.data_ptr() != view.data_ptr():
-                view.copy_(value)
-        return qkv
-
-    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q|k|v [T, ...] -> views q [T, H, D], k [T, KVH, D], v [T, KVH, D]."""
-        T = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
-                v.view(T, self.num_kv_heads, self.head_dim))
-
-    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        """Write k/v into the paged cache and attend: [T, H*D]."""
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.ops.rotary(q, k, positions, cos_sin)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return out.reshape(q.shape[0], self.q_size)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H*D] -> [T, hidden]
 
 
 class MLP(nn.Module):
