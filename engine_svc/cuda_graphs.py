@@ -90,7 +90,8 @@ class MixedGraph:
         d, T = buffers.dev, num_tokens
         self.num_tokens, self.rows = T, rows
         meta = AttentionMetadata(
-            query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows], slot_mapping=d.slots[:T],
+            query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows],
+            slot_mapping=d.slots[:T],
             max_query_len=min(T, max_model_len), max_seq_len=max_model_len, num_seqs=rows,
             decode_seq_index=d.singles[:rows])
         self._run = lambda: model(d.ids[:T], d.pos[:T], kv_caches, meta, backend)
