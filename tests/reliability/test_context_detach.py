@@ -14,6 +14,9 @@ from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, route
 
 pytestmark = pytest.mark.slow
 LONG = common_pb2.SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+# The deadline calls must outlive their deadlines (at most 0.3 s): 500 tokens on stories260k take
+# several times that (100 could end within 0.3 s once the engine's step got cheaper: one did in CI).
+LONGER = common_pb2.SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
 BLOCKS = 256
 
 
@@ -48,8 +51,10 @@ async def test_cancelled_streams_log_no_detach_error(cluster, exporter):
         calls = [_cancel_after(stub.Generate(req), n) for n in (1, 1, 2, 3, 5, 8) * 4
                  for stub, req in ((rstub, text), (estub, ids))]
         await asyncio.gather(*calls)
+        text_long = router_pb2.RouterGenerateRequest(text="Once upon a time", sampling=LONGER)
+        ids_long = engine_pb2.GenerateRequest(prompt_token_ids=[1, 30, 40], sampling=LONGER)
         await asyncio.gather(*[_deadline(stub.Generate(req, timeout=t)) for t in (0.05, 0.1, 0.2, 0.3)
-                               for stub, req in ((rstub, text), (estub, ids))])
+                               for stub, req in ((rstub, text_long), (estub, ids_long))])
         await asyncio.sleep(1.0)  # aborts reach the engine, closed generators are finalized
         load = await estub.GetLoad(engine_pb2.GetLoadRequest())
         assert load.num_running_requests == 0 and load.free_blocks + load.cached_blocks == BLOCKS
