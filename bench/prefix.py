@@ -4,14 +4,18 @@
     # the GPU machine (8B shape, dummy weights; no fastapi/openai needed):
     python3 bench/prefix.py --gpu --out $OUT/prefix-h200.json
 
-The workload (seeded): C conversations, each opening with one of S shared system prompts, T turns
-each; a turn's prompt is the system prompt + every earlier user turn and the tokens the engine
+The workload (seeded): C conversations, each opening with one of S shared system prompts and a
+document of its own (a pasted file, retrieved passages: `document_tokens`), T turns each; a turn's
+prompt is the system prompt + the document + every earlier user turn and the tokens the engine
 actually generated for it + a new user turn, so later turns can reuse blocks of earlier prompts AND
-of earlier outputs. `--concurrency` conversations run at once (closed loop). Token ids in, token
-ids out (ignore_eos): the text tiers are not part of what is measured. The KV cache of one engine
-is sized below the conversations' working set and the engines' together above it (CPU: --blocks,
-GPU: --kv-cache-memory), as in a real deployment: a router that sends a conversation wherever
-there is room makes every engine cache every conversation, one that follows the cache does not.
+of earlier outputs. Every conversation is open from the start, as on a chat service where many
+users are mid-conversation at once: each sends its next turn when its last answer is in, and at
+most `--concurrency` requests are in flight. Token ids in, token ids out (ignore_eos): the text
+tiers are not part of what is measured. The KV cache of one engine is sized below the
+conversations' working set and the engines' together above it (CPU: --blocks, GPU:
+--kv-cache-memory), as in a real deployment: a router that sends each turn wherever there is room
+makes every engine cache every conversation, and LRU eviction then throws away the turns before it
+comes back; one that follows the cache keeps each conversation on one engine, where it fits.
 
 Two comparisons over the same engine processes (started once; runs are kept apart by cache_salt,
 so no run finds another's blocks):
@@ -67,12 +71,21 @@ class Shape:
     max_tokens: int
     concurrency: int
     vocab: int
+    document_tokens: int = 0
+
+    def working_set_tokens(self) -> int:
+        """KV tokens of every conversation at its end, shared system prompts counted once."""
+        own = self.document_tokens + self.turns * (self.user_tokens + self.max_tokens)
+        return self.system_prompts * self.system_tokens + self.conversations * own
 
 
+# CPU: 24 x 216 + 8 x 192 = 6.7k tokens of working set vs 5k tokens (320 blocks) per engine.
 CPU_SHAPE = Shape(system_prompts=8, system_tokens=192, conversations=24, turns=3, user_tokens=24,
-                  max_tokens=16, concurrency=6, vocab=512)
-GPU_SHAPE = Shape(system_prompts=8, system_tokens=1536, conversations=96, turns=4, user_tokens=128,
-                  max_tokens=128, concurrency=48, vocab=128000)
+                  max_tokens=16, concurrency=6, vocab=512, document_tokens=96)
+# GPU: 48 x 2048 + 8 x 512 = 102k tokens vs 65.5k (8 GiB of 8B KV) per engine; cache-aware routing
+# puts ~24 conversations (~53k tokens) on each engine.
+GPU_SHAPE = Shape(system_prompts=8, system_tokens=512, conversations=48, turns=4, user_tokens=64,
+                  max_tokens=64, concurrency=16, vocab=128000, document_tokens=1536)
 
 
 @dataclass
@@ -175,18 +188,19 @@ async def run_chat(dispatch, shape: Shape, seed: int, salt: str, use_cache: bool
     systems = [[1] + [rng.randrange(3, shape.vocab) for _ in range(shape.system_tokens - 1)]
                for _ in range(shape.system_prompts)]
     convs = [(systems[i % len(systems)], random.Random(seed * 1000 + i)) for i in range(shape.conversations)]
-    sem = asyncio.Semaphore(shape.concurrency)
+    in_flight = asyncio.Semaphore(shape.concurrency)
     outcomes: list[Outcome] = []
 
     async def conversation(system: list[int], crng: random.Random) -> None:
-        history = list(system)
-        async with sem:
-            for _ in range(shape.turns):
-                history += [crng.randrange(3, shape.vocab) for _ in range(shape.user_tokens)]
-                req = engine_pb2.GenerateRequest(
-                    request_id=uuid.uuid4().hex, prompt_token_ids=history, include_load=True, cache_salt=salt,
-                    prefix_cache=use_cache, sampling=common_pb2.SamplingParams(
-                        temperature=0.0, max_tokens=shape.max_tokens, ignore_eos=True))
+        history = list(system) + [crng.randrange(3, shape.vocab) for _ in range(shape.document_tokens)]
+        for _ in range(shape.turns):
+            history += [crng.randrange(3, shape.vocab) for _ in range(shape.user_tokens)]
+            req = engine_pb2.GenerateRequest(
+                request_id=uuid.uuid4().hex, prompt_token_ids=history, include_load=True, cache_salt=salt,
+                prefix_cache=use_cache, sampling=common_pb2.SamplingParams(
+                    temperature=0.0, max_tokens=shape.max_tokens, ignore_eos=True))
+            async with in_flight:
+                # TTFT counts from the send: the wait for a free slot is the client's, not the server's
                 out = Outcome(sent_at=time.monotonic(), num_prompt_tokens=len(history))
                 outcomes.append(out)
                 history += await dispatch.generate(req, out)
@@ -273,12 +287,13 @@ async def bench(args, shape: Shape, engines: list[ServiceProcess]) -> dict:
                 results["cache"].setdefault(label, []).append(summarize(outs, dur, names))
                 print(f"cache {label}: {results['cache'][label][-1]}", flush=True)
         for rep in range(args.repeats):
-            for policy_name in POLICIES:
+            for policy_name in args.policies.split(","):
                 index = PrefixIndex(staleness_s=2.0)
                 followers = KvEventFollowers(index, heartbeat_ms=500)
                 followers.sync(pool.engines)
                 await asyncio.sleep(1.0)  # snapshots in
-                policy = make_policy(policy_name, prefix_index=index)
+                name, tuning = _policy_spec(policy_name, args.balance_requests)
+                policy = make_policy(name, prefix_index=index, **tuning)
                 outs, dur = await run_chat(Routed(pool, policy, random.Random(rep)), shape, args.seed + rep,
                                            f"route-{policy_name}-{rep}", True)
                 await followers.close()
@@ -287,6 +302,17 @@ async def bench(args, shape: Shape, engines: list[ServiceProcess]) -> dict:
     finally:
         await pool.close()
     return results
+
+
+def _policy_spec(spec: str, balance_requests: float | None) -> tuple[str, dict]:
+    """"cache_aware@16" -> ("cache_aware", {"balance_requests": 16.0}); a bare name takes the
+    --balance-requests value where one was given (cache_aware only), else the router's default."""
+    name, _, balance = spec.partition("@")
+    if balance:
+        balance_requests = float(balance)
+    if name != "cache_aware" or balance_requests is None:
+        return name, {}
+    return name, {"balance_requests": balance_requests}
 
 
 def _median(runs: list[dict], key: str):
@@ -305,17 +331,19 @@ def ratios(results: dict) -> dict:
 
     def div(a, b):
         return round(a / b, 3) if a is not None and b else None
+
+    def vs(name: str, base: str) -> dict:  # a cache_aware run against another policy's (None: not run)
+        ca, other = r[name], r.get(base, {})
+        return {"ttft_p50_speedup": div(other.get("ttft_p50_s"), ca.get("ttft_p50_s")),
+                "ttft_p99_speedup": div(other.get("ttft_p99_s"), ca.get("ttft_p99_s")),
+                "throughput_ratio": div(ca.get("output_tok_s"), other.get("output_tok_s"))}
     return {
         "medians": med,
         "cache_on_vs_off": {"ttft_p50_speedup": div(c["off"]["ttft_p50_s"], c["on"]["ttft_p50_s"]),
                             "ttft_p99_speedup": div(c["off"]["ttft_p99_s"], c["on"]["ttft_p99_s"]),
                             "throughput_ratio": div(c["on"]["output_tok_s"], c["off"]["output_tok_s"])},
-        "cache_aware_vs_kv": {"ttft_p50_speedup": div(r["kv"]["ttft_p50_s"], r["cache_aware"]["ttft_p50_s"]),
-                              "ttft_p99_speedup": div(r["kv"]["ttft_p99_s"], r["cache_aware"]["ttft_p99_s"]),
-                              "throughput_ratio": div(r["cache_aware"]["output_tok_s"], r["kv"]["output_tok_s"])},
-        "cache_aware_vs_round_robin": {
-            "ttft_p50_speedup": div(r["round_robin"]["ttft_p50_s"], r["cache_aware"]["ttft_p50_s"]),
-            "throughput_ratio": div(r["cache_aware"]["output_tok_s"], r["round_robin"]["output_tok_s"])},
+        **{f"{ca}_vs_{base}": vs(ca, base) for ca in r if ca.startswith("cache_aware")
+           for base in ("kv", "round_robin")},
     }
 
 
@@ -332,11 +360,11 @@ def device_name(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the H200 preset: 8B shape (bench/configs/llama3-8b), "
-                   "dummy weights, cuda, 2 engines with 16 GiB of KV each, the GPU workload shape")
+                   "dummy weights, cuda, 3 engines with 6 GiB of KV each, the GPU workload shape")
     p.add_argument("--model", default=str(REPO.parent / "shared/models/stories260k"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default=None)
-    p.add_argument("--engines", type=int, default=2)
+    p.add_argument("--engines", type=int, default=None, help="engine processes (default 2; --gpu: 3)")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids, assigned to engines in turn")
     p.add_argument("--blocks", type=int, default=None, help="KV blocks per engine (--num-gpu-blocks-override)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV bytes per engine")
@@ -344,21 +372,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=None)
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--balance-requests", type=float, default=None,
+                   help="the cache_aware policy's balance_requests (default: the router's)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="routing policies to compare; cache_aware@B runs cache_aware with balance_requests B")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     shape = GPU_SHAPE if args.gpu else CPU_SHAPE
     if args.gpu:
-        # 16 GiB = 131k tokens of 8B KV per engine; 96 conversations grow to ~250k tokens.
+        # 6 GiB = 49k tokens of 8B KV per engine: GPU_SHAPE's working set is 102k tokens, a third of
+        # it ~36k. Three engines: the kv policy lands a turn where the conversation's last turn ran
+        # about a third of the time (two engines: half, which leaves the median on the edge).
         args.model, args.device, args.load_format = str(REPO / "bench/configs/llama3-8b"), "cuda", "dummy"
-        args.kv_cache_memory = args.kv_cache_memory or 16 << 30
-    elif args.device == "cpu" and args.blocks is None:
-        args.blocks = 320  # 5k tokens per engine; 24 conversations grow to ~7.5k tokens
+        args.kv_cache_memory = args.kv_cache_memory or 6 << 30
+        args.engines = args.engines or 3
+    args.engines = args.engines or 2
+    if args.device == "cpu" and args.blocks is None:
+        args.blocks = 320  # 5k tokens per engine; CPU_SHAPE's working set is 6.7k tokens
     if args.conversations or args.concurrency:
         shape = Shape(**{**shape.__dict__, "conversations": args.conversations or shape.conversations,
                          "concurrency": args.concurrency or shape.concurrency})
-    longest = shape.system_tokens + shape.turns * (shape.user_tokens + shape.max_tokens)
+    longest = shape.system_tokens + shape.document_tokens + shape.turns * (shape.user_tokens + shape.max_tokens)
     args.max_model_len = args.max_model_len or max(512, longest)
     log_dir = pathlib.Path(f"/tmp/kvmesh-bench-prefix-{os.getpid()}")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "prefix", "device": device_name(args), "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": args.model if not args.gpu else "llama3-8b shape, dummy weights",
-        "engines": args.engines, "workload": shape.__dict__, "repeats": args.repeats,
+        "engines": args.engines, "workload": {**shape.__dict__, "working_set_tokens": shape.working_set_tokens()},
+        "kv_cache_memory_per_engine": args.kv_cache_memory, "blocks_per_engine": args.blocks, "gpus": args.gpus or None,
+        "repeats": args.repeats,
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "results": results, "summary": ratios(results),
     }
