@@ -185,8 +185,7 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
@@ -194,8 +193,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary(q, k, positions, cos_sin)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        out = out.reshape(num_tokens, self.q_size)  # [T, H*D]
-        return self.ops.linear(out, self.o_proj.weight, self.o_proj.bias)  # [T, hidden]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H*D] -> [T, hidden]
 
 
 class MLP(nn.Module):
@@ -208,9 +206,7 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)  # [T, 2I]
-        return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight,
-                               self.down_proj.bias)  # [T, I] -> [T, hidden]
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):

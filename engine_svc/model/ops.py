@@ -1,23 +1,15 @@
-"""The few layers a decoder needs besides attention, in two interchangeable implementations.
+"""The few pointwise layers a decoder needs, in two interchangeable implementations.
 
 `TorchOps` is plain PyTorch in transformers' order of operations (the CPU path and the oracle);
 `TritonOps` calls our fused kernels (kernels/) on CUDA, where one launch replaces the handful of
 small PyTorch kernels that an RMSNorm or a rotary embedding costs; in a decode step of an 8B model
-those small launches would otherwise add up to a sizeable share of the step. Its `linear` takes
-kernels/skinny_gemm.py for activations of at most 16 rows (decode of small batches, where cuBLAS
-streams the small projections' weights at ~73% of copy bandwidth) and cuBLAS for the rest.
+those small launches would otherwise add up to a sizeable share of the step.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
-
-# Rows up to which TritonOps.linear takes the skinny kernel; 0 = cuBLAS always (the A/B switch of
-# bench/latency.py and bench/throughput.py runs: read once, when the engine builds its ops).
-SKINNY_GEMM_MAX_M_ENV = "KVMESH_SKINNY_GEMM_MAX_M"
 
 
 class TorchOps:
@@ -51,8 +43,6 @@ class TorchOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    linear = staticmethod(F.linear)  # x [T, in] @ weight [out, in]^T (+ bias)
-
 
 class TritonOps:
     name = "triton"
@@ -62,9 +52,7 @@ class TritonOps:
         from kernels.activation import silu_and_mul
         from kernels.rms_norm import rms_norm
         from kernels.rotary import apply_rotary
-        from kernels.skinny_gemm import MAX_M, make_linear
         self.rms_norm, self.rotary, self.silu_and_mul = rms_norm, apply_rotary, silu_and_mul
-        self.linear = make_linear(int(os.environ.get(SKINNY_GEMM_MAX_M_ENV, MAX_M)))
 
 
 def get_layer_ops(device: str | torch.device, name: str | None = None):

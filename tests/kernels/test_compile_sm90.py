@@ -32,7 +32,7 @@ def _signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[
 
 
 def _cases() -> dict:
-    from kernels import kv_cache, paged_attention_kernels, sampling, sampling_penalties, skinny_gemm
+    from kernels import kv_cache, paged_attention_kernels, sampling, sampling_penalties
 
     kv_heads = {"NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HEADS_PAD": 8, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16}
     kv_ptrs = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_mapping_ptr": "*i64", "k_inv_scale_ptr": "*fp32",
@@ -60,10 +60,6 @@ def _cases() -> dict:
         "penalties": (sampling_penalties._apply_penalties_kernel,
                       {"logits_ptr": "*fp32", "table_row_ptr": "*i64", "params_ptr": "*fp32", "mask_ptr": "*u8",
                        "counts_ptr": "*i32"}, {"BLOCK": 1024}),
-        "skinny_gemm": (skinny_gemm._skinny_gemm_kernel,
-                        {"out_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16"},
-                        {"HAS_BIAS": False, "IEEE_DOT": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256,
-                         "EVEN_K": True}),
         "write_kv_fp8": (kv_cache._write_kv_cache_kernel,
                          {**kv_ptrs, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"},
                          {**kv_heads, "CACHE_FP8": True}),
@@ -96,7 +92,7 @@ def test_kernels_compile_for_sm90():
 
 
 def _case_names() -> list[str]:
-    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "skinny_gemm", "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
+    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 
 if __name__ == "__main__":
