@@ -206,6 +206,14 @@ class ModelRunner:
             for seqs in (decode + [_dummy_seq(chunk, [0] * width, "warmup-chunk")], decode[:1] + [short],
                          decode + [short]):
                 self._forward(seqs)
+            # Steps past the short-prefill limit take the large prefill tiles (kernels/paged_attention.py):
+            # one such chunk alone and beside listed decode rows.
+            from kernels.paged_attention import SHORT_PREFILL_TOKENS
+            long = SHORT_PREFILL_TOKENS + 1
+            if min(self.max_model_len, cfg.max_num_batched_tokens - num_decode) >= long:
+                big = _dummy_seq(long, [0] * width, "warmup-long")
+                for seqs in ([big], decode + [big]):
+                    self._forward(seqs)
         if cfg.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):

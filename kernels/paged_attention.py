@@ -44,6 +44,15 @@ DECODE_TILES = {128: (128, 4, 4), 256: (64, 4, 2)}
 DECODE_TILES_FP8 = {128: (128, 4, 4), 256: (64, 4, 2)}  # e4m3 tiles hold half the bytes: maybe longer
 # K is loaded as [TILE_N, head_dim] rows and transposed for the dot (+10% at head dim 128 on the H200).
 PREFILL_TILES = {64: (128, 64, 4, 3), 128: (128, 128, 8, 4), 256: (64, 64, 4, 2)}
+# Launches of at most SHORT_PREFILL_TOKENS tokens (the engine's mixed-step CUDA graphs) at head dim 128:
+# 64x64 tiles, 4 warps. They compute as fast as 128x128 / 8 warps on chunks of 2k tokens (0.898 vs
+# 0.897 ms at B=8 ctx 2048 in the H200 sweep; 8% slower only on 8k prompts), and take ~110 KB of
+# shared memory instead of ~160 KB, so two programs fit an SM instead of one. That matters in a
+# mixed graph, whose grid is an upper bound (padded tokens / BLOCK_Q + every buffer row) and mostly
+# programs that exit at once: 1.40 ms a step for a 512-token prompt beside 200 decode rows, one
+# program per SM at a time (bench/results/step-profile-*-7ee8b3e-windows.json).
+SHORT_PREFILL_TOKENS = 2048
+SHORT_PREFILL_TILES = {64: PREFILL_TILES[64], 128: (64, 64, 4, 3), 256: PREFILL_TILES[256]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +98,8 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
         if interpret:
             tile_n = 32
     else:
-        block_m, tile_n, num_warps, num_stages = PREFILL_TILES[min(256, max(64, head_dim_pad))]
+        tiles = SHORT_PREFILL_TILES if num_tokens <= SHORT_PREFILL_TOKENS else PREFILL_TILES
+        block_m, tile_n, num_warps, num_stages = tiles[min(256, max(64, head_dim_pad))]
         if interpret:
             block_m, tile_n = 32, 32
         block_m = max(block_m, next_pow2(qpk))

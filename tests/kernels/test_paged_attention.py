@@ -6,7 +6,8 @@ import pytest
 import torch
 from kernel_cases import DEVICE, assert_close, make_batch
 
-from kernels.paged_attention import PREFILL_TILES, _plan, paged_attention, paged_attention_reference
+from kernels.paged_attention import (PREFILL_TILES, SHORT_PREFILL_TILES, SHORT_PREFILL_TOKENS, _plan, paged_attention,
+                                     paged_attention_reference)
 
 BS = 16  # block size for the CPU cases
 
@@ -145,6 +146,10 @@ def test_plan_heuristic():
     p = plan(4096, 1, 4096, 4096)
     assert (p["block_m"], p["block_q"], p["tile_n"], p["num_warps"]) == (bm, bm // 4, tn, warps)
     assert not p["decode"] and p["grid0"] == 4096 // (bm // 4) + 1 and p["k_rows"]
+    # launches of a mixed-step graph's size take the short-prefill tiles (two programs per SM)
+    bm, tn, warps, stages = SHORT_PREFILL_TILES[128]
+    p = plan(SHORT_PREFILL_TOKENS, 201, 512, 1024)
+    assert (p["block_m"], p["tile_n"], p["num_warps"], p["num_stages"]) == (bm, tn, warps, stages) != PREFILL_TILES[128]
     # a forced split count cuts exact shares: no floor beyond one tile
     assert _plan(128, 4, 1, 1, 8, 1, 300, 2, num_sms=132, interpret=False)["min_seg"] == 128
     # a forced split count is clamped to the tiles there are
