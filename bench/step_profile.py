@@ -72,19 +72,21 @@ class LaunchRecorder:
         return pending
 
 
-def triton_variants() -> int:
-    """Compiled variants of our Triton kernels so far (a rise during a timed run is a JIT stall)."""
+def triton_variants() -> set[str]:
+    """Compiled variants of our Triton kernels so far, as "kernel: specialisation key" (one that
+    appears during a timed run is a JIT stall; its key says which launch needed it)."""
     import kernels.activation, kernels.kv_cache, kernels.paged_attention_kernels, kernels.rms_norm, \
         kernels.rotary, kernels.sampling, kernels.sampling_penalties  # noqa: E401
     from triton.runtime.jit import JITFunction
 
-    total = 0
+    seen = set()
     for mod in (kernels.activation, kernels.kv_cache, kernels.paged_attention_kernels, kernels.rms_norm,
                 kernels.rotary, kernels.sampling, kernels.sampling_penalties):
-        for fn in vars(mod).values():
+        for name, fn in vars(mod).items():
             if isinstance(fn, JITFunction):
-                total += sum(len(entry[0]) for entry in getattr(fn, "device_caches", {}).values())
-    return total
+                for entry in getattr(fn, "device_caches", {}).values():
+                    seen.update(f"{name}: {key}" for key in entry[0])
+    return seen
 
 
 def mix_breakdown(core, work, temperature: float, device: str) -> dict:
@@ -118,7 +120,8 @@ def mix_breakdown(core, work, temperature: float, device: str) -> dict:
                      "share_of_wall": round(sum(dev) / wall_ms, 4) if dev else None,
                      "host_launch_ms_median": round(statistics.median(k["host_ms"]), 3)}
     return {"temperature": temperature, "wall_ms": round(wall_ms, 1), "steps": len(rec.records),
-            "triton_variants_compiled_during_run": triton_variants() - variants_before,
+            "triton_variants_compiled_during_run": len(triton_variants() - variants_before),
+            "variants_compiled_during_run": sorted(k[:1500] for k in triton_variants() - variants_before),
             "device_idle_between_steps_ms": round(idle_ms, 1), "kinds": out}
 
 
