@@ -293,6 +293,8 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="only the variants (bench/kernels_sweep.py)")
     ap.add_argument("--baseline", help="another checkout whose paged attention is timed beside this one")
     ap.add_argument("--pick", action="store_true", help="time tile candidates first and run with the fastest")
+    ap.add_argument("--engine-tiles-only", action="store_true",
+                    help="only decode tile candidates at the engine's shapes (bench/kernels_sweep.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
     commit = os.environ.get("KVMESH_COMMIT", "")  # the device copy of the tree may have no git history
@@ -318,6 +320,11 @@ def main():
 
     print(f"{report['device']}  copy {cbw:.0f} GB/s  matmul {report['ceilings']['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
+    if args.engine_tiles_only:
+        from kernels_sweep import engine_decode_tiles  # bench/kernels_sweep.py
+        report["engine_decode_tiles"] = engine_decode_tiles(cbw, bench_decode)
+        save()
+        return
     if args.sweep or args.sweep_only:
         from kernels_sweep import print_sweep, sweep  # bench/kernels_sweep.py
         report["sweep"] = sweep(cbw, bench_decode, bench_prefill)

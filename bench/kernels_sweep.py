@@ -80,6 +80,29 @@ PREFILL_PICK = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3)]  # K as row
 PREFILL_PICK_SHAPES = [(1, 8192), (8, 2048)]
 
 
+# The decode shapes the engine spends its time on in the issue-10 mix (bench/step_profile.py windows),
+# where the engine's decode attention runs at 70-79% of copy bandwidth (the pick above is at ctx 4096).
+ENGINE_DECODE_SHAPES = [(256, 512), (200, 512), (64, 1024), (16, 2048)]
+ENGINE_DECODE_TILES = DECODE_PICK + [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (32, 4, 3)]
+
+
+def engine_decode_tiles(copy_gbps, bench_decode) -> dict:
+    """Time decode tile candidates at the engine's shapes (no table is changed: for the notes)."""
+    out = []
+    for tile_n, warps, stages in ENGINE_DECODE_TILES:
+        po = {"tile_n": tile_n, "num_warps": warps, "num_stages": stages}
+        try:
+            rows = [bench_decode(B, ctx, copy_gbps, po, with_sdpa=False) for B, ctx in ENGINE_DECODE_SHAPES]
+        except Exception as e:  # out of shared memory, a compile error: record and go on
+            rows = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
+        out.append({"variant": po, "rows": rows, "total_ms": sum(r.get("ms", 1e9) for r in rows)})
+        print("engine decode tiles", po, [(r.get("B"), r.get("ctx"), round(r.get("ms", 0), 4),
+                                           round(r.get("pct_copy", 0), 1)) for r in rows], flush=True)
+    best = min(out, key=lambda x: x["total_ms"])
+    print("fastest over the engine's shapes:", best["variant"], round(best["total_ms"], 4), "ms", flush=True)
+    return {"shapes": ENGINE_DECODE_SHAPES, "variants": out, "fastest": best["variant"]}
+
+
 def pick(copy_gbps, bench_decode, bench_prefill) -> dict:
     """Time the candidates, set the fastest (summed ms over the shapes) into the kernels' tables."""
     import kernels.paged_attention as pa
