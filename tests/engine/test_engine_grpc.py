@@ -147,7 +147,9 @@ async def test_streaming_greedy_example(stub, stories260k_dir):
     e = examples(stories260k_dir)[0]
     responses = await collect(stub, e["prompt_ids"], common_pb2.SamplingParams(
         temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=True, top_logprobs=2), request_id="ex0")
-    assert len(responses) == 128  # one response per step, one token each
+    # Usually one response per step, one token each; outputs that queued up while the handler was
+    # busy share a response (test_queued_outputs_share_one_response), so count tokens, not responses.
+    assert 1 <= len(responses) <= 128 and all(r.tokens for r in responses)
     assert ids(responses) == e["expected_ids"]
     assert [t.index for r in responses for t in r.tokens] == list(range(128))
     assert all(r.request_id == "ex0" for r in responses)
@@ -175,7 +177,9 @@ async def test_engine_mints_request_id_and_attaches_load(stub):
     responses = await collect(stub, [1, 50, 60], include_load=True)
     assert len(responses[0].request_id) == 32
     # A report on the first response and on the last (the router's bookkeeping), none between.
-    assert len(responses) > 2 and [r.HasField("load") for r in responses] == [True] + [False] * (len(responses) - 2) + [True]
+    n = len(responses)  # 8 tokens: outputs that queued up may share a response
+    expected = [True] + [False] * (n - 2) + [True] if n > 1 else [True]
+    assert [r.HasField("load") for r in responses] == expected
     loads = [responses[0].load, responses[-1].load]
     assert all(load.total_blocks == NUM_BLOCKS and load.block_size == 16 for load in loads)
     assert loads[0].num_running_requests == 1 and loads[0].in_use_blocks >= 1
@@ -304,3 +308,32 @@ async def test_concurrent_streams_match_serial(stub, stories260k_dir):
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outs = await asyncio.gather(*[collect(stub, e["prompt_ids"], sampling) for e in exs * 4])
     assert [ids(o) for o in outs] == [e["expected_ids"][:32] for e in exs * 4]
+
+
+async def test_queued_outputs_share_one_response(server, stub, stories260k_dir):
+    """A handler that falls behind the engine sends what queued up as one response: every token
+    once, in order, with its index, logprobs and top candidates; the finish and the load report on
+    it; the same tokens as the stream that kept up."""
+    from engine_driver import examples
+    e = examples(stories260k_dir)[0]
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True,
+                                         top_logprobs=2)
+    kept_up = await collect(stub, e["prompt_ids"], sampling)
+    request = engine_pb2.GenerateRequest(request_id="behind", prompt_token_ids=e["prompt_ids"], sampling=sampling)
+    stream = server.service.stream(server.service.validate(request), include_load=True)
+    first = await anext(stream)
+    assert await server.engine.wait_idle(10)  # the engine finished it: every output is queued
+    rest = [r async for r in stream]
+    assert len(rest) == 1
+    last = rest[0]
+    assert first.HasField("load") and last.HasField("load") and first.load.sequence < last.load.sequence
+    assert [t.index for r in [first, last] for t in r.tokens] == list(range(40))
+    assert ids([first, last]) == ids(kept_up) == e["expected_ids"][:40]
+    tokens = [t for r in kept_up for t in r.tokens]
+    assert [(t.logprob, [c.token_id for c in t.top_logprobs]) for t in last.tokens] == \
+        [(t.logprob, [c.token_id for c in t.top_logprobs]) for t in tokens[len(first.tokens):]]
+    assert all(len(t.top_logprobs) == 2 for t in last.tokens)
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(e["prompt_ids"]), 40)
+    await assert_baseline(server)
+
