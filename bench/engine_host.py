@@ -210,11 +210,14 @@ async def _worker(args) -> dict:
     from bench import harness
     from engine_svc.server import EngineServer
 
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     config = harness.engine_config(args, harness.effective_max_model_len(args))
     runner_ns = [0]
     hooks = _counting_hooks(os.path.basename(args.model.rstrip("/")))
     server = EngineServer(config, hooks=hooks, runner_factory=_timed_runner_factory(runner_ns, args))
     hooks.bind(server.service.engine_id, lambda: server.engine.load)
+    server.freeze_gc = True  # as `kvmesh-engine` sets it (a tree without it ignores it)
     port = await server.start()
     await server.startup()
     engine_thread = server.engine._thread
@@ -328,6 +331,7 @@ def main() -> None:
     p.add_argument("--runner", default="model", choices=["model", "fake"],
                    help="model: the real ModelRunner; fake: no model (the host path alone, as behind a fast GPU)")
     p.add_argument("--fake-step-ms", type=float, default=1.0, help="--runner fake: the device wait per step")
+    p.add_argument("--switch-interval-ms", type=float, default=0, help="worker: sys.setswitchinterval (0 = as is)")
     p.add_argument("--baseline", default=None, help="a commit to compare against, side by side")
     p.add_argument("--repeats", type=int, default=1, help="runs per tree and batch (the best is kept)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -337,3 +337,18 @@ async def test_queued_outputs_share_one_response(server, stub, stories260k_dir):
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(e["prompt_ids"]), 40)
     await assert_baseline(server)
 
+
+async def test_freeze_gc_once_ready(stories260k_dir):
+    """`kvmesh-engine` freezes the collector's view of the heap once ready (a full collection then
+    skips the model and the imports); a server that was not asked to leaves the collector alone."""
+    import gc
+    assert gc.get_freeze_count() == 0
+    srv = EngineServer(config(stories260k_dir))
+    srv.freeze_gc = True
+    await srv.start()
+    try:
+        await srv.startup()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # process-wide: the rest of the test session keeps its collector as it was
+        await srv.stop()
