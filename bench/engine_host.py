@@ -217,7 +217,7 @@ async def _worker(args) -> dict:
     hooks = _counting_hooks(os.path.basename(args.model.rstrip("/")))
     server = EngineServer(config, hooks=hooks, runner_factory=_timed_runner_factory(runner_ns, args))
     hooks.bind(server.service.engine_id, lambda: server.engine.load)
-    server.freeze_gc = True  # as `kvmesh-engine` sets it (a tree without it ignores it)
+    server.freeze_gc = not os.environ.get("NOFREEZE")  # as `kvmesh-engine` sets it (a tree without it ignores it)
     port = await server.start()
     await server.startup()
     engine_thread = server.engine._thread

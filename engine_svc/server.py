@@ -158,6 +158,7 @@ class EngineServer:
         await self.watchdog.stop()
         await self.service.close()
         await self.engine.stop(ENGINE_JOIN_TIMEOUT_S)
+        self._unfreeze_gc()
         if self.fatal_reason is not None:
             return EXIT_FATAL
         if startup.done() and not startup.cancelled() and startup.exception() is not None:
@@ -174,6 +175,13 @@ class EngineServer:
             await self.running.server.stop(1.0)
         await self.service.close()
         await self.engine.stop(ENGINE_JOIN_TIMEOUT_S)
+        self._unfreeze_gc()
+
+    def _unfreeze_gc(self) -> None:
+        """Hand the frozen heap back to the collector (at exit, frozen objects are never freed, and
+        native extensions report them as leaks)."""
+        if self.freeze_gc:
+            gc.unfreeze()
 
 
 def build_parser() -> argparse.ArgumentParser:
