@@ -5,7 +5,7 @@ CPU time is measured and subtracted.
 
     python bench/engine_host.py                                 # this tree, batch 1, 64, 256
     python bench/engine_host.py --baseline fad957e --repeats 2  # that commit's engine_svc/ + kvmesh/ beside it
-    python bench/engine_host.py --device cuda --model models/stories260k --baseline fad957e   # on the GPU
+    python bench/engine_host.py --device cuda --model models/stories260k --baseline-dir DIR   # on the GPU
 
 Each measurement is a fresh engine process (a worker: EngineServer in-process, TelemetryHooks as
 `kvmesh-engine` has them, one torch thread on CPU) and a client process that opens `batch` Generate
@@ -278,7 +278,9 @@ def _best(runs: list[dict]) -> dict:
 def run(args) -> dict:
     sides = {"after": None}
     tmp = None
-    if args.baseline:
+    if args.baseline_dir:  # the GPU machine: the tree travels without .git
+        sides = {"before": os.path.abspath(args.baseline_dir), "after": None}
+    elif args.baseline:
         tmp = tempfile.TemporaryDirectory()
         archive = subprocess.run(["git", "-C", _REPO, "archive", args.baseline, "engine_svc", "kvmesh"],
                                  capture_output=True, check=True).stdout
@@ -291,14 +293,15 @@ def run(args) -> dict:
             for side, root in sides.items():
                 runs[side].append(_run_worker(root, batch, args))
         row = {"batch": batch, **{side: _best(r) for side, r in runs.items()}}
-        if args.baseline:
+        if "before" in row:
             b, a = row["before"], row["after"]
             row["host_us_per_token_ratio"] = round(b["host_us_per_token"] / a["host_us_per_token"], 2)
             row["same_tokens"] = b["token_digest"] == a["token_digest"]
         rows.append(row)
     if tmp is not None:
         tmp.cleanup()
-    return {"baseline_commit": args.baseline, "repeats": args.repeats, "runner": args.runner,
+    return {"baseline_commit": args.baseline, "baseline_dir": args.baseline_dir, "repeats": args.repeats,
+            "runner": args.runner,
             "fake_step_ms": args.fake_step_ms if args.runner == "fake" else None,
             "model": args.model if args.runner == "model" else "fake", "cases": rows}
 
@@ -333,6 +336,9 @@ def main() -> None:
     p.add_argument("--fake-step-ms", type=float, default=1.0, help="--runner fake: the device wait per step")
     p.add_argument("--switch-interval-ms", type=float, default=0, help="worker: sys.setswitchinterval (0 = as is)")
     p.add_argument("--baseline", default=None, help="a commit to compare against, side by side")
+    p.add_argument("--baseline-dir", default=None,
+                   help="instead of --baseline: a directory holding the baseline's engine_svc/ and kvmesh/ "
+                        "(git archive REV engine_svc kvmesh | tar -x -C DIR), for a machine without .git")
     p.add_argument("--repeats", type=int, default=1, help="runs per tree and batch (the best is kept)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
