@@ -255,15 +255,30 @@ async def _worker(args) -> dict:
 
 # ---- the driver ----
 
+def _engine_flags(args) -> list[str]:
+    """The engine flags (bench/harness.py add_engine_args) as given, for the worker."""
+    flags = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--load-format", args.load_format,
+             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+             "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+             "--mixed-graph-max-tokens", str(args.mixed_graph_max_tokens)]
+    for flag, value in (("--max-model-len", args.max_model_len), ("--kv-cache-memory", args.kv_cache_memory),
+                        ("--threads", args.threads)):
+        if value:
+            flags += [flag, str(value)]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
+    if not args.enable_prefix_caching:
+        flags.append("--no-enable-prefix-caching")
+    return flags
+
+
 def _run_worker(root: str | None, batch: int, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "KVMESH_HOST_ROOT"}
     if root:
         env["KVMESH_HOST_ROOT"] = root
-    flags = ["--model", args.model, "--device", args.device, "--tokens", str(args.tokens), "--runner", args.runner,
-             "--fake-step-ms", str(args.fake_step_ms),
-             "--prompt-len", str(args.prompt_len), "--max-num-seqs", str(args.max_num_seqs)]
-    if args.threads:
-        flags += ["--threads", str(args.threads)]
+    flags = ["--tokens", str(args.tokens), "--runner", args.runner, "--fake-step-ms", str(args.fake_step_ms),
+             "--prompt-len", str(args.prompt_len), "--switch-interval-ms", str(args.switch_interval_ms),
+             *_engine_flags(args)]
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch),
                         "--json-out", f.name, *flags], env=env, check=True)
