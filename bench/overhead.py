@@ -7,11 +7,15 @@ to the engine, in the same run, on the same engine, under the same load.
     python3 bench/overhead.py --model $KVMESH_TEST_MODELS/stories260k --device cuda --out $OUT/overhead.json
     # the services of another checkout (an older commit, for a before/after on one machine):
     python bench/overhead.py --services-from /tmp/ov-base ...
+    # before/after in ONE run: a second router and tokenizer from another checkout, same engine:
+    python bench/overhead.py --compare-tiers-from /tmp/ov-base ...
 
 For each concurrency level, rounds alternate between the paths (direct, router, router, direct,
 ...) so that drift in the machine's state hits both alike. --compare-per-request adds a third path:
 a second router on one DetokenizeStream per request (`--detokenize per-request`), the code before
-the shared DetokenizeSessions stream, measured in the same run. The direct path sends the prompt's ids,
+the shared DetokenizeSessions stream, measured in the same run. --compare-tiers-from CHECKOUT adds
+a path "router_base": a router and a tokenizer run from that checkout's code, over the same engine,
+so that a change to the router and tokenizer tiers is measured against its base in one run. The direct path sends the prompt's ids,
 tokenized once beforehand (outside the timing); the router path sends the text, so its numbers
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
@@ -58,21 +62,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def _timed(stream) -> tuple[float | None, int, float]:
-    """(time to the first token, tokens, end time) of one stream; times are monotonic seconds."""
-    first, n = None, 0
+async def _timed(stream) -> tuple[float | None, int, float, int]:
+    """(time to the first token, tokens, end time, responses) of one stream; times are monotonic seconds."""
+    first, n, responses = None, 0, 0
     async for resp in stream:
         if resp.tokens and first is None:
             first = time.monotonic()
         n += len(resp.tokens)
-    return first, n, time.monotonic()
+        responses += 1
+    return first, n, time.monotonic(), responses
 
 
 async def _worker(call_fn, num_requests: int, samples: list) -> None:
     for _ in range(num_requests):
         sent = time.monotonic()
-        first, n, end = await _timed(call_fn())
-        samples.append((first - sent, n, end - sent))
+        first, n, end, responses = await _timed(call_fn())
+        samples.append((first - sent, n, end - sent, responses))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,6 +107,8 @@ def merge(phases: list[dict]) -> dict:
     return {"requests": len(ttft), "ttft_p50_ms": round(percentile(ttft, 50) * 1e3, 3),
             "ttft_p99_ms": round(percentile(ttft, 99) * 1e3, 3), "ttft_mean_ms": round(sum(ttft) / len(ttft) * 1e3, 3),
             "throughput_tok_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 3),
+            # Responses the client received per request: below max_tokens when tokens were coalesced.
+            "responses_per_request": round(sum(s[3] for p in phases for s in p["samples"]) / len(ttft), 2),
             "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1)}
 
 
@@ -120,9 +127,10 @@ def _compare(path: dict, direct: dict) -> dict:
 
 async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: int, per_worker: int | None,
                   max_tokens: int) -> dict:
-    """Rounds rotate the order of the paths (direct, router[, router_per_request]) so drift hits all alike."""
+    """Rounds rotate the order of the paths (direct, router[, router_per_request, router_base]) so drift
+    hits all alike."""
     tok_addr, engine_addr = procs["tokenizer"].address, procs["engine"].address
-    routers = [name for name in ("router", "router_per_request") if name in procs]
+    routers = [name for name in ROUTER_PATHS if name in procs]
     pids = {name: proc.pid for name, proc in procs.items()}
     sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     async with contextlib.AsyncExitStack() as stack:
@@ -149,23 +157,29 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
                     phases[name].append(await run_phase(paths[name], c, n, pids))
             merged = {name: merge(p) for name, p in phases.items()}
             level = {"requests_per_stream_per_round": n, **merged, **_compare(merged["router"], merged["direct"])}
-            if "router_per_request" in merged:
-                level["router_per_request_vs_direct"] = _compare(merged["router_per_request"], merged["direct"])
+            for name in routers[1:]:
+                level[f"{name}_vs_direct"] = _compare(merged[name], merged["direct"])
             results[f"concurrency_{c}"] = level
             print(f"concurrency {c}: {json.dumps(level)}", flush=True)
         return results
 
 
-def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path) -> list[ServiceProcess]:
-    """Tokenizer, one engine and a router over it, all healthy, run from `tree`'s code."""
+# The router paths measured beside the direct one, in this order (those started).
+ROUTER_PATHS = ("router", "router_per_request", "router_base")
+
+
+def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
+               base_tree: pathlib.Path | None = None) -> list[ServiceProcess]:
+    """Tokenizer, one engine and a router over it, all healthy, run from `tree`'s code; with
+    `base_tree`, a second tokenizer and router from that tree over the same engine."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**CHILD_ENV, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     procs = []
 
-    def start(kind: str, name: str, flags: list[str]) -> ServiceProcess:
+    def start(kind: str, name: str, flags: list[str], code: pathlib.Path = tree) -> ServiceProcess:
+        env = {**CHILD_ENV, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
         proc = ServiceProcess(kind, name, flags, env=env, log_path=str(log_dir / f"{name}.log"), die_with_parent=True)
         cwd = os.getcwd()
-        os.chdir(tree)  # `python -m` finds the tree's packages first
+        os.chdir(code)  # `python -m` finds the tree's packages first
         try:
             proc.start()
         finally:
@@ -177,13 +191,17 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path) -> list[ServiceP
         tok = start("tokenizer", "tokenizer", ["--model", args.model])
         engine = start("engine", "engine", ["--model", args.model, "--device", args.device,
                                             "--num-gpu-blocks-override", str(args.blocks)])
-        for proc in (tok, engine):
+        base_tok = start("tokenizer", "tokenizer_base", ["--model", args.model], base_tree) if base_tree else None
+        for proc in procs:
             proc.wait_healthy(600)
         router_flags = ["--tokenizer", tok.address, "--engines", engine.address, "--log-level", "WARNING"]
         start("router", "router", router_flags)
         if args.compare_per_request:  # the same router on one DetokenizeStream per request
             start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
-        for proc in procs[2:]:
+        if base_tok is not None:
+            start("router", "router_base", ["--tokenizer", base_tok.address, "--engines", engine.address,
+                                            "--log-level", "WARNING"], base_tree)
+        for proc in procs:
             proc.wait_healthy(120)
     except BaseException:
         stop_all(procs)
@@ -249,6 +267,14 @@ def summarize_stacks(raw: str, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commit_of(tree: pathlib.Path) -> str:
+    """HEAD of a checkout, with "+dirty" when its tracked files differ from it."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if head and dirty else "")
+
+
 def environment(args, tree: pathlib.Path) -> dict:
     """Device, date and the commit of the services measured, for the results file."""
     device = f"cpu: {cpu_name()} x{os.cpu_count()}"
@@ -256,7 +282,7 @@ def environment(args, tree: pathlib.Path) -> dict:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True).stdout.strip().splitlines()
         device = f"{args.device}: {gpu[0] if gpu else 'unknown GPU'}; host {device}"
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = _commit_of(tree)
     return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": commit or git_commit(), "python": platform.python_version(),
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on a shared machine shows here
@@ -275,6 +301,8 @@ def main() -> None:
     parser.add_argument("--services-from", default=str(REPO), help="checkout whose services are measured")
     parser.add_argument("--compare-per-request", action="store_true",
                         help="also measure a router on per-request DetokenizeStreams (--detokenize per-request)")
+    parser.add_argument("--compare-tiers-from", default=None,
+                        help="also measure a router and tokenizer run from this checkout (path router_base), same engine")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-overhead")
@@ -282,22 +310,28 @@ def main() -> None:
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     tree = pathlib.Path(args.services_from).resolve()
-    args.model = str(pathlib.Path(args.model).resolve())
-    procs = start_mesh(args, pathlib.Path(args.log_dir), tree)
+    base_tree = pathlib.Path(args.compare_tiers_from).resolve() if args.compare_tiers_from else None
+    args.model = str(pathlib.Path(args.model).resolve())  # relative to the working directory
+    if not (pathlib.Path(args.model) / "config.json").exists():
+        parser.error(f"--model {args.model}: no config.json there (a HuggingFace model directory)")
+    procs = start_mesh(args, pathlib.Path(args.log_dir), tree, base_tree)
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        with Profiler(args.profile, [procs[2], procs[0]]):  # the (shared-stream) router and the tokenizer
-            results = asyncio.run(measure({p.name: p for p in procs}, levels, args.rounds, args.per_worker,
-                                          args.max_tokens))
+        by_name = {p.name: p for p in procs}
+        profiled = [by_name[name] for name in ("router", "tokenizer", "router_base", "tokenizer_base") if name in by_name]
+        with Profiler(args.profile, profiled):
+            results = asyncio.run(measure(by_name, levels, args.rounds, args.per_worker, args.max_tokens))
     finally:
         stop_all(procs)
     report = {"bench": "overhead", **environment(args, tree), "loadavg_at_start": load_at_start, "model": pathlib.Path(args.model).name,
+              **({"base_git_commit": _commit_of(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
-                      "stream; router_per_request, when measured: one DetokenizeStream per request); the direct path sends ids tokenized once "
+                      "stream; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
+                      "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
                       "beforehand. All tiers and the client share the host's cores.",
               "results": results}
     text = json.dumps(report, indent=1)
