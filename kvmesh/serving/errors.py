@@ -142,27 +142,58 @@ async def _abort(context: grpc.aio.ServicerContext, err: ServiceError) -> None:
 
 
 class ExceptionMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions escaping a servicer method to gRPC statuses, for all four RPC shapes."""
+    """Maps exceptions escaping a servicer method to gRPC statuses, for all four RPC shapes.
+
+    The wrapped handler of a method is built on its first call and kept: a method's handler never
+    changes (this interceptor runs innermost, over the server's own registrations), so later calls
+    cost one dict lookup."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
-        streaming_in = handler.request_streaming
-        if handler.response_streaming:
-            behavior = handler.unary_stream or handler.stream_stream
-            wrapped = _wrap_stream(method, behavior, streaming_in)
-            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream \
-                else grpc.stream_stream_rpc_method_handler
-        else:
-            behavior = handler.unary_unary or handler.stream_unary
-            wrapped = _wrap_unary(method, behavior, streaming_in)
-            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
-                else grpc.stream_unary_rpc_method_handler
-        # A request that fails to parse arrives as a Malformed marker and becomes INVALID_ARGUMENT.
-        return factory(wrapped, request_deserializer=tolerant(handler.request_deserializer),
-                       response_serializer=handler.response_serializer)
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None  # unknown method: not cached (any client can invent names)
+            wrapped = self._handlers[method] = _mapped_handler(method, handler)
+        return wrapped
+
+
+def _mapped_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    streaming_in = handler.request_streaming
+    if handler.response_streaming:
+        behavior = handler.unary_stream or handler.stream_stream
+        wrapped = _wrap_stream(method, behavior, streaming_in)
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream \
+            else grpc.stream_stream_rpc_method_handler
+    else:
+        behavior = handler.unary_unary or handler.stream_unary
+        wrapped = _wrap_unary(method, behavior, streaming_in)
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary \
+            else grpc.stream_unary_rpc_method_handler
+    # A request that fails to parse becomes INVALID_ARGUMENT: a unary one arrives as a Malformed
+    # marker (grpc parses it before the handler runs); in a request stream the parse raises
+    # InvalidArgument from the servicer's own read (grpc.aio parses each message there).
+    deserializer = _raising(handler.request_deserializer) if streaming_in else tolerant(handler.request_deserializer)
+    return factory(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def _raising(deserializer):
+    """A stream's deserializer that raises InvalidArgument for a message that does not parse: no
+    per-message wrapper around the request iterator has to look at every message."""
+    parse = tolerant(deserializer)
+    if parse is None:
+        return None
+
+    def deserialize(data: bytes):
+        request = parse(data)
+        if isinstance(request, Malformed):
+            raise InvalidArgument(request.field, request.reason)
+        return request
+    return deserialize
 
 
 async def _handle(method: str, context, exc: BaseException) -> None:
@@ -181,25 +212,17 @@ def _record_cancel(exc: BaseException) -> None:
         record_status(grpc.StatusCode.CANCELLED)
 
 
-def _checked(request, streaming_in: bool):
-    """Raise InvalidArgument for a Malformed request; for a request stream, when one arrives."""
-    if not streaming_in:
-        if isinstance(request, Malformed):
-            raise InvalidArgument(request.field, request.reason)
-        return request
-
-    async def messages():
-        async for message in request:
-            if isinstance(message, Malformed):
-                raise InvalidArgument(message.field, message.reason)
-            yield message
-    return messages()
+def _checked(request):
+    """Raise InvalidArgument for a Malformed unary request."""
+    if isinstance(request, Malformed):
+        raise InvalidArgument(request.field, request.reason)
+    return request
 
 
 def _wrap_unary(method, behavior, streaming_in=False):
     async def wrapper(request, context):
         try:
-            result = behavior(_checked(request, streaming_in), context)
+            result = behavior(request if streaming_in else _checked(request), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -214,7 +237,7 @@ def _wrap_unary(method, behavior, streaming_in=False):
 def _wrap_stream(method, behavior, streaming_in=False):
     async def wrapper(request, context):
         try:
-            result = behavior(_checked(request, streaming_in), context)
+            result = behavior(request if streaming_in else _checked(request), context)
             if inspect.isasyncgen(result):
                 try:
                     async for item in result:

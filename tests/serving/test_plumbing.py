@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -10,7 +12,7 @@ from grpc_status import rpc_status
 
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags
-from kvmesh.serving.errors import InvalidArgument, ResourceExhausted
+from kvmesh.serving.errors import ExceptionMappingInterceptor, InvalidArgument, ResourceExhausted
 from kvmesh.serving.server import start_server
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
@@ -70,6 +72,32 @@ async def test_errors_map_to_precise_statuses(server):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
+
+
+async def test_each_method_is_wrapped_once_and_every_call_is_mapped(server):
+    calls = []
+    handlers = {"/kvmesh.v1.Engine/GetLoad": grpc.unary_unary_rpc_method_handler(lambda request, context: None)}
+
+    async def continuation(details):
+        calls.append(details.method)
+        return handlers.get(details.method)
+
+    interceptor = ExceptionMappingInterceptor()
+    details = [types.SimpleNamespace(method=m, invocation_metadata=())
+               for m in ["/kvmesh.v1.Engine/GetLoad", "/kvmesh.v1.Engine/GetLoad", "/x.Y/Unknown"]]
+    first = await interceptor.intercept_service(continuation, details[0])
+    assert await interceptor.intercept_service(continuation, details[1]) is first
+    assert await interceptor.intercept_service(continuation, details[2]) is None
+    assert await interceptor.intercept_service(continuation, details[2]) is None  # misses are not kept
+    assert calls == ["/kvmesh.v1.Engine/GetLoad", "/x.Y/Unknown", "/x.Y/Unknown"]
+    # Through a real server: the cached handler maps the second call's error as the first.
+    async with create_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = engine_pb2_grpc.EngineStub(channel)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetLoad(engine_pb2.GetLoadRequest())
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == "request_id: must not be empty"
 
 
 async def test_health_serving_then_not_serving_on_stop(server):
