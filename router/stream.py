@@ -87,14 +87,15 @@ class CommittedStream:
                 e.first_response(self.request_id, responses[0])
                 out.engine_id = e.engine_id
             last = responses[-1] if responses else None
-            if last is not None and last.finish_reason:
+            finished = last is not None and last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+            if finished:
                 e.last_response(last)
             try:
                 tokens = [t for r in responses for t in r.tokens]
-                if tokens and await self._tokens(tokens, out):
+                if tokens and await self._tokens(tokens, out, finished):
                     yield out
                     return
-                if last is not None and last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                if finished:
                     await self._finish(last, out)
                     yield out
                     return
@@ -116,10 +117,11 @@ class CommittedStream:
         return common_pb2.Usage(prompt_tokens=self.num_prompt_tokens,
                                 completion_tokens=self.num_tokens if completion is None else completion)
 
-    async def _tokens(self, tokens: list[common_pb2.Token], out) -> bool:
-        """Detokenize a batch of tokens into `out`. Returns True when a stop string matched (out is final)."""
+    async def _tokens(self, tokens: list[common_pb2.Token], out, last: bool) -> bool:
+        """Detokenize a batch of tokens into `out`; the `last` batch also flushes the detokenizer
+        (one round trip for both). Returns True when a stop string matched (out is final)."""
         self.num_tokens += len(tokens)
-        det = await self.detok.push([t.id for t in tokens])
+        det = await self.detok.push([t.id for t in tokens], finish=last)
         out.text = det.text
         match = det.stop_match if det.HasField("stop_match") else None
         if self.req.return_tokens:

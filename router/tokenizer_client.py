@@ -81,9 +81,16 @@ class DetokenizeCall:
     async def start(self, prompt_ids: list[int], request: router_pb2.RouterGenerateRequest) -> None:
         await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(start=start_message(prompt_ids, request)))
 
-    async def push(self, ids: list[int]) -> tokenizer_pb2.DetokenizeStreamResponse:
+    async def push(self, ids: list[int], finish: bool = False) -> tokenizer_pb2.DetokenizeStreamResponse:
+        """Detokenize a batch of ids; with finish, the last batch: the finish follows its answer
+        (lockstep: after a stop match the stream is over and takes no finish), one answer for both."""
         await self._call.write(tokenizer_pb2.DetokenizeStreamRequest(tokens=common_pb2.TokenIds(ids=ids)))
-        return await self._read()
+        reply = await self._read()
+        if finish and not reply.done:
+            tail = await self.finish()
+            tail.text = reply.text + tail.text
+            return tail
+        return reply
 
     async def finish(self) -> tokenizer_pb2.DetokenizeStreamResponse:
         """Flush text held back; the stream ends."""
