@@ -268,7 +268,10 @@ def summarize_stacks(raw: str, top: int = 30) -> str:
 
 
 def _commit_of(tree: pathlib.Path) -> str:
-    """HEAD of a checkout, with "+dirty" when its tracked files differ from it."""
+    """HEAD of a checkout, with "+dirty" when its tracked files differ from it (this checkout on the
+    GPU machine: KVMESH_COMMIT, as bench.provenance reads it; a .git there is stale)."""
+    if tree == REPO and os.environ.get("KVMESH_COMMIT"):
+        return git_commit()
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
@@ -284,7 +287,7 @@ def environment(args, tree: pathlib.Path) -> dict:
         device = f"{args.device}: {gpu[0] if gpu else 'unknown GPU'}; host {device}"
     commit = _commit_of(tree)
     return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": commit or git_commit(), "python": platform.python_version(),
+            "git_commit": commit or "unknown", "python": platform.python_version(),
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on a shared machine shows here
 
 

@@ -1,0 +1,215 @@
+"""The floor under the router and tokenizer tiers: what one Python grpc.aio hop costs on this host,
+with no kvmesh code in it.
+
+    python bench/grpc_floor.py --out bench/results/grpc-floor-<device>-<date>.json
+
+Two measurements, each between processes on loopback, as the tiers run:
+- round trips: a unary call, and one message pair on an open bidirectional stream (the shape of
+  the shared DetokenizeSessions stream), paced a few milliseconds apart as one stream's requests
+  are; p50 latency and the server's CPU per call;
+- a bare relay: a backend streams one GenerateResponse per "step" to each of N streams, a proxy
+  turns each into a RouterGenerateResponse and streams it on to the client, nothing else (no
+  tokenizer, no choice of engine, no bookkeeping). Its CPU per token is the least any router hop
+  in Python grpc can cost; the backend's is what an engine pays to stream a token.
+Each measurement runs for the channel-option sets given (kvmesh's own by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import grpc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.provenance import cpu_name, git_commit  # noqa: E402
+from kvmesh.serving.channels import channel_options  # noqa: E402
+from kvmesh.serving.server import DEFAULT_MAX_MESSAGE_BYTES, server_options  # noqa: E402
+from kvmesh.v1 import engine_pb2, router_pb2, tokenizer_pb2  # noqa: E402
+
+OPTION_SETS = {
+    "kvmesh": (server_options(DEFAULT_MAX_MESSAGE_BYTES), channel_options()),
+    "grpc_defaults": ([], []),
+    "latency": ([("grpc.optimization_target", "latency")], [("grpc.optimization_target", "latency")]),
+    "no_retries": ([], [("grpc.enable_retries", 0)]),
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _handler(service: str, method: str, kind, fn, request_cls, response_cls):
+    return grpc.method_handlers_generic_handler(service, {method: kind(
+        fn, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)})
+
+
+async def _serve(handlers, options, port_queue) -> None:
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers(handlers)
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    await server.wait_for_termination()
+
+
+def echo_server(port_queue, options) -> None:
+    """Unary and bidi echo of a small message."""
+    req, resp = tokenizer_pb2.DetokenizeStreamRequest, tokenizer_pb2.DetokenizeStreamResponse
+
+    async def unary(request, context):
+        return resp(text="x")
+
+    async def bidi(requests, context):
+        async for _ in requests:
+            yield resp(text="x")
+    asyncio.run(_serve([_handler("t.Echo", "Unary", grpc.unary_unary_rpc_method_handler, unary, req, resp),
+                        _handler("t.Echo", "Bidi", grpc.stream_stream_rpc_method_handler, bidi, req, resp)],
+                       options, port_queue))
+
+
+def backend_server(port_queue, options, num_tokens: int, step_s: float) -> None:
+    """An engine stand-in: one token per step on every stream."""
+    async def generate(request, context):
+        for i in range(num_tokens):
+            await asyncio.sleep(step_s)
+            out = engine_pb2.GenerateResponse(request_id=request.request_id)
+            out.tokens.add(id=300 + i, index=i)
+            yield out
+    asyncio.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
+
+
+def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
+    """A router stand-in: each backend response becomes one client response, nothing else."""
+    async def main():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}", options=channel_opts)
+        backend = channel.unary_stream("/kvmesh.v1.Engine/Generate",
+                                       request_serializer=engine_pb2.GenerateRequest.SerializeToString,
+                                       response_deserializer=engine_pb2.GenerateResponse.FromString)
+
+        async def generate(request, context):
+            async for resp in backend(engine_pb2.GenerateRequest(request_id=request.request_id)):
+                out = router_pb2.RouterGenerateResponse(request_id=request.request_id, text="tok")
+                out.tokens.extend(resp.tokens)
+                yield out
+        await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
+    asyncio.run(main())
+
+
+def _start(target, *args) -> tuple[mp.Process, int]:
+    queue = mp.Queue()
+    proc = mp.Process(target=target, args=(queue, *args), daemon=True)
+    proc.start()
+    return proc, queue.get(timeout=60)
+
+
+async def _round_trips(port: int, channel_opts, n: int, pace_s: float) -> dict:
+    req = tokenizer_pb2.DetokenizeStreamRequest(finish=True)
+    ser, de = tokenizer_pb2.DetokenizeStreamRequest.SerializeToString, tokenizer_pb2.DetokenizeStreamResponse.FromString
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_opts) as channel:
+        unary = channel.unary_unary("/t.Echo/Unary", request_serializer=ser, response_deserializer=de)
+        bidi = channel.stream_stream("/t.Echo/Bidi", request_serializer=ser, response_deserializer=de)
+        for _ in range(50):  # connection, caches
+            await unary(req)
+        unary_s, pair_s = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            await unary(req)
+            unary_s.append(time.perf_counter() - t)
+            await asyncio.sleep(pace_s)
+        call = bidi()
+        for _ in range(n):
+            t = time.perf_counter()
+            await call.write(req)
+            await call.read()
+            pair_s.append(time.perf_counter() - t)
+            await asyncio.sleep(pace_s)
+        call.cancel()
+    return {"unary_rtt_p50_ms": round(statistics.median(unary_s) * 1e3, 3),
+            "bidi_message_pair_rtt_p50_ms": round(statistics.median(pair_s) * 1e3, 3)}
+
+
+async def _relay_client(port: int, channel_opts, streams: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_opts) as channel:
+        generate = channel.unary_stream("/kvmesh.v1.Router/Generate",
+                                        request_serializer=router_pb2.RouterGenerateRequest.SerializeToString,
+                                        response_deserializer=router_pb2.RouterGenerateResponse.FromString)
+
+        async def one(i: int) -> int:
+            return sum([len(r.tokens) async for r in generate(router_pb2.RouterGenerateRequest(request_id=str(i)))])
+        await one(-1)  # warm up
+        return sum(await asyncio.gather(*(one(i) for i in range(streams))))
+
+
+def measure(name: str, args) -> dict:
+    server_opts, channel_opts = OPTION_SETS[name]
+    echo, port = _start(echo_server, server_opts)
+    try:
+        time.sleep(0.3)
+        before = cpu_seconds(echo.pid)
+        rtts = asyncio.run(_round_trips(port, channel_opts, args.round_trips, args.pace_ms / 1e3))
+        rtts["server_cpu_us_per_call"] = round(1e6 * (cpu_seconds(echo.pid) - before) / (2 * args.round_trips), 1)
+    finally:
+        echo.kill()
+    backend, backend_port = _start(backend_server, server_opts, args.tokens, args.step_ms / 1e3)
+    proxy, proxy_port = _start(proxy_server, server_opts, channel_opts, backend_port)
+    try:
+        time.sleep(0.3)
+        cpu_before = {"proxy": cpu_seconds(proxy.pid), "backend": cpu_seconds(backend.pid)}
+        start = time.monotonic()
+        tokens = asyncio.run(_relay_client(proxy_port, channel_opts, args.streams))
+        wall = time.monotonic() - start
+        relay = {"streams": args.streams, "tokens": tokens, "wall_s": round(wall, 3),
+                 "proxy_cpu_us_per_token": round(1e6 * (cpu_seconds(proxy.pid) - cpu_before["proxy"]) / tokens, 1),
+                 "backend_cpu_us_per_token": round(1e6 * (cpu_seconds(backend.pid) - cpu_before["backend"]) / tokens, 1)}
+    finally:
+        proxy.kill()
+        backend.kill()
+    result = {"options": name, **rtts, "relay": relay, "loadavg_1m": round(os.getloadavg()[0], 2)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--options", default="kvmesh,grpc_defaults,latency,no_retries",
+                        help=f"channel-option sets, in order: {', '.join(OPTION_SETS)}")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the option sets (noise shows as spread)")
+    parser.add_argument("--round-trips", type=int, default=300)
+    parser.add_argument("--pace-ms", type=float, default=2.0, help="pause between round trips")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per relayed stream")
+    parser.add_argument("--step-ms", type=float, default=30.0, help="the backend's time between tokens of a stream")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    names = args.options.split(",")
+    load_at_start = round(os.getloadavg()[0], 2)
+    runs = [measure(name, args) for _ in range(args.repeats) for name in names]
+    report = {"bench": "grpc_floor", "device": f"cpu: {cpu_name()} x{os.cpu_count()}",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": git_commit(), "python": sys.version.split()[0], "grpcio": grpc.__version__,
+              "loadavg_1m_at_start": load_at_start,
+              "workload": {"round_trips": args.round_trips, "pace_ms": args.pace_ms, "streams": args.streams,
+                           "tokens": args.tokens, "step_ms": args.step_ms},
+              "runs": runs}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
