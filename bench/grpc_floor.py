@@ -10,7 +10,10 @@ Two measurements, each between processes on loopback, as the tiers run:
 - a bare relay: a backend streams one GenerateResponse per "step" to each of N streams, a proxy
   turns each into a RouterGenerateResponse and streams it on to the client, nothing else (no
   tokenizer, no choice of engine, no bookkeeping). Its CPU per token is the least any router hop
-  in Python grpc can cost; the backend's is what an engine pays to stream a token.
+  in Python grpc can cost; the backend's is what an engine pays to stream a token;
+- the same relay with the backend -> proxy hop multiplexed: one backend message per step carries
+  that step's token of every stream (what one engine -> router stream per channel would cost),
+  the proxy fans them out to the clients' streams as before.
 Each measurement runs for the channel-option sets given (kvmesh's own by default).
 """
 
@@ -91,6 +94,58 @@ def backend_server(port_queue, options, num_tokens: int, step_s: float) -> None:
                                  engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
 
 
+def backend_mux_server(port_queue, options, num_tokens: int, step_s: float) -> None:
+    """The multiplexed engine stand-in: one message per step with a token for each of `streams`
+    streams (Token.index names the stream; the request's max_tokens says how many streams)."""
+    async def generate(request, context):
+        for i in range(num_tokens):
+            await asyncio.sleep(step_s)
+            out = engine_pb2.GenerateResponse()
+            for stream in range(request.sampling.max_tokens):
+                out.tokens.add(id=300 + i, index=stream)
+            yield out
+    asyncio.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
+
+
+def proxy_mux_server(port_queue, options, channel_opts, backend_port: int) -> None:
+    """The router stand-in over the multiplexed backend. A client's request_id is "i/n" (stream i of
+    n starting together); once all n are in, one backend stream serves them and a reader task fans
+    its tokens out to their inboxes."""
+    async def main():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}", options=channel_opts)
+        backend = channel.unary_stream("/kvmesh.v1.Engine/Generate",
+                                       request_serializer=engine_pb2.GenerateRequest.SerializeToString,
+                                       response_deserializer=engine_pb2.GenerateResponse.FromString)
+        gathering: dict[int, asyncio.Queue] = {}
+        readers: set[asyncio.Task] = set()
+
+        async def fan_out(inboxes: dict[int, asyncio.Queue]) -> None:
+            request = engine_pb2.GenerateRequest()
+            request.sampling.max_tokens = len(inboxes)
+            async for resp in backend(request):
+                for token in resp.tokens:
+                    inboxes[token.index].put_nowait(token)
+            for inbox in inboxes.values():
+                inbox.put_nowait(None)
+
+        async def generate(request, context):
+            stream, count = map(int, request.request_id.split("/"))
+            inbox = gathering[stream] = asyncio.Queue()
+            if len(gathering) == count:
+                task = asyncio.create_task(fan_out(dict(gathering)))
+                readers.add(task)
+                task.add_done_callback(readers.discard)
+                gathering.clear()
+            while (token := await inbox.get()) is not None:
+                out = router_pb2.RouterGenerateResponse(request_id=request.request_id, text="tok")
+                out.tokens.append(token)
+                yield out
+        await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
+    asyncio.run(main())
+
+
 def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
     """A router stand-in: each backend response becomes one client response, nothing else."""
     async def main():
@@ -148,10 +203,29 @@ async def _relay_client(port: int, channel_opts, streams: int) -> int:
                                         request_serializer=router_pb2.RouterGenerateRequest.SerializeToString,
                                         response_deserializer=router_pb2.RouterGenerateResponse.FromString)
 
-        async def one(i: int) -> int:
-            return sum([len(r.tokens) async for r in generate(router_pb2.RouterGenerateRequest(request_id=str(i)))])
-        await one(-1)  # warm up
-        return sum(await asyncio.gather(*(one(i) for i in range(streams))))
+        async def one(i: int, n: int) -> int:
+            request = router_pb2.RouterGenerateRequest(request_id=f"{i}/{n}")
+            return sum([len(r.tokens) async for r in generate(request)])
+        await one(0, 1)  # warm up
+        return sum(await asyncio.gather(*(one(i, streams) for i in range(streams))))
+
+
+def _relay(args, server_opts, channel_opts, backend_target, proxy_target) -> dict:
+    """CPU per token of a backend and a proxy relaying `args.streams` streams to this process."""
+    backend, backend_port = _start(backend_target, server_opts, args.tokens, args.step_ms / 1e3)
+    proxy, proxy_port = _start(proxy_target, server_opts, channel_opts, backend_port)
+    try:
+        time.sleep(0.3)
+        cpu_before = {"proxy": cpu_seconds(proxy.pid), "backend": cpu_seconds(backend.pid)}
+        start = time.monotonic()
+        tokens = asyncio.run(_relay_client(proxy_port, channel_opts, args.streams))
+        wall = time.monotonic() - start
+        return {"streams": args.streams, "tokens": tokens, "wall_s": round(wall, 3),
+                "proxy_cpu_us_per_token": round(1e6 * (cpu_seconds(proxy.pid) - cpu_before["proxy"]) / tokens, 1),
+                "backend_cpu_us_per_token": round(1e6 * (cpu_seconds(backend.pid) - cpu_before["backend"]) / tokens, 1)}
+    finally:
+        proxy.kill()
+        backend.kill()
 
 
 def measure(name: str, args) -> dict:
@@ -164,21 +238,10 @@ def measure(name: str, args) -> dict:
         rtts["server_cpu_us_per_call"] = round(1e6 * (cpu_seconds(echo.pid) - before) / (2 * args.round_trips), 1)
     finally:
         echo.kill()
-    backend, backend_port = _start(backend_server, server_opts, args.tokens, args.step_ms / 1e3)
-    proxy, proxy_port = _start(proxy_server, server_opts, channel_opts, backend_port)
-    try:
-        time.sleep(0.3)
-        cpu_before = {"proxy": cpu_seconds(proxy.pid), "backend": cpu_seconds(backend.pid)}
-        start = time.monotonic()
-        tokens = asyncio.run(_relay_client(proxy_port, channel_opts, args.streams))
-        wall = time.monotonic() - start
-        relay = {"streams": args.streams, "tokens": tokens, "wall_s": round(wall, 3),
-                 "proxy_cpu_us_per_token": round(1e6 * (cpu_seconds(proxy.pid) - cpu_before["proxy"]) / tokens, 1),
-                 "backend_cpu_us_per_token": round(1e6 * (cpu_seconds(backend.pid) - cpu_before["backend"]) / tokens, 1)}
-    finally:
-        proxy.kill()
-        backend.kill()
-    result = {"options": name, **rtts, "relay": relay, "loadavg_1m": round(os.getloadavg()[0], 2)}
+    relay = _relay(args, server_opts, channel_opts, backend_server, proxy_server)
+    relay_mux = _relay(args, server_opts, channel_opts, backend_mux_server, proxy_mux_server)
+    result = {"options": name, **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
+              "loadavg_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(result), flush=True)
     return result
 
