@@ -166,7 +166,8 @@ class KvAwarePolicy:
     """Most free KV blocks after the router's pending blocks and this request's need.
 
     score = available_blocks - need_blocks, where available_blocks = free + cached - the engine's
-    growth reservations - its queued prompt blocks - the router's pending blocks.
+    reserved_blocks (growth held for its running requests) - its queued prompt blocks - the
+    router's pending blocks.
     An engine "fits" with score >= 0. One with score >= -queue_ratio x total_blocks can still queue
     the request; below that it is full. Stale engines are used only when no fresh engine fits.
 
