@@ -5,9 +5,10 @@ DetokenizeStream costs two messages per request per batch of ids. Here every req
 rides one long-lived stream: whatever ids of all requests arrived since the last send go out in
 one message, and the tokenizer answers with one message holding every session's new text. At
 most `max_in_flight` messages are unanswered at a time, so that while one is with the tokenizer
-the next batch of every request gathers (the engine streams keep flowing meanwhile: router.stream);
-one message more may go out when it carries a request's first ids, so that a first token (its
-time to first token) never waits for the answer to other requests' batches.
+the next batch of every request gathers (the engine streams keep flowing meanwhile: router.stream).
+No exception for a request's first ids (its time to first token): a second message in flight for
+them splits each wave of opens at 64 streams into more, smaller messages, +28% tokenizer and +6%
+router CPU per token (bench/results/overhead-cpu-2026-12-01-ab-first-batch-bypass.json).
 
 A session is opened lazily: its open travels with its first ids, so it costs no message of its own.
 When the stream fails, every session on it fails with UNAVAILABLE naming the status, and the next
@@ -62,7 +63,6 @@ class SharedStream:
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._pending: dict[int, tokenizer_pb2.SessionInput] = {}  # to go out with the next message
-        self._num_pending_opens = 0  # inputs in _pending that open their session
         self._waiting: dict[int, asyncio.Future] = {}  # session id -> its update, once answered
         self._wake = asyncio.Event()
         self.failure: ServiceError | None = None
@@ -79,25 +79,17 @@ class SharedStream:
         future = asyncio.get_running_loop().create_future()
         self._pending[inp.session_id] = inp
         self._waiting[inp.session_id] = future
-        if inp.HasField("open"):
-            self._num_pending_opens += 1
-        if self._may_send():  # else the reader wakes the writer with the answer
+        if self._in_flight < self._max_in_flight:  # else the reader wakes the writer with the answer
             self._wake.set()
         return future
-
-    def _may_send(self) -> bool:
-        """Fewer messages unanswered than the limit; one more while a first batch (an open) waits."""
-        return self._in_flight < self._max_in_flight + (1 if self._num_pending_opens else 0)
 
     def cancel(self, session_id: int) -> None:
         """Forget a session and tell the tokenizer to drop it, unless its open has not gone out yet."""
         self._waiting.pop(session_id, None)
         unsent = self._pending.pop(session_id, None)
-        if unsent is not None and unsent.HasField("open"):
-            self._num_pending_opens -= 1  # never sent: the tokenizer has nothing to drop
-        elif self.failure is None:
+        if self.failure is None and (unsent is None or not unsent.HasField("open")):
             self._pending[session_id] = tokenizer_pb2.SessionInput(session_id=session_id, cancel=True)
-            if self._may_send():
+            if self._in_flight < self._max_in_flight:
                 self._wake.set()
 
     async def _write_loop(self) -> None:
@@ -105,7 +97,7 @@ class SharedStream:
             while True:
                 await self._wake.wait()  # set by send(): runs after the callbacks ready now, so they gather
                 self._wake.clear()
-                if not self._pending or not self._may_send():
+                if not self._pending or self._in_flight >= self._max_in_flight:
                     continue
                 inputs = self._take_inputs()
                 self._in_flight += 1
@@ -127,11 +119,9 @@ class SharedStream:
             inputs.append(inp)
         if len(inputs) == len(self._pending):
             self._pending = {}
-            self._num_pending_opens = 0
         else:
             for inp in inputs:
                 del self._pending[inp.session_id]
-                self._num_pending_opens -= inp.HasField("open")
         return inputs
 
     async def _read_loop(self) -> None:
@@ -159,7 +149,6 @@ class SharedStream:
                 future.set_exception(self.failure)
         self._waiting.clear()
         self._pending.clear()
-        self._num_pending_opens = 0
         self._call.cancel()
 
     async def close(self) -> None:

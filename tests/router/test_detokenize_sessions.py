@@ -146,36 +146,6 @@ async def test_opens_with_long_prompts_are_split_across_messages(served, stories
         assert stream.num_inputs == 10 and stream.num_messages >= 5  # at most one open of ~600 bytes a message
 
 
-async def test_a_first_batch_does_not_wait_for_the_answer_to_others(served, stories_tok):
-    """One message is unanswered at a time, except that a session's first batch (its open) may go
-    out beside it: a request's first token waits for no other request's batch."""
-    start, gated = served
-    running = await start()
-    async with sessions_on(running.port) as (sessions, _):
-        busy, idle, fresh = (sessions.session(None) for _ in range(3))
-        for s in (busy, idle, fresh):
-            await s.start([1], request())
-        await asyncio.gather(busy.push([300]), idle.push([300]))
-        stream = sessions.stream()
-        sent = stream.num_messages
-        gated.gate.clear()
-        held = asyncio.ensure_future(busy.push([GATE_ID]))
-        await asyncio.wait_for(gated.held.wait(), 10)
-        later = asyncio.ensure_future(idle.push([301]))  # an open session's batch: waits for the answer
-        await asyncio.sleep(0.2)
-        assert stream.num_messages == sent + 1
-        first = asyncio.ensure_future(fresh.push([302]))  # a first batch: goes out now, the waiting one with it
-        for _ in range(100):
-            if stream.num_messages == sent + 2:
-                break
-            await asyncio.sleep(0.01)
-        assert stream.num_messages == sent + 2
-        gated.gate.set()
-        await asyncio.wait_for(asyncio.gather(held, later, first), 10)
-        assert stream.num_messages == sent + 2
-        assert (first.result().num_tokens, later.result().num_tokens) == (1, 2)
-
-
 async def test_the_last_batch_finishes_the_session_in_one_round_trip(served, stories_tok):
     start, _ = served
     running = await start()
