@@ -29,6 +29,14 @@ from engine_svc.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 # Columns of the per-slot parameter tables.
 F_TEMPERATURE, F_TOP_P, F_MIN_P, F_REPETITION, F_PRESENCE, F_FREQUENCY = range(6)
 I_SEED, I_GREEDY, I_TOP_K, I_MIN_TOKENS, I_TABLE_ROW = range(5)
+
+
+def _column(params: torch.Tensor, col: int) -> torch.Tensor:
+    """One parameter of every row as its own tensor, in fresh storage. Not .contiguous(): for a single
+    row that returns the view itself, 8 * col bytes into the row, and Triton specialises pointers on
+    16-byte alignment, so a batch of one row compiled another gumbel_argmax variant in the middle of
+    serving (bench/results/step-profile-llama3-8b-h200-2026-12-01-7022bd1.json names it)."""
+    return params[:, col].clone()
 NUM_F, NUM_I = 6, 5
 TOP_P_IN_TOP_K_MAX = 1024  # above this, topk() costs about what the full sort does
 TRASH_TABLE_ROW = 0  # counts of rows without penalties go here (never read): one scatter for all rows
@@ -298,7 +306,7 @@ class RequestStates:
         i = self.iparams[slots]
         greedy = [p.greedy for p in params]
         sampled = [p for p, g in zip(params, greedy) if not g]
-        table_rows = i[:, I_TABLE_ROW].contiguous()
+        table_rows = _column(i, I_TABLE_ROW)
         want = [bool(p.logprobs or p.top_logprobs) for p in params]
         top = [p.top_logprobs for p in params]
         min_tokens_np = self.min_tokens_np[slots_np]
@@ -308,8 +316,8 @@ class RequestStates:
         sort_rows = [i for i, (p, g, k) in enumerate(zip(params, greedy, in_k)) if not g and p.top_p < 1.0 and not k]
         return BatchView(
             request_ids=ids, params=params, slots_np=slots_np, slots=slots, fparams=f,
-            seeds=i[:, I_SEED].contiguous(), greedy=i[:, I_GREEDY].contiguous(),
-            top_k=i[:, I_TOP_K].contiguous(), min_tokens=i[:, I_MIN_TOKENS].contiguous(),
+            seeds=_column(i, I_SEED), greedy=_column(i, I_GREEDY),
+            top_k=_column(i, I_TOP_K), min_tokens=_column(i, I_MIN_TOKENS),
             table_rows=table_rows, count_rows=table_rows.clamp(min=TRASH_TABLE_ROW),
             stop_ids=self.stop_ids[slots], min_tokens_np=min_tokens_np,
             all_greedy=not sampled, any_temperature=any(p.temperature != 1.0 for p in sampled),

@@ -423,3 +423,14 @@ def test_a_repeated_batch_joins_and_gathers_nothing(monkeypatch):
 def _append_tokens(reqs, out):
     for r, t in zip(reqs, out):
         r.output_token_ids.append(t.token_id)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_row_parameters_handed_to_kernels_start_16_byte_aligned(n):
+    """Triton specialises pointers on 16-byte alignment: a one-row batch once handed gumbel_argmax a
+    view 8 bytes into the parameter table and compiled a new variant while serving."""
+    _, reqs = random_batch(n, seed=n)
+    view = Sampler(V, "cpu", EOS).states.prepare(reqs)
+    for name in ("seeds", "greedy", "top_k", "min_tokens", "table_rows"):
+        t = getattr(view, name)
+        assert t.shape == (n,) and t.data_ptr() % 16 == 0, (name, t.data_ptr() % 16)
