@@ -198,31 +198,25 @@ class EngineCore:
             output_ids.append(token)
             if index == 0:
                 hooks.on_first_token(req)
+            # Why the request stops with this token (its output number index + 1), if it does: a stop
+            # token once min_tokens are out, else the length limits. Inline: it runs for every token.
             params = req.params
-            # _stop_reason's conditions, inline for the common case that none holds.
-            if (index >= params.max_tokens - 1 or len(req.prompt_token_ids) + index + 1 >= max_model_len
-                    or (index >= params.min_tokens
-                        and ((token in eos and not params.ignore_eos) or token in params.stop_token_ids))):
-                outputs.append(self._finish(req, self._stop_reason(req, token), [result]))
-                num_finished += 1
+            if index >= params.min_tokens and ((token in eos and not params.ignore_eos)
+                                                or token in params.stop_token_ids):
+                req.stop_token_id = token
+                reason = FinishReason.STOP_TOKEN
+            elif index >= params.max_tokens - 1 or len(req.prompt_token_ids) + index + 1 >= max_model_len:
+                reason = FinishReason.LENGTH
             else:
                 outputs.append(RequestOutput(req.request_id, [result], index))
+                continue
+            outputs.append(self._finish(req, reason, [result]))
+            num_finished += 1
         hooks.on_step(StepInfo(
             step=self.num_steps + 1, start_time=done.start_time, duration_s=time.monotonic() - done.start_time,
             num_seqs=len(sched.requests), num_batched_tokens=sched.num_batched_tokens,
             num_decode_seqs=num_decode, num_preempted=len(sched.preempted),
             num_finished=num_finished, request_ids=list(plan.req_ids)))
-
-    def _stop_reason(self, req: Request, token_id: int) -> FinishReason | None:
-        params = req.params
-        if req.num_output_tokens > params.min_tokens:
-            is_eos = token_id in self.eos_token_ids and not params.ignore_eos
-            if is_eos or token_id in params.stop_token_ids:
-                req.stop_token_id = token_id
-                return FinishReason.STOP_TOKEN
-        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     def _finish(self, req: Request, reason: FinishReason, tokens: list[SampledToken]) -> RequestOutput:
         self.scheduler.finish(req, reason)
