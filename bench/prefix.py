@@ -142,16 +142,17 @@ class Routed:
 
 
 async def _stream(engine, req: engine_pb2.GenerateRequest, out: Outcome) -> list[int]:
-    """Run one Generate on an engine of the router's table, taking its attached load reports and
-    acknowledging the request's pending blocks as the router's request path does."""
+    """Run one Generate on an engine of the router's table (router/engine_client.py EngineClient),
+    taking its attached load reports and acknowledging the request's pending blocks as the router's
+    request path does."""
     tokens: list[int] = []
     out.engine = engine.address
     try:
-        async for resp in _generate(engine, req):
+        async for resp in engine.generate(req, timeout=600):
             if out.first_at is None and (resp.tokens or resp.finish_reason):
-                _first_response(engine, req.request_id, resp)
-            elif resp.HasField("load"):
-                engine.apply_report(resp.load)
+                engine.first_response(req.request_id, resp)
+            elif resp.finish_reason:
+                engine.last_response(resp)
             if resp.tokens and out.first_at is None:
                 out.first_at = time.monotonic()
             tokens += [t.id for t in resp.tokens]
@@ -162,23 +163,6 @@ async def _stream(engine, req: engine_pb2.GenerateRequest, out: Outcome) -> list
     out.num_tokens = len(tokens)
     out.end_at = time.monotonic()
     return tokens
-
-
-# The engine table's request-path surface: router/engines.py's Engine (stub + ledger) today; the
-# EngineClient of the router refactor (generate / first_response) when it lands. Either works.
-def _generate(engine, req):
-    if hasattr(engine, "generate"):
-        return engine.generate(req, timeout=600)
-    return engine.stub.Generate(req, timeout=600)
-
-
-def _first_response(engine, request_id: str, resp) -> None:
-    if hasattr(engine, "first_response"):
-        engine.first_response(request_id, resp)
-        return
-    if resp.HasField("load"):
-        engine.apply_report(resp.load)
-    engine.ledger.ack(request_id, resp.load.sequence if resp.HasField("load") else None)
 
 
 # ---- the workload ----
@@ -332,8 +316,8 @@ def ratios(results: dict) -> dict:
     def div(a, b):
         return round(a / b, 3) if a is not None and b else None
 
-    def vs(name: str, base: str) -> dict:  # a cache_aware run against another policy's (None: not run)
-        ca, other = r[name], r.get(base, {})
+    def vs(name: str, base: str) -> dict:  # a cache_aware run against another policy's
+        ca, other = r[name], r[base]
         return {"ttft_p50_speedup": div(other.get("ttft_p50_s"), ca.get("ttft_p50_s")),
                 "ttft_p99_speedup": div(other.get("ttft_p99_s"), ca.get("ttft_p99_s")),
                 "throughput_ratio": div(ca.get("output_tok_s"), other.get("output_tok_s"))}
@@ -343,7 +327,7 @@ def ratios(results: dict) -> dict:
                             "ttft_p99_speedup": div(c["off"]["ttft_p99_s"], c["on"]["ttft_p99_s"]),
                             "throughput_ratio": div(c["on"]["output_tok_s"], c["off"]["output_tok_s"])},
         **{f"{ca}_vs_{base}": vs(ca, base) for ca in r if ca.startswith("cache_aware")
-           for base in ("kv", "round_robin")},
+           for base in ("kv", "round_robin") if base in r},
     }
 
 
