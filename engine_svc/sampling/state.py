@@ -29,14 +29,6 @@ from engine_svc.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 # Columns of the per-slot parameter tables.
 F_TEMPERATURE, F_TOP_P, F_MIN_P, F_REPETITION, F_PRESENCE, F_FREQUENCY = range(6)
 I_SEED, I_GREEDY, I_TOP_K, I_MIN_TOKENS, I_TABLE_ROW = range(5)
-
-
-def _column(params: torch.Tensor, col: int) -> torch.Tensor:
-    """One parameter of every row as its own tensor, in fresh storage. Not .contiguous(): for a single
-    row that returns the view itself, 8 * col bytes into the row, and Triton specialises pointers on
-    16-byte alignment, so a batch of one row compiled another gumbel_argmax variant in the middle of
-    serving (bench/results/step-profile-llama3-8b-h200-2026-12-01-7022bd1.json names it)."""
-    return params[:, col].clone()
 NUM_F, NUM_I = 6, 5
 TOP_P_IN_TOP_K_MAX = 1024  # above this, topk() costs about what the full sort does
 TRASH_TABLE_ROW = 0  # counts of rows without penalties go here (never read): one scatter for all rows
@@ -45,6 +37,14 @@ TRASH_TABLE_ROW = 0  # counts of rows without penalties go here (never read): on
 _request_id = operator.attrgetter("request_id")
 _params = operator.attrgetter("params")
 _output_ids = operator.attrgetter("output_token_ids")
+
+
+def _column(params: torch.Tensor, col: int) -> torch.Tensor:
+    """One parameter of every row as its own tensor, in fresh storage. Not .contiguous(): for a single
+    row that returns the view itself, 8 * col bytes into the row, and Triton specialises pointers on
+    16-byte alignment, so a batch of one row compiled another gumbel_argmax variant in the middle of
+    serving (bench/results/step-profile-llama3-8b-h200-2026-12-01-7022bd1.json names it)."""
+    return params[:, col].clone()
 
 
 @dataclass(slots=True)
