@@ -162,26 +162,41 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
     return row
 
 
-def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attention):
+def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attention, fresh_kv=True):
+    """A causal prefill of B prompts of ctx tokens whose K/V are in the paged cache. fresh_kv: hand the
+    prompts' K/V to the kernel too, as the engine does (kernels/prefill_attention.py: the chunk's K/V
+    through TMA); the block-table programs are timed beside it (``block_table_ms``)."""
     k_cache, v_cache, bt = make_paged(B, ctx)
     q = torch.randn(B * ctx, H, D, device="cuda", dtype=DT)
     qsl = torch.arange(0, B * ctx + 1, ctx, device="cuda", dtype=torch.int32)
     lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
+    kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
+    fresh = {}
+    if fresh_kv and attn is paged_attention and plan_overrides is None:
+        # [B, HKV, ctx, D] -> [B * ctx, HKV, D], as the engine's k/v rows of the q|k|v projection
+        fresh = {"key": kc.transpose(1, 2).reshape(B * ctx, HKV, D), "value": vc.transpose(1, 2).reshape(B * ctx, HKV, D)}
 
     def ours():
+        return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides,
+                    **fresh)
+
+    def block_table():
         return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides)
 
     t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
-    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9}
-    kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
+    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9, "path": "contiguous" if fresh else "block_table"}
+    if fresh:
+        tb = graph_ms(block_table)
+        row.update(block_table_ms=tb, block_table_TFLOPs=flops / tb / 1e9, vs_block_table=tb / t)
     qs = q.view(B, ctx, H, D).transpose(1, 2).contiguous()
     best = None
     for name, fn in sdpa_variants(qs, kc, vc, True, with_sdpa).items():
-        out.fill_(float("nan"))  # every element must be written again
-        err = rel_err(ours().view(B, ctx, H, D).transpose(1, 2), fn())
-        assert err < 2e-2, f"prefill B={B} ctx={ctx}: ours vs {name} rel err {err:.2e}"
+        for path in [ours] + ([block_table] if fresh else []):
+            out.fill_(float("nan"))  # every element must be written again
+            err = rel_err(path().view(B, ctx, H, D).transpose(1, 2), fn())
+            assert err < 2e-2, f"prefill B={B} ctx={ctx} ({path.__name__}): ours vs {name} rel err {err:.2e}"
         row["rel_err_vs_sdpa"] = err
         if not with_sdpa:
             return row  # checked, not timed
@@ -190,6 +205,8 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
         if best is None or ts < best[1]:
             best = (name, ts)
     row["sdpa_best"], row["vs_sdpa"] = best[0], best[1] / t
+    if fresh:
+        row["block_table_vs_sdpa"] = best[1] / row["block_table_ms"]
     return row
 
 
@@ -390,12 +407,14 @@ def print_table(r):
             continue
         vs = f"{x['vs_sdpa']:.2f}x ({x['sdpa_best']})" if "vs_sdpa" in x else x.get("sdpa", "")
         print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['GBps']:8.0f} {x['pct_copy']:5.1f}%  {vs}")
-    print("\nprefill (causal)                       ms   TFLOP/s  SDPA-best/ours  (which SDPA)")
+    print("\nprefill (causal), the engine's path      ms   TFLOP/s  SDPA-best/ours  (which SDPA)   block-table kernel")
     for x in r["prefill"]:
         if "skipped" in x:
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
-        print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['TFLOPs']:8.1f}  {x['vs_sdpa']:.2f}x ({x['sdpa_best']})")
+        bt = (f"   {x['block_table_TFLOPs']:.1f} TFLOP/s, {x['block_table_vs_sdpa']:.2f}x SDPA"
+              if "block_table_ms" in x else "")
+        print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['TFLOPs']:8.1f}  {x['vs_sdpa']:.2f}x ({x['sdpa_best']}){bt}")
     if "baseline" in r:
         print("\nbase commit's kernel vs this one (same run)    base ms    ms   speedup")
         for kind in ("decode", "prefill"):

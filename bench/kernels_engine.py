@@ -5,7 +5,8 @@ throughput at B=256, through ModelRunner on one CUDA GPU (Llama-3.1-8B shape, du
 
 Runs against whichever engine_svc / kernels are first on sys.path, so the same script measures a
 baseline tree (``cd base && python ../kernels/bench/kernels_engine.py ...``) and this one in one session.
-TTFT: host-timed execute() of the whole prompt (prefill chunks of --chunk tokens, the last one samples),
+TTFT: with prefill attention through kernels/prefill_attention.py (``ttft_N_ms``) and through the
+block-table programs (``ttft_N_block_table_ms``), same runner, same run; host-timed execute() of the whole prompt (prefill chunks of --chunk tokens, the last one samples),
 synchronised, median of --reps after a warm-up run. Decode: 256 sequences at --decode-ctx positions
 over a KV cache filled with random values (never zeros), replayed from the B=256 CUDA graph; tokens/s =
 256 / median step time.
@@ -57,6 +58,16 @@ def fill_random(runner) -> None:
             for part in c.split(4096):
                 tmp = torch.randn(part.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
                 part.copy_(tmp.clamp(-4, 4).to(part.dtype))
+
+
+def use_contiguous_prefill(enabled: bool) -> None:
+    """Switch prefill chunks between kernels/prefill_attention.py (the chunk's K/V through TMA, the
+    default) and the block-table prefill programs of paged_attention (before it), to time both in one
+    run over the same runner."""
+    import kernels.paged_attention as pa
+    from kernels.prefill_attention import suits
+
+    pa.prefill_attention_suits = suits if enabled else (lambda *a: False)
 
 
 def ttft_s(runner, prompt_len, chunk, reps) -> list[float]:
@@ -126,10 +137,14 @@ def main():
            "model": "llama3-8b shape, dummy bf16 weights", "chunk": args.chunk}
     if not args.skip_ttft:
         for n in (2048, 8192):
-            t = ttft_s(runner, n, args.chunk, args.reps)
-            res[f"ttft_{n}_ms"] = 1000 * statistics.median(t)
-            res[f"ttft_{n}_all_ms"] = [1000 * x for x in t]
-            print(args.label, f"TTFT {n}: {res[f'ttft_{n}_ms']:.1f} ms", flush=True)
+            for mode in ("block_table", "contiguous"):  # prefill attention before / after, same runner
+                use_contiguous_prefill(mode == "contiguous")
+                t = ttft_s(runner, n, args.chunk, args.reps)
+                key = f"ttft_{n}_ms" if mode == "contiguous" else f"ttft_{n}_{mode}_ms"
+                res[key] = 1000 * statistics.median(t)
+                res[key.replace("_ms", "_all_ms")] = [1000 * x for x in t]
+                print(args.label, f"TTFT {n} ({mode}): {res[key]:.1f} ms", flush=True)
+        use_contiguous_prefill(True)
     fill_random(runner)
     t = decode_step_s(runner, args.decode_batch, args.decode_ctx, args.decode_steps)
     res["decode_step_ms"] = 1000 * statistics.median(t)

@@ -31,6 +31,8 @@ import torch
 
 from kernels._checks import FLOAT_DTYPES, FP8_DTYPES, check_shape, check_tensor, kv_scale_tensor, next_pow2
 from kernels.paged_attention_kernels import _merge_splits_kernel, _paged_attention_kernel
+from kernels.prefill_attention import prefill_attention
+from kernels.prefill_attention import suits as prefill_attention_suits
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # partial buffers and the merge tile scale with this
@@ -164,7 +166,7 @@ def _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_le
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
                     k_scale=1.0, v_scale=1.0, num_splits: int | None = None, plan_overrides: dict | None = None,
-                    decode_seq_index=None):
+                    decode_seq_index=None, key=None, value=None):
     """Causal attention of packed varlen queries over a paged KV cache.
 
     Args:
@@ -190,6 +192,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             these with the decode tiles (16 rows, one pass), instead of one 128-row prefill tile per
             decode token (2x the attention time of 200 decode rows beside one 512-token prompt on the
             H200, bench/results/step-profile-*). Ignored when max_query_len is 1.
+        key, value: optional ``[num_tokens, num_kv_heads, head_dim]``: this step's K/V of the query
+            tokens (already in the cache). Given, a prefill batch that suits it runs
+            kernels/prefill_attention.py, which reads them contiguously through TMA descriptors and
+            only the cached prefix through the block table (0.9-1.0x SDPA against 0.6-0.7x).
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -226,13 +232,21 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         singles = decode_seq_index.shape[0]
     else:
         singles = 0
-    plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
-                 _num_sms(dev), interpret=dev.type != "cuda", kv_fp8=kv_fp8)
-    if plan_overrides:
-        plan = _derive({**plan, **plan_overrides}, qpk, num_tokens, num_seqs, max_seq_len)
-    plan["skip_single"] = singles > 0
-    _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
-            scale, sliding_window, kv_fp8)
+    if key is not None or value is not None:
+        _check_fresh_kv(query, key, value, num_kv_heads)
+    prefill_tiles = max_query_len * qpk > 64  # as _plan decides: not a decode-like batch
+    if (key is not None and prefill_tiles and not plan_overrides and num_splits in (None, 1)
+            and prefill_attention_suits(query, key, value, k_cache, sliding_window)):
+        prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                          max_query_len, scale, out, skip_single=singles > 0)
+    else:
+        plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
+                     _num_sms(dev), interpret=dev.type != "cuda", kv_fp8=kv_fp8)
+        if plan_overrides:
+            plan = _derive({**plan, **plan_overrides}, qpk, num_tokens, num_seqs, max_seq_len)
+        plan["skip_single"] = singles > 0
+        _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
+                scale, sliding_window, kv_fp8)
     if singles:
         # one pass: the merge kernel would rewrite every token of the batch, not only these
         plan = _plan(head_dim_pad, qpk, singles, singles, num_kv_heads, 1, max_seq_len, 1, _num_sms(dev),
@@ -241,6 +255,17 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
                 scale, sliding_window, kv_fp8)
     return out
+
+
+def _check_fresh_kv(query, key, value, num_kv_heads) -> None:
+    """key/value, when given, are this step's K/V of the query tokens: both, query's dtype and length."""
+    num_tokens, _, head_dim = query.shape
+    for name, x in (("key", key), ("value", value)):
+        if x is None:
+            raise ValueError(f"{name}: missing; key and value go together")
+        check_tensor(name, x, ndim=3, dtypes=(query.dtype,), device=query.device)
+        if tuple(x.shape) != (num_tokens, num_kv_heads, head_dim):
+            raise ValueError(f"{name}: expected shape {(num_tokens, num_kv_heads, head_dim)}, got {tuple(x.shape)}")
 
 
 def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,

@@ -10,7 +10,9 @@ from kernels.paged_attention import paged_attention
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """write_kv_cache, then one paged_attention launch (plus a merge when it splits the KV).
+    """write_kv_cache, then paged_attention (one launch, plus a merge when it splits the KV, or a
+    decode launch beside the prefill one in a mixed batch). It gets this step's key/value too: prefill
+    chunks then read their own K/V contiguously (kernels/prefill_attention.py).
 
     Capturable in CUDA graphs: nothing reads device tensors on the host; the tile plan and the split
     count depend only on the host ints of the metadata, so a graph captured with
@@ -27,4 +29,5 @@ class TritonAttentionBackend(AttentionBackend):
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
-                               k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index)
+                               k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index,
+                               key=key, value=value)

@@ -32,7 +32,7 @@ def _signature(kernel, pointer_types: dict[str, str], constexprs: dict) -> dict[
 
 
 def _cases() -> dict:
-    from kernels import kv_cache, paged_attention_kernels, sampling, sampling_penalties
+    from kernels import kv_cache, paged_attention_kernels, prefill_attention, sampling, sampling_penalties
 
     kv_heads = {"NUM_KV_HEADS": 8, "HEAD_DIM": 128, "HEADS_PAD": 8, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16}
     kv_ptrs = {"key_ptr": "*bf16", "value_ptr": "*bf16", "slot_mapping_ptr": "*i64", "k_inv_scale_ptr": "*fp32",
@@ -51,6 +51,11 @@ def _cases() -> dict:
         "attention_decode_listed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
                                                         "DECODE": True, "K_ROWS": False, "SEQ_INDEX": True,
                                                         "SKIP_SINGLE": False}),
+        # prefill chunks reading their own K/V through TMA descriptors (64-row tiles: the mixed graphs')
+        "prefill_contiguous": (prefill_attention._prefill_attention_kernel,
+                               {**attn_ptrs, **{f"{x}_desc": "tensordesc<bf16[64, 128]>" for x in "qkv"}},
+                               {"QPK": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
+                                "SKIP_SINGLE": True, "IEEE_DOT": False}),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
                           {"best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "logits_ptr": "*fp32",
                            "seeds_ptr": "*i64", "steps_ptr": "*i64", "greedy_ptr": "*i64"},
@@ -92,7 +97,8 @@ def test_kernels_compile_for_sm90():
 
 
 def _case_names() -> list[str]:
-    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
+    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
+            "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 
 if __name__ == "__main__":

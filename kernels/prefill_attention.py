@@ -1,0 +1,213 @@
+"""Prefill attention that reads the chunk's own K/V contiguously, through TMA descriptors (sm_90).
+
+paged_attention's prefill programs gather every K/V tile through the block table with pointer loads;
+on the H200 they reach 0.60-0.70x SDPA. The same FlashAttention-2 loop over contiguous K/V with host
+tensor descriptors (TMA loads), one query head per program, reaches 0.91-0.99x SDPA at B=1 ctx 2k-16k
+and B=8 ctx 2k (bench/prefill_probe.py, bench/results/prefill-probe-h200-2026-12-01-1a42c92.json).
+A prefill chunk's new tokens are contiguous already (rows of the q|k|v projection), so only its
+cached prefix, written by earlier steps, needs the block table:
+
+    keys of sequence s:  [ cached prefix: paged, pointer loads | this chunk: contiguous, TMA ]
+    query rows:                                                 [ this chunk            ]
+
+Program (q-block, query head): BLOCK_M rows of one head. It walks the prefix in BLOCK_N tiles (the
+last one masked), then the chunk's keys below its own rows unmasked, then its diagonal block masked.
+The caller has written the chunk's K/V to the cache already (later steps read them there).
+
+Used by ``paged_attention`` when it is given the fresh ``key`` / ``value`` and the batch suits it:
+KV cache in the query's dtype (no FP8), no sliding window, head dim 64 or 128, and a GPU with TMA
+(compute capability >= 9) or the interpreter. Everything else keeps the block-table kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention_kernels import _find_seq
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the longest query chunk of the launch, from the probe:
+# chunks of <= 2048 tokens (the mix, the mixed-step graphs): 64x64 / 4 warps (0.91-0.93x SDPA against
+# 0.87-0.88x for 128x128); longer chunks 128x128 / 8 warps (0.95-0.99x against 0.77-0.85x).
+SHORT_CHUNK_TOKENS = 2048
+SHORT_CHUNK_TILES = (64, 64, 4, 3)
+LONG_CHUNK_TILES = (128, 128, 8, 3)
+INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, mask, MASKED: tl.constexpr,
+                         IEEE_DOT: tl.constexpr):
+    """acc/m_i/l_i over one more key tile; m_i in log2 units. MASKED: ``mask`` [BLOCK_M, BLOCK_N]
+    says which scores count (every row has seen a key before an all-masked row of a tile)."""
+    if IEEE_DOT:
+        s = tl.dot(q, k_t, input_precision="ieee")
+    else:
+        s = tl.dot(q, k_t)
+    if MASKED:
+        s = tl.where(mask, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:  # the scale folded into one multiply-add per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _cached_tile(k_head, v_head, bt_row, pos, stride_kb, stride_kt, stride_vb, stride_vt, d,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, ctx_len):
+    """K^T [HEAD_DIM, BLOCK_N] and V [BLOCK_N, HEAD_DIM] of prefix positions ``pos`` from the paged cache
+    (MASKED: positions >= ctx_len read as 0; the cache may hold NaN there)."""
+    if MASKED:
+        ok = pos < ctx_len
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        k = tl.load(k_head + (blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None] + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        v = tl.load(v_head + (blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt)[:, None] + d[None, :],
+                    mask=ok[:, None], other=0.0)
+    else:
+        blk = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_head + (blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None] + d[None, :])
+        v = tl.load(v_head + (blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt)[:, None] + d[None, :])
+    return tl.trans(k), v
+
+
+# num_seqs and grid0 change every step: not specialised (each new value class would compile a variant)
+@triton.jit(do_not_specialize=["num_seqs", "grid0"])
+def _prefill_attention_kernel(
+        q_desc, k_desc, v_desc, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
+        seq_lens_ptr, num_seqs, grid0, scale_log2,
+        stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+        QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr, IEEE_DOT: tl.constexpr):
+    # the last q-blocks (most keys) first, so the longest programs do not start in the last wave
+    q_block_id = grid0 - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // QPK
+    s = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_M)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    m0 = (q_block_id - (q_start // BLOCK_M + s)) * BLOCK_M  # first row of this block, within the chunk
+    if m0 >= q_len:
+        return
+    if SKIP_SINGLE:  # the decode rows of a mixed batch, done by paged_attention's decode launch
+        if q_len == 1:
+            return
+    ctx_len = tl.load(seq_lens_ptr + s) - q_len
+    rows = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    # rows past the chunk's end (the next sequence's tokens) are computed and never stored
+    q = q_desc.load([q_start + m0, h * HEAD_DIM])
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # 1) the cached prefix [0, ctx_len), visible to every row: full tiles, then the tail masked
+    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kvh * stride_kh
+    v_head = v_cache_ptr + kvh * stride_vh
+    full = ctx_len // BLOCK_N * BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        k_t, v = _cached_tile(k_head, v_head, bt_row, start + offs_n, stride_kb, stride_kt, stride_vb, stride_vt,
+                              d, BLOCK_SIZE, False, ctx_len)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, None, False, IEEE_DOT)
+    if full < ctx_len:
+        pos = full + offs_n
+        k_t, v = _cached_tile(k_head, v_head, bt_row, pos, stride_kb, stride_kt, stride_vb, stride_vt,
+                              d, BLOCK_SIZE, True, ctx_len)
+        visible = (pos < ctx_len)[None, :] & (rows >= 0)[:, None]
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, visible, True, IEEE_DOT)
+
+    # 2) this chunk's keys: below the block's rows unmasked, then the diagonal block causal
+    for start in range(0, m0, BLOCK_N):
+        k_t = k_desc.load([q_start + start, kvh * HEAD_DIM]).T
+        v = v_desc.load([q_start + start, kvh * HEAD_DIM])
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, None, False, IEEE_DOT)
+    for start in range(m0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
+        k_t = k_desc.load([q_start + start, kvh * HEAD_DIM]).T
+        v = v_desc.load([q_start + start, kvh * HEAD_DIM])
+        causal = (start + offs_n)[None, :] <= rows[:, None]
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, causal, True, IEEE_DOT)
+
+    o = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    out_rows = (q_start + rows).to(tl.int64)
+    tl.store(out_ptr + out_rows[:, None] * stride_ot + h * stride_oh + d[None, :], o, mask=(rows < q_len)[:, None])
+
+
+def _rows_descriptor(x: torch.Tensor, block_rows: int):
+    """A 2-D TMA descriptor over [tokens, heads * head_dim] of a [tokens, heads, head_dim] view whose
+    heads are adjacent in memory (a slice of the q|k|v projection's rows), one head's tile per box."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tokens, heads, head_dim = x.shape
+    return TensorDescriptor(x, [tokens, heads * head_dim], [x.stride(0), 1], [block_rows, head_dim])
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def suits(query, key, value, k_cache, sliding_window) -> bool:
+    """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs)."""
+    dev = query.device
+    if not (_has_tma(dev) if dev.type == "cuda" else _interpreting()):
+        return False
+    head_dim = query.shape[2]
+    if k_cache.dtype != query.dtype or sliding_window is not None or head_dim not in HEAD_DIMS:
+        return False
+    item = query.element_size()
+    for x in (query, key, value):  # TMA: 16-byte aligned base and row stride, heads adjacent
+        if x.stride(2) != 1 or x.stride(1) != head_dim or x.data_ptr() % 16 or (x.stride(0) * item) % 16:
+            return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                      max_query_len: int, scale: float, out: torch.Tensor, *, skip_single: bool = False,
+                      tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Causal attention of packed query chunks over [cached prefix | the chunk's own key/value].
+
+    Arguments as ``paged_attention`` (the caller has checked them and ``suits``), plus ``key`` /
+    ``value`` ``[num_tokens, num_kv_heads, head_dim]``: this step's K/V of the query tokens, already
+    written to the cache. skip_single: leave one-token sequences to the caller's decode launch.
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning (bench/); None = by chunk length.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_seqs = block_tables.shape[0]
+    if tiles is None:
+        if _interpreting():
+            tiles = INTERPRET_TILES
+        else:
+            tiles = SHORT_CHUNK_TILES if max_query_len <= SHORT_CHUNK_TOKENS else LONG_CHUNK_TILES
+    block_m, block_n, num_warps, num_stages = tiles
+    grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
+    _prefill_attention_kernel[(grid0, num_heads)](
+        _rows_descriptor(query, block_m), _rows_descriptor(key, block_n), _rows_descriptor(value, block_n),
+        out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, num_seqs, grid0, scale * LOG2E,
+        out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        QPK=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, SKIP_SINGLE=skip_single, IEEE_DOT=query.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
