@@ -175,7 +175,9 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
     fresh = {}
     if fresh_kv and attn is paged_attention and plan_overrides is None:
         # [B, HKV, ctx, D] -> [B * ctx, HKV, D], as the engine's k/v rows of the q|k|v projection
-        fresh = {"key": kc.transpose(1, 2).reshape(B * ctx, HKV, D), "value": vc.transpose(1, 2).reshape(B * ctx, HKV, D)}
+        # (contiguous: at B=1 the reshape is a view whose heads are ctx rows apart, which the path refuses)
+        fresh = {name: c.transpose(1, 2).reshape(B * ctx, HKV, D).contiguous()
+                 for name, c in (("key", kc), ("value", vc))}
 
     def ours():
         return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides,

@@ -30,7 +30,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.kernels import D, DT, H, HKV, bench_prefill, graph_ms, rel_err  # noqa: E402
+from bench.kernels import D, DT, H, HKV, bench_prefill, contiguous, graph_ms, make_paged, rel_err  # noqa: E402
+from kernels.prefill_attention import prefill_attention  # noqa: E402
 from bench.harness import save_report  # noqa: E402
 
 GROUP = H // HKV
@@ -151,10 +152,59 @@ def run_shape(B, ctx) -> dict:
     return row
 
 
+ENGINE_VARIANTS = [  # kernels/prefill_attention.py switches, each alone and together
+    {}, {"PREFIX": False}, {"STATIC_DIAG": True}, {"TMA_STORE": True},
+    {"STATIC_DIAG": True, "TMA_STORE": True}, {"PREFIX": False, "STATIC_DIAG": True, "TMA_STORE": True},
+]
+ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)]
+
+
+def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
+    """kernels/prefill_attention.py at B prompts of ctx tokens whose first ``prefix`` tokens are cached
+    (read through the block table), the rest this chunk's (through TMA), against SDPA over all of it."""
+    k_cache, v_cache, bt = make_paged(B, ctx)
+    kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)  # [B, HKV, ctx, D]
+    chunk = ctx - prefix
+    q_full = torch.randn(B, H, ctx, D, device="cuda", dtype=DT)
+    ref = torch.nn.functional.scaled_dot_product_attention(q_full, kc, vc, is_causal=True, enable_gqa=True)
+    ref = ref[:, :, prefix:]
+    q = q_full[:, :, prefix:].transpose(1, 2).reshape(B * chunk, H, D).contiguous()
+    key, value = (c[:, :, prefix:].transpose(1, 2).reshape(B * chunk, HKV, D).contiguous() for c in (kc, vc))
+    qsl = torch.arange(0, B * chunk + 1, chunk, device="cuda", dtype=torch.int32)
+    lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q)
+    flops = 4 * B * H * D * (chunk * prefix + chunk * (chunk + 1) / 2)
+    rows = []
+    for tiles in ENGINE_TILES:
+        for variant in ENGINE_VARIANTS:
+            if prefix and variant.get("PREFIX") is False:
+                continue
+            row = {"B": B, "ctx": ctx, "prefix": prefix, "tiles": list(tiles), "variant": variant}
+
+            def call():
+                return prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, chunk, D ** -0.5, out,
+                                         tiles=tiles, variant=variant)
+            try:
+                out.fill_(float("nan"))
+                call()
+                err = rel_err(out.view(B, chunk, H, D).transpose(1, 2), ref)
+                assert err < 2e-2, f"rel err {err:.2e}"
+                t = graph_ms(call)
+                row.update(ms=t, TFLOPs=flops / t / 1e9, rel_err=err)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print("engine kernel", row, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x2048,1x8192,1x16384,8x2048")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--engine-shapes", default="1x2048x0,1x8192x0,8x2048x0,8x2048x1024,1x8192x4096",
+                    help="BxCTXxPREFIX for kernels/prefill_attention.py's variants ('' to skip)")
+    ap.add_argument("--skip-forms", action="store_true", help="only the engine kernel's variants")
     a = ap.parse_args()
 
     def alloc(size, align, stream):  # scratch for on-device descriptors, should Triton want any
@@ -162,11 +212,19 @@ def main():
 
     triton.set_allocator(alloc)
     rows = []
-    for s in a.shapes.split(","):
+    for s in ([] if a.skip_forms else a.shapes.split(",")):
         B, ctx = (int(x) for x in s.split("x"))
         rows.append(run_shape(B, ctx))
+    engine = []
+    for s in filter(None, a.engine_shapes.split(",")):
+        B, ctx, prefix = (int(x) for x in s.split("x"))
+        engine.extend(engine_kernel_rows(B, ctx, prefix))
     save_report("prefill-probe", {"triton": triton.__version__, "heads": {"q": H, "kv": HKV, "d": D},
-                                  "rows": rows}, "cuda", a.out)
+                                  "rows": rows, "engine_kernel": engine}, "cuda", a.out)
+    for r in engine:
+        v = ",".join(f"{k}={int(x)}" for k, x in r["variant"].items()) or "default"
+        print(f"engine B={r['B']} ctx={r['ctx']} prefix={r['prefix']} {r['tiles']} {v}: "
+              + (f"{r['TFLOPs']:.0f} TFLOP/s" if "ms" in r else r["error"][:100]))
     print(f"{'B':>3} {'ctx':>6} {'sdpa TF':>8} {'paged x':>8} {'best form':>28} {'TF':>6} {'x sdpa':>6}")
     for r in rows:
         ok = [f for f in r["forms"] if "ms" in f]

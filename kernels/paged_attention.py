@@ -236,7 +236,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         _check_fresh_kv(query, key, value, num_kv_heads)
     prefill_tiles = max_query_len * qpk > 64  # as _plan decides: not a decode-like batch
     if (key is not None and prefill_tiles and not plan_overrides and num_splits in (None, 1)
-            and prefill_attention_suits(query, key, value, k_cache, sliding_window)):
+            and prefill_attention_suits(query, key, value, out, k_cache, sliding_window)):
         prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                           max_query_len, scale, out, skip_single=singles > 0)
     else:

@@ -38,6 +38,7 @@ SHORT_CHUNK_TILES = (64, 64, 4, 3)
 LONG_CHUNK_TILES = (128, 128, 8, 3)
 INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
 HEAD_DIMS = (64, 128)
+DEFAULT_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False}
 LOG2E = 1.4426950408889634
 
 
@@ -88,11 +89,12 @@ def _cached_tile(k_head, v_head, bt_row, pos, stride_kb, stride_kt, stride_vb, s
 # num_seqs and grid0 change every step: not specialised (each new value class would compile a variant)
 @triton.jit(do_not_specialize=["num_seqs", "grid0"])
 def _prefill_attention_kernel(
-        q_desc, k_desc, v_desc, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
+        q_desc, k_desc, v_desc, o_desc, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
         seq_lens_ptr, num_seqs, grid0, scale_log2,
         stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr, IEEE_DOT: tl.constexpr):
+        BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr, IEEE_DOT: tl.constexpr, PREFIX: tl.constexpr,
+        STATIC_DIAG: tl.constexpr, TMA_STORE: tl.constexpr):
     # the last q-blocks (most keys) first, so the longest programs do not start in the last wave
     q_block_id = grid0 - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -117,35 +119,44 @@ def _prefill_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     # 1) the cached prefix [0, ctx_len), visible to every row: full tiles, then the tail masked
-    bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
-    k_head = k_cache_ptr + kvh * stride_kh
-    v_head = v_cache_ptr + kvh * stride_vh
-    full = ctx_len // BLOCK_N * BLOCK_N
-    for start in range(0, full, BLOCK_N):
-        k_t, v = _cached_tile(k_head, v_head, bt_row, start + offs_n, stride_kb, stride_kt, stride_vb, stride_vt,
-                              d, BLOCK_SIZE, False, ctx_len)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, None, False, IEEE_DOT)
-    if full < ctx_len:
-        pos = full + offs_n
-        k_t, v = _cached_tile(k_head, v_head, bt_row, pos, stride_kb, stride_kt, stride_vb, stride_vt,
-                              d, BLOCK_SIZE, True, ctx_len)
-        visible = (pos < ctx_len)[None, :] & (rows >= 0)[:, None]
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, visible, True, IEEE_DOT)
+    if PREFIX:
+        bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+        k_head = k_cache_ptr + kvh * stride_kh
+        v_head = v_cache_ptr + kvh * stride_vh
+        full = ctx_len // BLOCK_N * BLOCK_N
+        for start in range(0, full, BLOCK_N):
+            k_t, v = _cached_tile(k_head, v_head, bt_row, start + offs_n, stride_kb, stride_kt, stride_vb,
+                                  stride_vt, d, BLOCK_SIZE, False, ctx_len)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, None, False, IEEE_DOT)
+        if full < ctx_len:
+            pos = full + offs_n
+            k_t, v = _cached_tile(k_head, v_head, bt_row, pos, stride_kb, stride_kt, stride_vb, stride_vt,
+                                  d, BLOCK_SIZE, True, ctx_len)
+            visible = (pos < ctx_len)[None, :] & (rows >= 0)[:, None]
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, visible, True, IEEE_DOT)
 
     # 2) this chunk's keys: below the block's rows unmasked, then the diagonal block causal
     for start in range(0, m0, BLOCK_N):
         k_t = k_desc.load([q_start + start, kvh * HEAD_DIM]).T
         v = v_desc.load([q_start + start, kvh * HEAD_DIM])
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, None, False, IEEE_DOT)
-    for start in range(m0, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N):
+    if STATIC_DIAG:  # keys past the chunk are masked for every stored row (and zero past the tensor)
+        diag_end = m0 + BLOCK_M
+    else:
+        diag_end = tl.minimum(m0 + BLOCK_M, q_len)
+    for start in range(m0, diag_end, BLOCK_N):
         k_t = k_desc.load([q_start + start, kvh * HEAD_DIM]).T
         v = v_desc.load([q_start + start, kvh * HEAD_DIM])
         causal = (start + offs_n)[None, :] <= rows[:, None]
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k_t, v, scale_log2, causal, True, IEEE_DOT)
 
     o = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
-    out_rows = (q_start + rows).to(tl.int64)
-    tl.store(out_ptr + out_rows[:, None] * stride_ot + h * stride_oh + d[None, :], o, mask=(rows < q_len)[:, None])
+    if TMA_STORE and m0 + BLOCK_M <= q_len:  # a whole block of this chunk's rows
+        o_desc.store([q_start + m0, h * HEAD_DIM], o)
+    else:
+        out_rows = (q_start + rows).to(tl.int64)
+        tl.store(out_ptr + out_rows[:, None] * stride_ot + h * stride_oh + d[None, :], o,
+                 mask=(rows < q_len)[:, None])
 
 
 def _rows_descriptor(x: torch.Tensor, block_rows: int):
@@ -162,7 +173,7 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def suits(query, key, value, k_cache, sliding_window) -> bool:
+def suits(query, key, value, out, k_cache, sliding_window) -> bool:
     """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs)."""
     dev = query.device
     if not (_has_tma(dev) if dev.type == "cuda" else _interpreting()):
@@ -171,7 +182,7 @@ def suits(query, key, value, k_cache, sliding_window) -> bool:
     if k_cache.dtype != query.dtype or sliding_window is not None or head_dim not in HEAD_DIMS:
         return False
     item = query.element_size()
-    for x in (query, key, value):  # TMA: 16-byte aligned base and row stride, heads adjacent
+    for x in (query, key, value, out):  # TMA: 16-byte aligned base and row stride, heads adjacent
         if x.stride(2) != 1 or x.stride(1) != head_dim or x.data_ptr() % 16 or (x.stride(0) * item) % 16:
             return False
     return True
@@ -183,13 +194,15 @@ def _interpreting() -> bool:
 
 def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                       max_query_len: int, scale: float, out: torch.Tensor, *, skip_single: bool = False,
-                      tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      tiles: tuple[int, int, int, int] | None = None, variant: dict | None = None) -> torch.Tensor:
     """Causal attention of packed query chunks over [cached prefix | the chunk's own key/value].
 
     Arguments as ``paged_attention`` (the caller has checked them and ``suits``), plus ``key`` /
     ``value`` ``[num_tokens, num_kv_heads, head_dim]``: this step's K/V of the query tokens, already
     written to the cache. skip_single: leave one-token sequences to the caller's decode launch.
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning (bench/); None = by chunk length.
+    variant: kernel switches for tuning (bench/prefill_probe.py): PREFIX (compile the cached-prefix
+    loop), STATIC_DIAG, TMA_STORE.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -203,11 +216,11 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
     grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
     _prefill_attention_kernel[(grid0, num_heads)](
         _rows_descriptor(query, block_m), _rows_descriptor(key, block_n), _rows_descriptor(value, block_n),
-        out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, num_seqs, grid0, scale * LOG2E,
+        _rows_descriptor(out, block_m), out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, num_seqs, grid0, scale * LOG2E,
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         QPK=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=block_n, SKIP_SINGLE=skip_single, IEEE_DOT=query.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        **{**DEFAULT_VARIANT, **(variant or {})}, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -141,3 +141,15 @@ def test_gpu_long_prompt_and_short_tiles(prefill_calls):
     run([(0, 8192)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     assert len(prefill_calls) == 2
+
+
+@pytest.mark.parametrize("variant", [{"STATIC_DIAG": True}, {"TMA_STORE": True},
+                                     {"STATIC_DIAG": True, "TMA_STORE": True}, {"PREFIX": False}])
+def test_kernel_variants(variant):
+    # the tuning switches of bench/prefill_probe.py; PREFIX False only for chunks without a cached prefix
+    seqs = [(0, 70), (0, 5), (0, 32), (0, 33)] if variant.get("PREFIX") is False else MIXED
+    b = make_batch(seqs, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, device=DEVICE)
+    out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
+    pa.prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                         b.seq_lens, b.max_query_len, 0.125, out, variant=variant)
+    assert_close(out, paged_attention_reference(*b.args(), 0.125), torch.float32)
