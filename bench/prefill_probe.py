@@ -152,11 +152,9 @@ def run_shape(B, ctx) -> dict:
     return row
 
 
-ENGINE_VARIANTS = [  # kernels/prefill_attention.py switches, each alone and together
-    {}, {"PREFIX": False}, {"STATIC_DIAG": True}, {"TMA_STORE": True},
-    {"STATIC_DIAG": True, "TMA_STORE": True}, {"PREFIX": False, "STATIC_DIAG": True, "TMA_STORE": True},
-]
-ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)]
+ENGINE_VARIANTS = [{}, {"PREFIX": False}]  # the defaults, and the prefix loop compiled out
+# (cf61666 swept STATIC_DIAG / TMA_STORE alone and together and 128x64 tiles: prefill-probe-*-cf61666-variants.json)
+ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3)]
 
 
 def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
@@ -181,8 +179,11 @@ def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
                 continue
             row = {"B": B, "ctx": ctx, "prefix": prefix, "tiles": list(tiles), "variant": variant}
 
+            # max_query_len picks the defaults of the tiles' class (LONG_CHUNK_VARIANT for 128x128)
+            mql = chunk if tiles[0] == 64 else max(chunk, 2049)
+
             def call():
-                return prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, chunk, D ** -0.5, out,
+                return prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, mql, D ** -0.5, out,
                                          tiles=tiles, variant=variant)
             try:
                 out.fill_(float("nan"))

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention_kernels import _find_seq
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the longest query chunk of the launch, from the probe:
 # chunks of <= 2048 tokens (the mix, the mixed-step graphs): 64x64 / 4 warps (0.91-0.93x SDPA against
@@ -36,10 +35,44 @@ from kernels.paged_attention_kernels import _find_seq
 SHORT_CHUNK_TOKENS = 2048
 SHORT_CHUNK_TILES = (64, 64, 4, 3)
 LONG_CHUNK_TILES = (128, 128, 8, 3)
+# With 128x128 tiles a static diagonal loop and TMA stores of whole output blocks gave +10% at an
+# 8k prompt (465 -> 514 TFLOP/s) and were neutral with a cached prefix; with 64x64 tiles neutral
+# (bench/results/prefill-probe-h200-2026-12-01-cf61666-variants.json).
+SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False}
+LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
 INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
 HEAD_DIMS = (64, 128)
-DEFAULT_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False}
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _locate(query_start_loc_ptr, seq_lens_ptr, q_block_id, num_seqs, BLOCK_M: tl.constexpr):
+    """(sequence, its first query row, query length, cached prefix length) of global q-block q_block_id:
+    the last s with ``query_start_loc[s] // BLOCK_M + s <= q_block_id``.
+
+    The three per-sequence vectors are loaded together, 256 sequences a pass, and the scalars picked
+    from registers: one memory latency before the program's first tile instead of four dependent ones
+    (a search, then query_start_loc[s], [s + 1] and seq_lens[s]), which cost ~10% at 2k-token chunks.
+    """
+    seq = tl.full((), -1, tl.int32)
+    q_start = tl.full((), 0, tl.int32)
+    q_end = tl.full((), 0, tl.int32)
+    seq_len = tl.full((), 0, tl.int32)
+    for c in range(0, num_seqs, 256):
+        idx = c + tl.arange(0, 256)
+        ok = idx < num_seqs
+        starts = tl.load(query_start_loc_ptr + idx, mask=ok, other=0)
+        ends = tl.load(query_start_loc_ptr + idx + 1, mask=ok, other=0)
+        lens = tl.load(seq_lens_ptr + idx, mask=ok, other=0)
+        last = tl.max(tl.where(ok & (starts // BLOCK_M + idx <= q_block_id), idx, -1), 0)
+        pick = idx == last  # nowhere when no sequence of this pass starts at or before the block
+        found = last >= 0
+        seq = tl.where(found, last, seq)
+        q_start = tl.where(found, tl.sum(tl.where(pick, starts, 0), 0), q_start)
+        q_end = tl.where(found, tl.sum(tl.where(pick, ends, 0), 0), q_end)
+        seq_len = tl.where(found, tl.sum(tl.where(pick, lens, 0), 0), seq_len)
+    q_len = q_end - q_start
+    return seq, q_start, q_len, seq_len - q_len
 
 
 @triton.jit
@@ -99,16 +132,13 @@ def _prefill_attention_kernel(
     q_block_id = grid0 - 1 - tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // QPK
-    s = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_M)
-    q_start = tl.load(query_start_loc_ptr + s)
-    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    s, q_start, q_len, ctx_len = _locate(query_start_loc_ptr, seq_lens_ptr, q_block_id, num_seqs, BLOCK_M)
     m0 = (q_block_id - (q_start // BLOCK_M + s)) * BLOCK_M  # first row of this block, within the chunk
     if m0 >= q_len:
         return
     if SKIP_SINGLE:  # the decode rows of a mixed batch, done by paged_attention's decode launch
         if q_len == 1:
             return
-    ctx_len = tl.load(seq_lens_ptr + s) - q_len
     rows = m0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     # rows past the chunk's end (the next sequence's tokens) are computed and never stored
@@ -207,11 +237,12 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs = block_tables.shape[0]
+    long_chunks = max_query_len > SHORT_CHUNK_TOKENS
     if tiles is None:
         if _interpreting():
             tiles = INTERPRET_TILES
         else:
-            tiles = SHORT_CHUNK_TILES if max_query_len <= SHORT_CHUNK_TOKENS else LONG_CHUNK_TILES
+            tiles = LONG_CHUNK_TILES if long_chunks else SHORT_CHUNK_TILES
     block_m, block_n, num_warps, num_stages = tiles
     grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
     _prefill_attention_kernel[(grid0, num_heads)](
@@ -221,6 +252,7 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         QPK=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=block_n, SKIP_SINGLE=skip_single, IEEE_DOT=query.dtype == torch.float32,
-        **{**DEFAULT_VARIANT, **(variant or {})}, num_warps=num_warps, num_stages=num_stages,
+        **{**(LONG_CHUNK_VARIANT if long_chunks else SHORT_CHUNK_VARIANT), **(variant or {})},
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -55,7 +55,7 @@ def _cases() -> dict:
         "prefill_contiguous": (prefill_attention._prefill_attention_kernel,
                                {**attn_ptrs, **{f"{x}_desc": "tensordesc<bf16[64, 128]>" for x in "qkvo"}},
                                {"QPK": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
-                                "SKIP_SINGLE": True, "IEEE_DOT": False, **prefill_attention.DEFAULT_VARIANT}),
+                                "SKIP_SINGLE": True, "IEEE_DOT": False, **prefill_attention.SHORT_CHUNK_VARIANT}),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
                           {"best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "logits_ptr": "*fp32",
                            "seeds_ptr": "*i64", "steps_ptr": "*i64", "greedy_ptr": "*i64"},

@@ -153,3 +153,10 @@ def test_kernel_variants(variant):
     pa.prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
                          b.seq_lens, b.max_query_len, 0.125, out, variant=variant)
     assert_close(out, paged_attention_reference(*b.args(), 0.125), torch.float32)
+
+
+def test_more_sequences_than_one_locate_pass(prefill_calls):
+    # _locate reads 256 sequences a pass: blocks of sequences 256+ come from the second pass
+    seqs = [(i % 20, 2 + i % 3) for i in range(299)] + [(5, 70), (0, 1), (3, 40)]
+    run(seqs, num_kv_heads=1, qpk=1)
+    assert prefill_calls == [False]
