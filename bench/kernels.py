@@ -312,6 +312,8 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="only the variants (bench/kernels_sweep.py)")
     ap.add_argument("--baseline", help="another checkout whose paged attention is timed beside this one")
     ap.add_argument("--pick", action="store_true", help="time tile candidates first and run with the fastest")
+    ap.add_argument("--sections", default="decode,decode_fp8,prefill,fused",
+                    help="which tables to time (a comma list of decode, decode_fp8, prefill, fused)")
     ap.add_argument("--engine-tiles-only", action="store_true",
                     help="only decode tile candidates at the engine's shapes (bench/kernels_sweep.py)")
     args = ap.parse_args()
@@ -358,30 +360,36 @@ def main():
     if args.baseline:
         report["baseline"] = bench_baseline(args.baseline, cbw)
         save()
-    report["decode"] = []
-    for B in BATCHES:
-        for ctx in CONTEXTS:
-            row = bench_decode(B, ctx, cbw)
-            if B <= 8 and "ms" in row:  # as the engine's graphs plan it: max_seq_len = the model's limit
-                row["engine_graph_ms"] = bench_decode(B, ctx, cbw, with_sdpa=False, graph_max_len=ENGINE_MAX_LEN)["ms"]
-            report["decode"].append(row)
-            print("decode", report["decode"][-1], flush=True)
-    save()
-    report["decode_fp8"] = [bench_decode(B, ctx, cbw, fp8=True) for B, ctx in FP8_DECODE_SHAPES]
-    for r in report["decode_fp8"]:
-        print("decode fp8", r, flush=True)
-    save()
-    report["prefill"] = []
-    for B in BATCHES:
-        for ctx in CONTEXTS:
-            if B * ctx > PREFILL_MAX_TOKENS:
-                report["prefill"].append({"B": B, "ctx": ctx, "skipped": f"B*ctx > {PREFILL_MAX_TOKENS}"})
-                continue
-            report["prefill"].append(bench_prefill(B, ctx))
-            print("prefill", report["prefill"][-1], flush=True)
-    save()
-    report["fused"] = bench_fused(cbw)
-    save()
+    sections = set(args.sections.split(","))
+    if "decode" in sections:
+        report["decode"] = []
+        for B in BATCHES:
+            for ctx in CONTEXTS:
+                row = bench_decode(B, ctx, cbw)
+                if B <= 8 and "ms" in row:  # as the engine's graphs plan it: max_seq_len = the model's limit
+                    row["engine_graph_ms"] = bench_decode(B, ctx, cbw, with_sdpa=False,
+                                                          graph_max_len=ENGINE_MAX_LEN)["ms"]
+                report["decode"].append(row)
+                print("decode", report["decode"][-1], flush=True)
+        save()
+    if "decode_fp8" in sections:
+        report["decode_fp8"] = [bench_decode(B, ctx, cbw, fp8=True) for B, ctx in FP8_DECODE_SHAPES]
+        for r in report["decode_fp8"]:
+            print("decode fp8", r, flush=True)
+        save()
+    if "prefill" in sections:
+        report["prefill"] = []
+        for B in BATCHES:
+            for ctx in CONTEXTS:
+                if B * ctx > PREFILL_MAX_TOKENS:
+                    report["prefill"].append({"B": B, "ctx": ctx, "skipped": f"B*ctx > {PREFILL_MAX_TOKENS}"})
+                    continue
+                report["prefill"].append(bench_prefill(B, ctx))
+                print("prefill", report["prefill"][-1], flush=True)
+        save()
+    if "fused" in sections:
+        report["fused"] = bench_fused(cbw)
+        save()
     print_table(report)
 
 
@@ -395,7 +403,7 @@ def print_table(r):
             for x in r["pick"][kind]:
                 print(f"  {kind:<8} {x['variant']}  " + " ".join(f"{y.get('ms', float('nan')):.4f}" for y in x["rows"]))
     print("\ndecode (32q/8kv heads, d=128, bf16)    ms     GB/s  %copy  SDPA-best/ours  (which SDPA)")
-    for x in r["decode"]:
+    for x in r.get("decode", []):
         if "skipped" in x:
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
@@ -410,7 +418,7 @@ def print_table(r):
         vs = f"{x['vs_sdpa']:.2f}x ({x['sdpa_best']})" if "vs_sdpa" in x else x.get("sdpa", "")
         print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['GBps']:8.0f} {x['pct_copy']:5.1f}%  {vs}")
     print("\nprefill (causal), the engine's path      ms   TFLOP/s  SDPA-best/ours  (which SDPA)   block-table kernel")
-    for x in r["prefill"]:
+    for x in r.get("prefill", []):
         if "skipped" in x:
             print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  skipped: {x['skipped']}")
             continue
@@ -423,7 +431,7 @@ def print_table(r):
             for x in r["baseline"][kind]:
                 print(f"  {kind:<8} B={x['B']:>3} ctx={x['ctx']:>5}  {x['base_ms']:9.4f} {x['ms']:8.4f}  {x['speedup']:.3f}x")
     print("\nfused layers (T=4096, bf16)        ms   eager ms  speedup   GB/s  %copy")
-    for x in r["fused"]:
+    for x in r.get("fused", []):
         print(f"  {x['op']:<20} {x['ms']:8.4f} {x['eager_ms']:9.4f} {x['speedup']:7.2f}x {x['GBps']:7.0f} {x['pct_copy']:5.1f}%")
 
 

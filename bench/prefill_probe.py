@@ -152,7 +152,7 @@ def run_shape(B, ctx) -> dict:
     return row
 
 
-ENGINE_VARIANTS = [{}, {"PREFIX": False}]  # the defaults, and the prefix loop compiled out
+ENGINE_VARIANTS = [{}, {"PERSISTENT": False}, {"PERSISTENT": True}]  # the defaults, and either grid
 # (cf61666 swept STATIC_DIAG / TMA_STORE alone and together and 128x64 tiles: prefill-probe-*-cf61666-variants.json)
 ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3)]
 
@@ -175,8 +175,8 @@ def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
     rows = []
     for tiles in ENGINE_TILES:
         for variant in ENGINE_VARIANTS:
-            if prefix and variant.get("PREFIX") is False:
-                continue
+            if tiles[0] == 128 and variant.get("PERSISTENT"):
+                variant = {**variant, "TMA_STORE": False}  # 263 KB of shared memory with it: over the SM's
             row = {"B": B, "ctx": ctx, "prefix": prefix, "tiles": list(tiles), "variant": variant}
 
             # max_query_len picks the defaults of the tiles' class (LONG_CHUNK_VARIANT for 128x128)
@@ -196,6 +196,58 @@ def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print("engine kernel", row, flush=True)
+    return rows
+
+
+def mixed_graph_rows() -> list[dict]:
+    """The prefill launch of a mixed step's CUDA graph (step_profile's mixed window): one 512-token
+    prompt, 200 decode rows at context 512 (left to the decode launch) and 56 empty buffer rows, 768
+    padded tokens. The block-table kernel (before) and prefill_attention's two grids, same inputs."""
+    from kernels.paged_attention import paged_attention
+
+    bs, n_dec, n_empty, T = 16, 200, 56, 768
+    q_lens = [512] + [1] * n_dec + [0] * n_empty
+    seq_lens = [512] + [513] * n_dec + [0] * n_empty
+    S = len(q_lens)
+    nb = -(-513 // bs)
+    k_cache = torch.randn(S * nb, bs, HKV, D, device="cuda", dtype=DT)
+    v_cache = torch.randn_like(k_cache)
+    bt = torch.randperm(S * nb, device="cuda").view(S, nb).int()
+    qkv = torch.randn(T, (H + 2 * HKV) * D, device="cuda", dtype=DT)
+    q = qkv[:, : H * D].view(T, H, D)
+    key = qkv[:, H * D: (H + HKV) * D].view(T, HKV, D)
+    value = qkv[:, (H + HKV) * D:].view(T, HKV, D)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+    lens = torch.tensor(seq_lens, device="cuda", dtype=torch.int32)
+    singles = torch.arange(1, 1 + n_dec, device="cuda", dtype=torch.int32)
+    # the prompt's own K/V in the cache, as write_kv_cache leaves them
+    pos = torch.arange(512, device="cuda")
+    k_cache[bt[0, pos // bs].long(), pos % bs] = key[:512]
+    v_cache[bt[0, pos // bs].long(), pos % bs] = value[:512]
+    out = torch.empty(T, H, D, device="cuda", dtype=DT)
+    ref = paged_attention(q, k_cache, v_cache, bt, qsl, lens, 512, 4096, D ** -0.5, decode_seq_index=singles)[:512]
+    rows = []
+
+    def both_launches(fresh):  # prefill + decode launches, as the engine's mixed graph runs them
+        return lambda: paged_attention(q, k_cache, v_cache, bt, qsl, lens, T, 4096, D ** -0.5, out=out,
+                                       decode_seq_index=singles, **fresh)
+
+    def prefill_only(variant):
+        return lambda: prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, T, D ** -0.5, out,
+                                         skip_single=True, variant=variant)
+
+    cases = {"block_table+decode": both_launches({}),
+             "contiguous+decode": both_launches({"key": key, "value": value}),
+             "prefill only, per-block grid": prefill_only({"PERSISTENT": False}),
+             "prefill only, persistent grid": prefill_only({"PERSISTENT": True})}
+    for name, call in cases.items():
+        out.fill_(float("nan"))
+        call()
+        err = rel_err(out[:512], ref)
+        assert err < 2e-2, f"{name}: rel err {err:.2e}"
+        row = {"case": name, "ms": graph_ms(call), "rel_err": err}
+        rows.append(row)
+        print("mixed graph", row, flush=True)
     return rows
 
 
@@ -220,10 +272,12 @@ def main():
     for s in filter(None, a.engine_shapes.split(",")):
         B, ctx, prefix = (int(x) for x in s.split("x"))
         engine.extend(engine_kernel_rows(B, ctx, prefix))
+    mixed = mixed_graph_rows()
     save_report("prefill-probe", {"triton": triton.__version__, "heads": {"q": H, "kv": HKV, "d": D},
-                                  "rows": rows, "engine_kernel": engine}, "cuda", a.out)
+                                  "rows": rows, "engine_kernel": engine, "mixed_graph_prefill": mixed}, "cuda", a.out)
     for r in engine:
         v = ",".join(f"{k}={int(x)}" for k, x in r["variant"].items()) or "default"
+        r = {**r, "variant": v}
         print(f"engine B={r['B']} ctx={r['ctx']} prefix={r['prefix']} {r['tiles']} {v}: "
               + (f"{r['TFLOPs']:.0f} TFLOP/s" if "ms" in r else r["error"][:100]))
     print(f"{'B':>3} {'ctx':>6} {'sdpa TF':>8} {'paged x':>8} {'best form':>28} {'TF':>6} {'x sdpa':>6}")

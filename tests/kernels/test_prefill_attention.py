@@ -143,8 +143,9 @@ def test_gpu_long_prompt_and_short_tiles(prefill_calls):
     assert len(prefill_calls) == 2
 
 
-@pytest.mark.parametrize("variant", [{"STATIC_DIAG": True}, {"TMA_STORE": True},
-                                     {"STATIC_DIAG": True, "TMA_STORE": True}, {"PREFIX": False}])
+@pytest.mark.parametrize("variant", [{"STATIC_DIAG": True}, {"TMA_STORE": True}, {"PERSISTENT": False},
+                                     {"STATIC_DIAG": True, "TMA_STORE": True, "PERSISTENT": False},
+                                     {"PREFIX": False}])
 def test_kernel_variants(variant):
     # the tuning switches of bench/prefill_probe.py; PREFIX False only for chunks without a cached prefix
     seqs = [(0, 70), (0, 5), (0, 32), (0, 33)] if variant.get("PREFIX") is False else MIXED
