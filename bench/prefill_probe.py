@@ -152,7 +152,8 @@ def run_shape(B, ctx) -> dict:
     return row
 
 
-ENGINE_VARIANTS = [{}, {"PERSISTENT": False}, {"PERSISTENT": True}]  # the defaults, and either grid
+ENGINE_VARIANTS = [{}, {"PREFIX": False}]  # the defaults, and the prefix loop compiled out
+# (ddf20df also timed a persistent grid, since removed: prefill-probe-*-ddf20df-persistent.log)
 # (cf61666 swept STATIC_DIAG / TMA_STORE alone and together and 128x64 tiles: prefill-probe-*-cf61666-variants.json)
 ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3)]
 
@@ -175,8 +176,8 @@ def engine_kernel_rows(B, ctx, prefix) -> list[dict]:
     rows = []
     for tiles in ENGINE_TILES:
         for variant in ENGINE_VARIANTS:
-            if tiles[0] == 128 and variant.get("PERSISTENT"):
-                variant = {**variant, "TMA_STORE": False}  # 263 KB of shared memory with it: over the SM's
+            if prefix and variant.get("PREFIX") is False:
+                continue
             row = {"B": B, "ctx": ctx, "prefix": prefix, "tiles": list(tiles), "variant": variant}
 
             # max_query_len picks the defaults of the tiles' class (LONG_CHUNK_VARIANT for 128x128)
@@ -225,11 +226,11 @@ def mixed_graph_rows() -> list[dict]:
     k_cache[bt[0, pos // bs].long(), pos % bs] = key[:512]
     v_cache[bt[0, pos // bs].long(), pos % bs] = value[:512]
     out = torch.empty(T, H, D, device="cuda", dtype=DT)
-    ref = paged_attention(q, k_cache, v_cache, bt, qsl, lens, 512, 4096, D ** -0.5, decode_seq_index=singles)[:512]
+    ref = paged_attention(q, k_cache, v_cache, bt, qsl, lens, 512, 513, D ** -0.5, decode_seq_index=singles)[:512]
     rows = []
 
     def both_launches(fresh):  # prefill + decode launches, as the engine's mixed graph runs them
-        return lambda: paged_attention(q, k_cache, v_cache, bt, qsl, lens, T, 4096, D ** -0.5, out=out,
+        return lambda: paged_attention(q, k_cache, v_cache, bt, qsl, lens, T, 513, D ** -0.5, out=out,
                                        decode_seq_index=singles, **fresh)
 
     def prefill_only(variant):
@@ -237,9 +238,7 @@ def mixed_graph_rows() -> list[dict]:
                                          skip_single=True, variant=variant)
 
     cases = {"block_table+decode": both_launches({}),
-             "contiguous+decode": both_launches({"key": key, "value": value}),
-             "prefill only, per-block grid": prefill_only({"PERSISTENT": False}),
-             "prefill only, persistent grid": prefill_only({"PERSISTENT": True})}
+             "prefill only, contiguous kernel": prefill_only({})}
     for name, call in cases.items():
         out.fill_(float("nan"))
         call()

@@ -193,9 +193,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             decode token (2x the attention time of 200 decode rows beside one 512-token prompt on the
             H200, bench/results/step-profile-*). Ignored when max_query_len is 1.
         key, value: optional ``[num_tokens, num_kv_heads, head_dim]``: this step's K/V of the query
-            tokens (already in the cache). Given, a prefill batch that suits it runs
+            tokens (already in the cache). Given, a prefill batch with a chunk of over 2k tokens runs
             kernels/prefill_attention.py, which reads them contiguously through TMA descriptors and
-            only the cached prefix through the block table (0.9-1.0x SDPA against 0.6-0.7x).
+            only the cached prefix through the block table (0.87-0.95x SDPA against 0.66-0.70x).
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -236,7 +236,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         _check_fresh_kv(query, key, value, num_kv_heads)
     prefill_tiles = max_query_len * qpk > 64  # as _plan decides: not a decode-like batch
     if (key is not None and prefill_tiles and not plan_overrides and num_splits in (None, 1)
-            and prefill_attention_suits(query, key, value, out, k_cache, sliding_window)):
+            and prefill_attention_suits(query, key, value, out, k_cache, sliding_window, max_query_len)):
         prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                           max_query_len, scale, out, skip_single=singles > 0)
     else:

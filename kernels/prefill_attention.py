@@ -37,12 +37,18 @@ SHORT_CHUNK_TILES = (64, 64, 4, 3)
 LONG_CHUNK_TILES = (128, 128, 8, 3)
 # With 128x128 tiles a static diagonal loop and TMA stores of whole output blocks gave +10% at an
 # 8k prompt (465 -> 514 TFLOP/s) and were neutral with a cached prefix; with 64x64 tiles neutral
-# (bench/results/prefill-probe-h200-2026-12-01-cf61666-variants.json). The persistent grid is for the
-# short launches (mixed-step graphs: mostly empty slots in the per-block grid); long chunks keep one
-# program per q-block (their grid has few empty slots, and persistent 128x128 tiles with a TMA store
-# take 263 KB of shared memory, over the 227 KB an SM has).
-SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False, "PERSISTENT": True}
-LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True, "PERSISTENT": False}
+# (bench/results/prefill-probe-h200-2026-12-01-cf61666-variants.json).
+SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False}
+LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
+# The engine takes this path only for batches whose longest chunk exceeds SHORT_CHUNK_TOKENS. Below
+# that the kernel alone is faster too (0.82x SDPA against 0.62x at B=8 ctx 2k), but in the engine's
+# batches it is not: one program per query head (32) instead of per KV head (8), and each decode row
+# of a mixed step and each empty row of a graph owns a slot per head that exits after its lookup; at
+# two resident programs an SM the ShareGPT mix's mixed steps took 10.1 s instead of 9.4 s
+# (step-profile-*-3fbe82e vs -1a42c92), and a persistent grid over only the real q-blocks, tried
+# next, 11.1 s (its per-item lookup; ddf20df). Long chunks have few such slots: an 8k prompt's
+# prefill attention runs at 0.94x SDPA against 0.69x (kernels-h200-2026-12-01-ddf20df-prefill.json).
+ENGINE_MIN_CHUNK_TOKENS = SHORT_CHUNK_TOKENS + 1
 INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -207,68 +213,6 @@ def _prefill_attention_kernel(
                   QPK, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, IEEE_DOT, PREFIX, STATIC_DIAG, TMA_STORE)
 
 
-@triton.jit
-def _block_counts(query_start_loc_ptr, seq_lens_ptr, c, num_seqs, BLOCK_M: tl.constexpr, SKIP_SINGLE: tl.constexpr):
-    """For sequences [c, c + 256): index, first query row, query length, seq_len, q-blocks with work."""
-    idx = c + tl.arange(0, 256)
-    ok = idx < num_seqs
-    starts = tl.load(query_start_loc_ptr + idx, mask=ok, other=0)
-    q_lens = tl.load(query_start_loc_ptr + idx + 1, mask=ok, other=0) - starts
-    seq_lens = tl.load(seq_lens_ptr + idx, mask=ok, other=0)
-    blocks = (q_lens + BLOCK_M - 1) // BLOCK_M
-    if SKIP_SINGLE:
-        blocks = tl.where(q_lens == 1, 0, blocks)
-    return idx, starts, q_lens, seq_lens, tl.where(ok, blocks, 0)
-
-
-@triton.jit(do_not_specialize=["num_seqs"])
-def _prefill_attention_persistent_kernel(
-        q_desc, k_desc, v_desc, o_desc, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr,
-        seq_lens_ptr, num_seqs, grid0, scale_log2,
-        stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-        NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr, IEEE_DOT: tl.constexpr,
-        PREFIX: tl.constexpr, STATIC_DIAG: tl.constexpr, TMA_STORE: tl.constexpr):
-    """A fixed grid (what fits on the GPU at once) walks the work items (q-block with rows, head).
-
-    A mixed step's CUDA graph gives the per-block grid an upper bound of one slot per buffer row and
-    head, nearly all without work: ~8.6k programs for a 512-token prompt beside 200 decode rows, which
-    at two resident programs an SM cost more than the prompt's attention. Here only real q-blocks are
-    numbered (decode rows and empty rows own none). Items go heaviest first (the last q-blocks of the
-    last sequences), the heads of one q-block adjacent, so programs running together share K/V in L2.
-    """
-    total = tl.full((), 0, tl.int32)
-    for c in range(0, num_seqs, 256):
-        _, _, _, _, blocks = _block_counts(query_start_loc_ptr, seq_lens_ptr, c, num_seqs, BLOCK_M, SKIP_SINGLE)
-        total += tl.sum(blocks, 0)
-    for item in range(tl.program_id(0), total * NUM_HEADS, tl.num_programs(0)):
-        block = total - 1 - item // NUM_HEADS
-        h = item % NUM_HEADS
-        s = tl.full((), 0, tl.int32)
-        q_start = tl.full((), 0, tl.int32)
-        q_len = tl.full((), 0, tl.int32)
-        ctx_len = tl.full((), 0, tl.int32)
-        m0 = tl.full((), 0, tl.int32)
-        before = tl.full((), 0, tl.int32)  # q-blocks of the sequences before this pass
-        for c in range(0, num_seqs, 256):
-            idx, starts, q_lens, seq_lens, blocks = _block_counts(query_start_loc_ptr, seq_lens_ptr, c, num_seqs,
-                                                                  BLOCK_M, SKIP_SINGLE)
-            upto = tl.cumsum(blocks, 0) + before  # q-blocks up to and including each sequence
-            pick = (blocks > 0) & (upto - blocks <= block) & (block < upto)
-            found = tl.sum(pick.to(tl.int32), 0) > 0
-            s = tl.where(found, tl.sum(tl.where(pick, idx, 0), 0), s)
-            q_start = tl.where(found, tl.sum(tl.where(pick, starts, 0), 0), q_start)
-            q_len = tl.where(found, tl.sum(tl.where(pick, q_lens, 0), 0), q_len)
-            ctx_len = tl.where(found, tl.sum(tl.where(pick, seq_lens - q_lens, 0), 0), ctx_len)
-            m0 = tl.where(found, (block - tl.sum(tl.where(pick, upto - blocks, 0), 0)) * BLOCK_M, m0)
-            before += tl.sum(blocks, 0)
-        _attend_block(q_desc, k_desc, v_desc, o_desc, out_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                      s, q_start, q_len, ctx_len, m0, h, scale_log2,
-                      stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                      stride_bt, QPK, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N, IEEE_DOT, PREFIX, STATIC_DIAG,
-                      TMA_STORE)
-
-
 def _rows_descriptor(x: torch.Tensor, block_rows: int):
     """A 2-D TMA descriptor over [tokens, heads * head_dim] of a [tokens, heads, head_dim] view whose
     heads are adjacent in memory (a slice of the q|k|v projection's rows), one head's tile per box."""
@@ -283,10 +227,14 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def suits(query, key, value, out, k_cache, sliding_window) -> bool:
-    """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs)."""
+def suits(query, key, value, out, k_cache, sliding_window, max_query_len) -> bool:
+    """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs).
+    Under the interpreter every prefill batch does, so that the CPU tests exercise it."""
     dev = query.device
-    if not (_has_tma(dev) if dev.type == "cuda" else _interpreting()):
+    if dev.type == "cuda":
+        if not _has_tma(dev) or max_query_len < ENGINE_MIN_CHUNK_TOKENS:
+            return False
+    elif not _interpreting():
         return False
     head_dim = query.shape[2]
     if k_cache.dtype != query.dtype or sliding_window is not None or head_dim not in HEAD_DIMS:
@@ -296,19 +244,6 @@ def suits(query, key, value, out, k_cache, sliding_window) -> bool:
         if x.stride(2) != 1 or x.stride(1) != head_dim or x.data_ptr() % 16 or (x.stride(0) * item) % 16:
             return False
     return True
-
-
-def _resident_programs(device: torch.device, block_m: int) -> int:
-    """The persistent grid: programs that run at once (64-row tiles take ~115 KB of shared memory, two
-    an SM; 128-row ~230 KB, one). The interpreter gets 3, so CPU tests walk several items a program."""
-    if device.type != "cuda":
-        return 3
-    return _num_sms(device) * (2 if block_m <= 64 else 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _interpreting() -> bool:
@@ -325,8 +260,7 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
     written to the cache. skip_single: leave one-token sequences to the caller's decode launch.
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning (bench/); None = by chunk length.
     variant: kernel switches for tuning (bench/prefill_probe.py): PREFIX (compile the cached-prefix
-    loop), STATIC_DIAG, TMA_STORE, PERSISTENT (a fixed grid walking the work items, else one program
-    per q-block slot and head).
+    loop), STATIC_DIAG, TMA_STORE.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -339,13 +273,8 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
             tiles = LONG_CHUNK_TILES if long_chunks else SHORT_CHUNK_TILES
     block_m, block_n, num_warps, num_stages = tiles
     switches = {**(LONG_CHUNK_VARIANT if long_chunks else SHORT_CHUNK_VARIANT), **(variant or {})}
-    persistent = switches.pop("PERSISTENT")
     grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
-    if persistent:
-        kernel, grid = _prefill_attention_persistent_kernel, (_resident_programs(query.device, block_m),)
-    else:
-        kernel, grid = _prefill_attention_kernel, (grid0, num_heads)
-    kernel[grid](
+    _prefill_attention_kernel[(grid0, num_heads)](
         _rows_descriptor(query, block_m), _rows_descriptor(key, block_n), _rows_descriptor(value, block_n),
         _rows_descriptor(out, block_m), out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, num_seqs,
         grid0, scale * LOG2E,

@@ -47,7 +47,7 @@ def _cases() -> dict:
     prefill_ptrs = {**attn_ptrs, **{f"{x}_desc": "tensordesc<bf16[64, 128]>" for x in "qkvo"}}
     prefill = {"NUM_HEADS": 32, "QPK": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
                "SKIP_SINGLE": True, "IEEE_DOT": False,
-               **{k: v for k, v in prefill_attention.SHORT_CHUNK_VARIANT.items() if k != "PERSISTENT"}}
+               **prefill_attention.SHORT_CHUNK_VARIANT}
     return {
         # a mixed step: prefill tiles that leave the one-token sequences to the indexed decode launch
         "attention_mixed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 128, "BLOCK_Q": 32, "TILE_N": 128, "DECODE": False,
@@ -56,8 +56,7 @@ def _cases() -> dict:
                                                         "DECODE": True, "K_ROWS": False, "SEQ_INDEX": True,
                                                         "SKIP_SINGLE": False}),
         # prefill chunks reading their own K/V through TMA descriptors (64-row tiles: the mixed graphs')
-        "prefill_contiguous": (prefill_attention._prefill_attention_persistent_kernel, prefill_ptrs, prefill),
-        "prefill_contiguous_per_block": (prefill_attention._prefill_attention_kernel, prefill_ptrs, prefill),
+        "prefill_contiguous": (prefill_attention._prefill_attention_kernel, prefill_ptrs, prefill),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
                           {"best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "logits_ptr": "*fp32",
                            "seeds_ptr": "*i64", "steps_ptr": "*i64", "greedy_ptr": "*i64"},
@@ -100,7 +99,6 @@ def test_kernels_compile_for_sm90():
 
 def _case_names() -> list[str]:
     return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
-            "prefill_contiguous_per_block",
             "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 

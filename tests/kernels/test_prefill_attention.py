@@ -136,16 +136,27 @@ def test_gpu_prefill_chunks(prefill_calls, dtype, head_dim):
 
 
 @pytest.mark.gpu
-def test_gpu_long_prompt_and_short_tiles(prefill_calls):
-    # an 8k prompt takes the long-chunk tiles; 2k chunks the short ones (both compiled and checked)
+def test_gpu_long_prompt_takes_the_path_and_2k_chunks_do_not(prefill_calls):
+    # chunks of at most 2k tokens stay on the block-table kernel in the engine (ENGINE_MIN_CHUNK_TOKENS)
     run([(0, 8192)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
-    assert len(prefill_calls) == 2
+    assert prefill_calls == [False]
 
 
-@pytest.mark.parametrize("variant", [{"STATIC_DIAG": True}, {"TMA_STORE": True}, {"PERSISTENT": False},
-                                     {"STATIC_DIAG": True, "TMA_STORE": True, "PERSISTENT": False},
-                                     {"PREFIX": False}])
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(64, 64, 4, 3), (128, 128, 8, 3)])
+def test_gpu_both_tile_classes(tiles):
+    # the short-chunk tiles are bench/prefill_probe.py's; both must stay correct at real sizes
+    b = make_batch([(0, 2048), (100, 2000), (517, 129), (0, 1)], num_kv_heads=8, qpk=4, head_dim=128,
+                   block_size=BS, dtype=torch.bfloat16, device="cuda")
+    out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
+    pa.prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                         b.seq_lens, b.max_query_len, 128 ** -0.5, out, tiles=tiles)
+    assert_close(out, paged_attention_reference(*b.args(), 128 ** -0.5), torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", [{"STATIC_DIAG": True}, {"TMA_STORE": True},
+                                     {"STATIC_DIAG": True, "TMA_STORE": True}, {"PREFIX": False}])
 def test_kernel_variants(variant):
     # the tuning switches of bench/prefill_probe.py; PREFIX False only for chunks without a cached prefix
     seqs = [(0, 70), (0, 5), (0, 32), (0, 33)] if variant.get("PREFIX") is False else MIXED
