@@ -195,25 +195,9 @@ class ModelRunner:
         self._forward([_dummy_seq(min(16, self.max_model_len), [0] * width, "warmup")])
         if self.device.type != "cuda":
             return
-        # The kernel variants of eager mixed steps, compiled now rather than at the first such step in
-        # service (a stall of seconds): decode rows listed beside a prefill chunk, and short chunks.
         cfg = self.config
-        num_decode = min(MIN_LISTED_SINGLES, cfg.max_num_seqs - 1)
-        chunk = min(64, self.max_model_len, max(cfg.max_num_batched_tokens, cfg.max_num_seqs) - num_decode)
-        if chunk > 1:
-            decode = [_dummy_seq(1, [0] * width, f"warmup-{i}") for i in range(num_decode)]
-            short = _dummy_seq(min(4, chunk), [0] * width, "warmup-short")
-            for seqs in (decode + [_dummy_seq(chunk, [0] * width, "warmup-chunk")], decode[:1] + [short],
-                         decode + [short]):
-                self._forward(seqs)
-            # Steps past the short-prefill limit take the large prefill tiles (kernels/paged_attention.py):
-            # one such chunk alone and beside listed decode rows.
-            from kernels.paged_attention import SHORT_PREFILL_TOKENS
-            long = SHORT_PREFILL_TOKENS + 1
-            if min(self.max_model_len, cfg.max_num_batched_tokens - num_decode) >= long:
-                big = _dummy_seq(long, [0] * width, "warmup-long")
-                for seqs in ([big], decode + [big]):
-                    self._forward(seqs)
+        for seqs in eager_warmup_steps(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len, width):
+            self._forward(seqs)
         if cfg.enforce_eager:
             return
         if not getattr(self.backend, "supports_cuda_graphs", True):
@@ -365,6 +349,40 @@ class ModelRunner:
 def _no_sample(s: ScheduledSeq) -> ScheduledSeq:
     return ScheduledSeq(s.request_id, s.new_token_ids, s.start_pos, s.block_ids, False, s.params,
                         s.prompt_token_ids, s.output_token_ids)
+
+
+def eager_warmup_steps(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                       width: int) -> list[list[ScheduledSeq]]:
+    """The eager steps whose kernel variants are compiled at warm-up rather than at the first such
+    step in service (a stall of seconds each; bench/step_profile.py names any compiled mid-run).
+
+    Attention picks its programs by the step's shape (kernels/paged_attention.py): decode rows listed
+    beside prefill chunks or not; short chunks; launches of more than SHORT_PREFILL_TOKENS tokens take
+    the large block-table tiles while every chunk is at most that long, and a chunk longer than that
+    goes to kernels/prefill_attention.py. Each class is run alone and beside listed decode rows.
+    """
+    from kernels.paged_attention import SHORT_PREFILL_TOKENS
+
+    num_decode = min(MIN_LISTED_SINGLES, max_num_seqs - 1)
+    chunk = min(64, max_model_len, max(max_num_batched_tokens, max_num_seqs) - num_decode)
+    if chunk <= 1:
+        return []
+
+    def seq(n, name):
+        return _dummy_seq(n, [0] * width, f"warmup-{name}")
+
+    decode = [seq(1, f"decode-{i}") for i in range(num_decode)]
+    short = seq(min(4, chunk), "short")
+    steps = [decode + [seq(chunk, "chunk")], decode[:1] + [short], decode + [short]]
+    room = min(max_model_len, max_num_batched_tokens - num_decode)
+    half = SHORT_PREFILL_TOKENS // 2 + 1  # two such chunks: a launch over the limit, each chunk under it
+    if max_num_batched_tokens - num_decode >= 2 * half and max_model_len >= half:
+        pair = [seq(half, "half-a"), seq(half, "half-b")]
+        steps += [pair, decode + pair]
+    if room >= SHORT_PREFILL_TOKENS + 1:
+        big = seq(SHORT_PREFILL_TOKENS + 1, "long")
+        steps += [[big], decode + [big]]
+    return steps
 
 
 def _dummy_seq(n: int, block_ids: list[int], rid: str = "profile") -> ScheduledSeq:

@@ -220,3 +220,32 @@ def test_sharded_index_with_missing_shard_is_named(tmp_path, stories260k_dir):
         {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(WeightsError, match="model-00001-of-00002.safetensors"):
         make_runner(tmp_path)
+
+
+@pytest.mark.parametrize("max_num_seqs,budget,max_len", [(256, 8192, 4096), (256, 16384, 16384), (8, 2048, 1024)])
+def test_eager_warmup_steps_cover_each_attention_class(max_num_seqs, budget, max_len):
+    # fb90367's mix compiled the block-table kernel's large tiles mid-run (~2.9 s): its only warm-up step
+    # over 2048 tokens had become a 2049-token chunk, which kernels/prefill_attention.py takes
+    from engine_svc.input_batch import MIN_LISTED_SINGLES
+    from engine_svc.model_runner import eager_warmup_steps
+    from kernels.paged_attention import SHORT_PREFILL_TOKENS
+    from kernels.prefill_attention import ENGINE_MIN_CHUNK_TOKENS
+
+    classes = set()
+    for seqs in eager_warmup_steps(max_num_seqs, budget, max_len, width=4):
+        lens = [len(s.new_token_ids) for s in seqs]
+        assert sum(lens) <= budget and max(lens) <= max_len and len(seqs) <= max_num_seqs
+        listed = sum(n == 1 for n in lens) >= MIN_LISTED_SINGLES
+        if max(lens) >= ENGINE_MIN_CHUNK_TOKENS:
+            classes.add(("contiguous", listed))
+        elif sum(lens) > SHORT_PREFILL_TOKENS:
+            classes.add(("block_table_large", listed))
+        else:
+            classes.add(("block_table_short", listed))
+    listings = (True, False) if max_num_seqs > MIN_LISTED_SINGLES else (False,)  # fewer rows are never listed
+    kinds = ["block_table_short"]
+    if budget - MIN_LISTED_SINGLES > SHORT_PREFILL_TOKENS + 1:
+        kinds.append("block_table_large")
+    if min(max_len, budget - MIN_LISTED_SINGLES) >= ENGINE_MIN_CHUNK_TOKENS:
+        kinds.append("contiguous")
+    assert {(k, listed) for k in kinds for listed in listings} <= classes
