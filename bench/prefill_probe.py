@@ -61,6 +61,16 @@ def _step(acc, m_i, l_i, q, k_t, v, scale_log2, offs_m, offs_n, MASKED: tl.const
 
 
 @triton.jit
+def _kv_tile(k_desc, v_desc, k_ptr, v_ptr, row0, start_n, offs_n, kvh, row_stride, D: tl.constexpr,
+             TMA: tl.constexpr):
+    """K^T and V of keys [start_n, start_n + BLOCK_N) of one KV head: TMA boxes or pointer loads."""
+    if TMA:
+        return k_desc.load([row0 + start_n, kvh * D]).T, v_desc.load([row0 + start_n, kvh * D])
+    kv_off = (row0 + offs_n)[:, None] * row_stride + kvh * D + tl.arange(0, D)[None, :]
+    return tl.trans(tl.load(k_ptr + kv_off)), tl.load(v_ptr + kv_off)
+
+
+@triton.jit
 def _probe_kernel(q_desc, k_desc, v_desc, o_desc, q_ptr, k_ptr, v_ptr, o_ptr, ctx, scale_log2,
                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
@@ -84,23 +94,11 @@ def _probe_kernel(q_desc, k_desc, v_desc, o_desc, q_ptr, k_ptr, v_ptr, o_ptr, ct
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WS):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            k_t = k_desc.load([row0 + start_n, kvh * D]).T
-            v = v_desc.load([row0 + start_n, kvh * D])
-        else:
-            kv_off = (row0 + offs_n)[:, None] * (H // GROUP * D) + kvh * D + offs_d[None, :]
-            k_t = tl.trans(tl.load(k_ptr + kv_off))
-            v = tl.load(v_ptr + kv_off)
+        k_t, v = _kv_tile(k_desc, v_desc, k_ptr, v_ptr, row0, start_n, offs_n, kvh, H // GROUP * D, D, TMA)
         acc, m_i, l_i = _step(acc, m_i, l_i, q, k_t, v, scale_log2, offs_m, offs_n, False)
     for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N):  # the diagonal, masked
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            k_t = k_desc.load([row0 + start_n, kvh * D]).T
-            v = v_desc.load([row0 + start_n, kvh * D])
-        else:
-            kv_off = (row0 + offs_n)[:, None] * (H // GROUP * D) + kvh * D + offs_d[None, :]
-            k_t = tl.trans(tl.load(k_ptr + kv_off))
-            v = tl.load(v_ptr + kv_off)
+        k_t, v = _kv_tile(k_desc, v_desc, k_ptr, v_ptr, row0, start_n, offs_n, kvh, H // GROUP * D, D, TMA)
         acc, m_i, l_i = _step(acc, m_i, l_i, q, k_t, v, scale_log2, offs_m, offs_n, True)
     o = (acc / l_i[:, None]).to(q.dtype)
     if TMA:
