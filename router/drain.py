@@ -25,11 +25,20 @@ log = logging.getLogger(__name__)
 EXPIRY_WAIT_S = 2.0
 
 
+class _Stream:
+    """One guarded stream: whether it is waiting for its next upstream response right now."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting = False
+
+
 class StreamDrain:
     """Tracks the tasks serving Generate streams; `drain(grace_s)` waits for them, then ends the rest."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, _Stream] = {}
         self._expired = False
 
     @property
@@ -38,25 +47,43 @@ class StreamDrain:
 
     async def guard(self, responses: AsyncIterator[router_pb2.RouterGenerateResponse]
                     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        """Relay one stream's responses; when the drain expires, end it with a DRAINING error."""
+        """Relay one stream's responses; when the drain expires, end it with a DRAINING error.
+
+        The drain cancels a stream's task only while it waits here for its next upstream response.
+        A task suspended at ``yield`` is inside gRPC's write of the previous response, where a
+        cancel would end the call without the DRAINING answer (the server's stop then reported
+        "Cancelling all calls"); such a stream sees the expiry when the write returns.
+        """
         task = asyncio.current_task()
-        self._tasks.add(task)
+        stream = self._tasks[task] = _Stream()
         request_id = None
+        upstream = responses.__aiter__()
         try:
-            async for out in responses:
+            while not self._expired:
+                stream.waiting = True
+                try:
+                    out = await upstream.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    stream.waiting = False
                 request_id = out.request_id
                 yield out
+            yield self._expiry_answer(request_id)
         except asyncio.CancelledError:
             if not self._expired:
                 raise  # the client went away
             task.uncancel()  # the router's own cancel: answer instead of vanishing
-            if request_id is None:
-                raise Unavailable("the router is shutting down (drain grace ran out): retry on another router") \
-                    from None
-            yield _draining_response(request_id)
+            yield self._expiry_answer(request_id)
         finally:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             await responses.aclose()  # the client went away: the orchestrator's `finally` runs now, not at GC
+
+    @staticmethod
+    def _expiry_answer(request_id: str | None) -> router_pb2.RouterGenerateResponse:
+        if request_id is None:
+            raise Unavailable("the router is shutting down (drain grace ran out): retry on another router")
+        return _draining_response(request_id)
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to grace_s for the open streams; then end what is left with a DRAINING error."""
@@ -68,8 +95,9 @@ class StreamDrain:
             return
         log.warning("drain grace of %.1fs ran out: ending %d stream(s)", grace_s, len(self._tasks))
         self._expired = True
-        for task in list(self._tasks):
-            task.cancel()
+        for task, stream in list(self._tasks.items()):
+            if stream.waiting:
+                task.cancel()
         await asyncio.wait(set(self._tasks), timeout=EXPIRY_WAIT_S)
 
 
