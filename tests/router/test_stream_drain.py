@@ -5,6 +5,7 @@ checks the same through a real router process)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -23,11 +24,13 @@ async def endless(request_id: str, closed: list[str]):
 
 
 async def consume(drain: StreamDrain, upstream, write_s: float) -> list:
-    """A handler relaying the guarded stream; each response's 'write' takes write_s (as gRPC's does)."""
+    """A handler relaying the guarded stream as router/servicer.py does (closed when the handler
+    ends, however it ends); each response's 'write' takes write_s (as gRPC's does)."""
     got = []
-    async for out in drain.guard(upstream):
-        got.append(out)
-        await asyncio.sleep(write_s)
+    async with contextlib.aclosing(drain.guard(upstream)) as responses:
+        async for out in responses:
+            got.append(out)
+            await asyncio.sleep(write_s)
     return got
 
 
