@@ -150,7 +150,7 @@ class CommittedStream:
     async def _stop_engine(self, match_index: int) -> int:
         """Abort the engine request at once, then read its stream out to learn how many tokens it
         generated in all (usage counts them: the client pays for what the engine computed). Returns that count."""
-        self.engine.abort(self.request_id)
+        self.engine.abort(self.request_id, self.call)
         count = self.num_tokens
         try:
             async with asyncio.timeout(STOP_DRAIN_S):

@@ -24,6 +24,7 @@ from engine_svc.core.hooks import EngineHooks
 from engine_svc.server import EngineServer
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from tests.blocks_baseline import assert_blocks_baseline
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 NUM_BLOCKS = 128
@@ -63,15 +64,8 @@ async def stub(server):
     await assert_baseline(server)
 
 
-async def assert_baseline(server, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        load = server.engine.load
-        if load.in_use_blocks == 0 and load.free_blocks + load.cached_blocks == NUM_BLOCKS \
-                and load.num_running_requests == load.num_waiting_requests == 0 and server.engine.num_live == 0:
-            return
-        await server.engine.wait_load_change(0.05)
-    raise AssertionError(f"blocks did not return to baseline: {server.engine.load}")
+async def assert_baseline(server) -> None:
+    await assert_blocks_baseline(server, NUM_BLOCKS)
 
 
 def request(request_id: str, prompt, sampling=None, **kw) -> engine_pb2.GenerateRequest:
