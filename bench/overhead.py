@@ -333,7 +333,7 @@ def main() -> None:
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
-                      "stream; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
+                      "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
                       "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
                       "beforehand. All tiers and the client share the host's cores.",
               "results": results}
