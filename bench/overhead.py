@@ -15,7 +15,10 @@ For each concurrency level, rounds alternate between the paths (direct, router, 
 a second router on one DetokenizeStream per request (`--detokenize per-request`), the code before
 the shared DetokenizeSessions stream, measured in the same run. --compare-tiers-from CHECKOUT adds
 a path "router_base": a router and a tokenizer run from that checkout's code, over the same engine,
-so that a change to the router and tokenizer tiers is measured against its base in one run. The direct path sends the prompt's ids,
+so that a change to the router and tokenizer tiers is measured against its base in one run. Where
+the engine offers GenerateStream, a path "direct_stream" sends the direct requests on one shared
+GenerateStream (router/engine_stream.py, as the router does), the engine's cheapest client: the
+tiers' cost against it is `router_vs_direct_stream`. The direct paths send the prompt's ids,
 tokenized once beforehand (outside the timing); the router path sends the text, so its numbers
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
@@ -32,6 +35,7 @@ import collections
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -50,6 +54,7 @@ from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
                        tokenizer_pb2, tokenizer_pb2_grpc)
+from router.engine_stream import EngineStream  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 # One torch thread for a CPU engine (the tiers share the cores); no trace export without a collector.
@@ -140,6 +145,13 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
             tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
         engine = engine_pb2_grpc.EngineStub(ec)
         paths = {"direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling))}
+        info = await engine.GetInfo(common_pb2.GetInfoRequest())
+        if "generate_stream" in info.capabilities:  # the engine's cheapest client: one shared stream
+            shared = EngineStream(engine)
+            stack.push_async_callback(shared.close)
+            numbers = itertools.count()
+            paths["direct_stream"] = lambda: shared.start(engine_pb2.GenerateRequest(
+                request_id=f"direct-{next(numbers)}", prompt_token_ids=ids, sampling=sampling), None)
         for name in routers:
             stub = router_pb2_grpc.RouterStub(await stack.enter_async_context(create_channel(procs[name].address)))
             paths[name] = functools.partial(stub.Generate, router_pb2.RouterGenerateRequest(
@@ -159,6 +171,9 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
             level = {"requests_per_stream_per_round": n, **merged, **_compare(merged["router"], merged["direct"])}
             for name in routers[1:]:
                 level[f"{name}_vs_direct"] = _compare(merged[name], merged["direct"])
+            if "direct_stream" in merged:  # what the tiers cost against the engine's cheapest client
+                for name in routers:
+                    level[f"{name}_vs_direct_stream"] = _compare(merged[name], merged["direct_stream"])
             results[f"concurrency_{c}"] = level
             print(f"concurrency {c}: {json.dumps(level)}", flush=True)
         return results
@@ -335,7 +350,9 @@ def main() -> None:
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
                       "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
                       "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
-                      "beforehand. All tiers and the client share the host's cores.",
+                      "beforehand (direct: one Generate call per request; direct_stream, where the engine has it: the "
+                      "requests on one shared GenerateStream, the engine's cheapest client). All tiers and the client "
+                      "share the host's cores.",
               "results": results}
     text = json.dumps(report, indent=1)
     if args.out:

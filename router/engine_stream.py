@@ -95,6 +95,24 @@ class StreamedCall:
             raise item
         return item
 
+    async def next_batch(self) -> list:
+        """Every item received and not read yet, at least one (waiting for one): responses, the
+        last of them the finished one, or then the error that ended the request, or grpc.aio.EOF
+        once it ended. For a reader that handles what queued up at once (router.stream)."""
+        while not self._items:
+            if self._ended:
+                return [grpc.aio.EOF]
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._items[0] is _CANCELLED:
+            raise asyncio.CancelledError()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     def __aiter__(self):
         return self._iterate()
 
