@@ -13,7 +13,9 @@ to the engine, in the same run, on the same engine, under the same load.
 For each concurrency level, rounds alternate between the paths (direct, router, router, direct,
 ...) so that drift in the machine's state hits both alike. --compare-per-request adds a third path:
 a second router on one DetokenizeStream per request (`--detokenize per-request`), the code before
-the shared DetokenizeSessions stream, measured in the same run. --compare-tiers-from CHECKOUT adds
+the shared DetokenizeSessions stream, measured in the same run; --compare-engine-stream likewise a
+router on one Generate call per request to the engine (`--engine-stream per-request`, path
+router_engine_per_request), the code before the shared GenerateStream. --compare-tiers-from CHECKOUT adds
 a path "router_base": a router and a tokenizer run from that checkout's code, over the same engine,
 so that a change to the router and tokenizer tiers is measured against its base in one run. Where
 the engine offers GenerateStream, a path "direct_stream" sends the direct requests on one shared
@@ -180,7 +182,7 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
 
 
 # The router paths measured beside the direct one, in this order (those started).
-ROUTER_PATHS = ("router", "router_per_request", "router_base")
+ROUTER_PATHS = ("router", "router_per_request", "router_engine_per_request", "router_base")
 
 
 def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
@@ -213,6 +215,8 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
         start("router", "router", router_flags)
         if args.compare_per_request:  # the same router on one DetokenizeStream per request
             start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
+        if args.compare_engine_stream:  # the same router on one Generate call per request to the engine
+            start("router", "router_engine_per_request", [*router_flags, "--engine-stream", "per-request"])
         if base_tok is not None:
             start("router", "router_base", ["--tokenizer", base_tok.address, "--engines", engine.address,
                                             "--log-level", "WARNING"], base_tree)
@@ -319,6 +323,9 @@ def main() -> None:
     parser.add_argument("--services-from", default=str(REPO), help="checkout whose services are measured")
     parser.add_argument("--compare-per-request", action="store_true",
                         help="also measure a router on per-request DetokenizeStreams (--detokenize per-request)")
+    parser.add_argument("--compare-engine-stream", action="store_true",
+                        help="also measure a router on one Generate call per request to the engine "
+                             "(--engine-stream per-request; path router_engine_per_request)")
     parser.add_argument("--compare-tiers-from", default=None,
                         help="also measure a router and tokenizer run from this checkout (path router_base), same engine")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
@@ -348,7 +355,8 @@ def main() -> None:
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
-                      "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
+                      "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; "
+                      "router_engine_per_request, when measured: one Generate call per request to the engine; router_base, when measured: "
                       "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
                       "beforehand (direct: one Generate call per request; direct_stream, where the engine has it: the "
                       "requests on one shared GenerateStream, the engine's cheapest client). All tiers and the client "

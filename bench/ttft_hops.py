@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-ttft-hops")
     args = parser.parse_args()
     args.model = str(pathlib.Path(args.model).resolve())
-    args.compare_per_request = False
+    args.compare_per_request = args.compare_engine_stream = False
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     procs = start_mesh(args, pathlib.Path(args.log_dir), REPO)
     try:
