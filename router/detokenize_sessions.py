@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 
 import grpc
 
@@ -27,7 +26,6 @@ from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable
 from kvmesh.v1 import router_pb2, tokenizer_pb2
 from router.shared_call import CurrentCall, SharedCall
 
-log = logging.getLogger(__name__)
 
 # Messages sent and not yet answered. One gathers the most per message (the fewest messages, the
 # least CPU); a session waits at most one round trip for the message ahead of its batch.
@@ -142,14 +140,10 @@ class SharedStream(SharedCall):
         if self.failure is not None:
             return
         self.failure = Unavailable(f"tokenizer detokenize stream failed: {why}")
-        if self._waiting:
-            log.warning("%s; %d sessions waiting on it fail", self.failure.message, len(self._waiting))
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(self.failure)
-        self._waiting.clear()
+        self._fail_all(self.failure, self._waiting, "sessions")
         self._pending.clear()
         self._call.cancel()
+
 
 class DetokenizeSessions:
     """The router's sessions on one tokenizer channel: the current SharedStream, replaced when it fails."""

@@ -119,6 +119,9 @@ class Router:
                 if (self.config.detokenize == "shared" and "detokenize_sessions" in info.service.capabilities
                         and not tracing_enabled()):
                     self.tokenizer.use_shared_sessions()
+                # A traced request keeps its Tokenize call (and the tokenizer's span of it) likewise.
+                if "tokenize_stream" in info.service.capabilities and not tracing_enabled():
+                    self.tokenizer.use_tokenize_stream()
                 log.info("detokenization: %s", "one shared DetokenizeSessions stream" if self.tokenizer.sessions
                          else "one DetokenizeStream per request")
                 return

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 
 class SharedCall:
@@ -21,6 +24,16 @@ class SharedCall:
 
     def _fail(self, why: str) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def _fail_all(failure: Exception, waiting: dict[int, asyncio.Future], what: str) -> None:
+        """Set `failure` on every future still waiting for an answer on the call, and forget them."""
+        if waiting:
+            log.warning("%s; %d %s waiting on it fail", failure, len(waiting), what)
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(failure)
+        waiting.clear()
 
     async def close(self) -> None:
         self._fail("closed")
