@@ -5,14 +5,15 @@
 
 Starts the mesh as bench/overhead.py does (tokenizer, one engine, router; the services of this
 checkout) and, from one client, one request at a time, alternating, times:
-- tokenize: a Tokenize round trip (the router's first hop);
+- tokenize: a Tokenize round trip (a unary call: the router's first hop before TokenizeStream);
+- tokenize_stream: a message pair on an open TokenizeStream (the router's first hop);
 - detokenize: a first message on an open DetokenizeSessions stream (open + one id + finish: the
   router's first detokenize round trip);
 - engine_generate: the engine's first response on its own Generate call (ids in);
 - engine_stream: the engine's first response on an open GenerateStream (the router's engine hop);
 - router: the router's first response with a token (text in: every hop above, plus the client <->
   router hop and the router's own work).
-`router_rest_ms` = router - (tokenize + engine_stream + detokenize): the client <-> router hop and the
+`router_rest_ms` = router - (tokenize_stream + engine_stream + detokenize): the client <-> router hop and the
 router's own work. Every request generates one token (greedy), so each sample is a first token.
 """
 
@@ -45,12 +46,21 @@ class Hops:
     def __init__(self, tokenizer, engine, router, ids: list[int]):
         self.tokenizer, self.engine, self.router, self.ids = tokenizer, engine, router, ids
         self._detok = tokenizer.DetokenizeSessions()
+        self._tok = tokenizer.TokenizeStream()
         self._gen = engine.GenerateStream()
         self._n = 0
 
     async def tokenize(self) -> float:
         t = time.perf_counter()
         await self.tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))
+        return time.perf_counter() - t
+
+    async def tokenize_stream(self) -> float:
+        self._n += 1
+        item = tokenizer_pb2.TokenizeItem(item_id=self._n, request=tokenizer_pb2.TokenizeRequest(text=PROMPT))
+        t = time.perf_counter()
+        await self._tok.write(tokenizer_pb2.TokenizeStreamRequest(items=[item]))
+        await self._tok.read()
         return time.perf_counter() - t
 
     async def detokenize(self) -> float:
@@ -86,6 +96,7 @@ class Hops:
 
     def close(self) -> None:
         self._detok.cancel()
+        self._tok.cancel()
         self._gen.cancel()
 
 
@@ -96,7 +107,7 @@ async def measure(procs, samples: int) -> dict:
         tok = tokenizer_pb2_grpc.TokenizerStub(channels[0])
         ids = list((await tok.Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
         hops = Hops(tok, engine_pb2_grpc.EngineStub(channels[1]), router_pb2_grpc.RouterStub(channels[2]), ids)
-        fns = {"tokenize": hops.tokenize, "detokenize": hops.detokenize, "engine_generate": hops.engine_generate,
+        fns = {"tokenize": hops.tokenize, "tokenize_stream": hops.tokenize_stream, "detokenize": hops.detokenize, "engine_generate": hops.engine_generate,
                "engine_stream": hops.engine_stream, "router": hops.router_first_token}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for i in range(samples + 5):  # the first 5 rounds warm up (connections, caches)
@@ -107,7 +118,7 @@ async def measure(procs, samples: int) -> dict:
                     times[name].append(elapsed)
         hops.close()
     p50 = {name: round(percentile(v, 50) * 1e3, 3) for name, v in times.items()}
-    p50["router_rest_ms"] = round(p50["router"] - p50["tokenize"] - p50["engine_stream"] - p50["detokenize"], 3)
+    p50["router_rest_ms"] = round(p50["router"] - p50["tokenize_stream"] - p50["engine_stream"] - p50["detokenize"], 3)
     return {"p50_ms": p50, "p90_ms": {name: round(percentile(v, 90) * 1e3, 3) for name, v in times.items()},
             "samples": samples}
 
