@@ -13,9 +13,14 @@ to the engine, in the same run, on the same engine, under the same load.
 For each concurrency level, rounds alternate between the paths (direct, router, router, direct,
 ...) so that drift in the machine's state hits both alike. --compare-per-request adds a third path:
 a second router on one DetokenizeStream per request (`--detokenize per-request`), the code before
-the shared DetokenizeSessions stream, measured in the same run. --compare-tiers-from CHECKOUT adds
+the shared DetokenizeSessions stream, measured in the same run; --compare-engine-stream likewise a
+router on one Generate call per request to the engine (`--engine-stream per-request`, path
+router_engine_per_request), the code before the shared GenerateStream. --compare-tiers-from CHECKOUT adds
 a path "router_base": a router and a tokenizer run from that checkout's code, over the same engine,
-so that a change to the router and tokenizer tiers is measured against its base in one run. The direct path sends the prompt's ids,
+so that a change to the router and tokenizer tiers is measured against its base in one run. Where
+the engine offers GenerateStream, a path "direct_stream" sends the direct requests on one shared
+GenerateStream (router/engine_stream.py, as the router does), the engine's cheapest client: the
+tiers' cost against it is `router_vs_direct_stream`. The direct paths send the prompt's ids,
 tokenized once beforehand (outside the timing); the router path sends the text, so its numbers
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
@@ -32,6 +37,7 @@ import collections
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -50,6 +56,7 @@ from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
                        tokenizer_pb2, tokenizer_pb2_grpc)
+from router.engine_stream import EngineStream  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 # One torch thread for a CPU engine (the tiers share the cores); no trace export without a collector.
@@ -140,6 +147,13 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
             tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
         engine = engine_pb2_grpc.EngineStub(ec)
         paths = {"direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling))}
+        info = await engine.GetInfo(common_pb2.GetInfoRequest())
+        if "generate_stream" in info.capabilities:  # the engine's cheapest client: one shared stream
+            shared = EngineStream(engine)
+            stack.push_async_callback(shared.close)
+            numbers = itertools.count()
+            paths["direct_stream"] = lambda: shared.start(engine_pb2.GenerateRequest(
+                request_id=f"direct-{next(numbers)}", prompt_token_ids=ids, sampling=sampling), None)
         for name in routers:
             stub = router_pb2_grpc.RouterStub(await stack.enter_async_context(create_channel(procs[name].address)))
             paths[name] = functools.partial(stub.Generate, router_pb2.RouterGenerateRequest(
@@ -159,13 +173,16 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
             level = {"requests_per_stream_per_round": n, **merged, **_compare(merged["router"], merged["direct"])}
             for name in routers[1:]:
                 level[f"{name}_vs_direct"] = _compare(merged[name], merged["direct"])
+            if "direct_stream" in merged:  # what the tiers cost against the engine's cheapest client
+                for name in routers:
+                    level[f"{name}_vs_direct_stream"] = _compare(merged[name], merged["direct_stream"])
             results[f"concurrency_{c}"] = level
             print(f"concurrency {c}: {json.dumps(level)}", flush=True)
         return results
 
 
 # The router paths measured beside the direct one, in this order (those started).
-ROUTER_PATHS = ("router", "router_per_request", "router_base")
+ROUTER_PATHS = ("router", "router_per_request", "router_engine_per_request", "router_base")
 
 
 def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
@@ -198,6 +215,8 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
         start("router", "router", router_flags)
         if args.compare_per_request:  # the same router on one DetokenizeStream per request
             start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
+        if args.compare_engine_stream:  # the same router on one Generate call per request to the engine
+            start("router", "router_engine_per_request", [*router_flags, "--engine-stream", "per-request"])
         if base_tok is not None:
             start("router", "router_base", ["--tokenizer", base_tok.address, "--engines", engine.address,
                                             "--log-level", "WARNING"], base_tree)
@@ -304,6 +323,9 @@ def main() -> None:
     parser.add_argument("--services-from", default=str(REPO), help="checkout whose services are measured")
     parser.add_argument("--compare-per-request", action="store_true",
                         help="also measure a router on per-request DetokenizeStreams (--detokenize per-request)")
+    parser.add_argument("--compare-engine-stream", action="store_true",
+                        help="also measure a router on one Generate call per request to the engine "
+                             "(--engine-stream per-request; path router_engine_per_request)")
     parser.add_argument("--compare-tiers-from", default=None,
                         help="also measure a router and tokenizer run from this checkout (path router_base), same engine")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
@@ -333,9 +355,12 @@ def main() -> None:
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
-                      "stream; router_per_request, when measured: one DetokenizeStream per request; router_base, when measured: "
+                      "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; "
+                      "router_engine_per_request, when measured: one Generate call per request to the engine; router_base, when measured: "
                       "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
-                      "beforehand. All tiers and the client share the host's cores.",
+                      "beforehand (direct: one Generate call per request; direct_stream, where the engine has it: the "
+                      "requests on one shared GenerateStream, the engine's cheapest client). All tiers and the client "
+                      "share the host's cores.",
               "results": results}
     text = json.dumps(report, indent=1)
     if args.out:

@@ -9,7 +9,8 @@
 - The event loop is never blocked by a model step: steps run on the engine thread, and the only
   thing crossing back is one callback per step carrying that step's outputs and a load snapshot.
 - The engine thread never waits on the network: commands are a non-blocking queue, outputs go to
-  unbounded per-request asyncio queues; a slow client only grows its own queue.
+  unbounded per-request asyncio queues (or a GenerateStream's session, which takes the outputs of
+  all its requests); a slow client only grows its own queue.
 - The thread also builds the model runner (load, KV sizing, compile), so the CUDA context and every
   tensor live on the thread that uses them; GetStatus reads the phase meanwhile.
 """
@@ -23,6 +24,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from engine_svc.config import EngineConfig
 from engine_svc.core.engine_core import EngineCore, LoadSnapshot
@@ -35,6 +37,12 @@ from engine_svc.watchdog import StepHeartbeat, is_fatal_device_error
 log = logging.getLogger(__name__)
 
 RECENT_FINISHED_LIMIT = 10_000  # finished ids remembered for Abort's ALREADY_FINISHED
+
+
+class OutputSink(Protocol):
+    """Where a request's outputs go, on the event loop, in order (an asyncio.Queue is one)."""
+
+    def put_nowait(self, output: RequestOutput) -> None: ...
 
 
 class DuplicateRequest(Exception):
@@ -99,7 +107,7 @@ class EngineLoop:
         # KV events (engine_svc/kv_events.py): the block manager appends, the event loop pops.
         self.kv_events: collections.deque | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}  # live requests (event loop side)
+        self._outputs: dict[str, OutputSink] = {}  # live requests (event loop side)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -145,15 +153,16 @@ class EngineLoop:
     def is_live(self, request_id: str) -> bool:
         return request_id in self._outputs
 
-    def add(self, req: Request) -> asyncio.Queue[RequestOutput]:
-        """Submit a validated request; returns the queue its outputs arrive on (the last is finished).
+    def add(self, req: Request, sink: OutputSink | None = None) -> OutputSink:
+        """Submit a validated request; returns where its outputs arrive (the last is finished): `sink`,
+        or a new asyncio.Queue. A sink may take the outputs of many requests (a GenerateStream's).
 
         Raises:
             DuplicateRequest: a live request has the same id.
         """
         if req.request_id in self._outputs:
             raise DuplicateRequest(req.request_id)
-        out: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        out = sink if sink is not None else asyncio.Queue()
         self._outputs[req.request_id] = out
         self._recent.pop(req.request_id, None)
         self._commands.put(("add", req))

@@ -136,7 +136,7 @@ class EngineServer:
         """Stop taking requests; let in-flight ones finish for grace_s, end the rest, stop the engine."""
         if self.status.phase == Phase.ENGINE_PHASE_READY:
             self.status.enter(Phase.ENGINE_PHASE_DRAINING, f"finishing {self.engine.num_live} request(s)")
-        self.service.draining = True
+        self.service.start_draining()
         self.engine.republish()  # watchers see draining=True now, not at the next heartbeat
         if self.running is not None:
             await self.running.drain()  # NOT_SERVING; health watches end

@@ -24,13 +24,14 @@ from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
 from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop
+from engine_svc.generate_stream import GenerateSession
 from engine_svc.kv_events import KvEventPublisher
 from engine_svc.sampling_params import SamplingParams, SamplingParamsError
 
 SERVICE_NAME = "kvmesh.v1.Engine"
 DEFAULT_MAX_TOKENS = 256
 CAPABILITIES = ["logprobs", "top_logprobs", "seed", "stop_token_ids", "min_tokens", "ignore_eos",
-                "priority", "chunked_prefill", "abort", "watch_load", "cache_salt"]
+                "priority", "chunked_prefill", "abort", "watch_load", "cache_salt", "generate_stream"]
 PREFIX_CAPABILITIES = ["prefix_caching", "kv_events"]  # added when prefix caching is on
 MAX_CACHE_SALT_BYTES = 256
 
@@ -69,6 +70,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self._report_seq = itertools.count(1)
         self.kv_events: KvEventPublisher | None = None
         self._kv_task: asyncio.Task | None = None
+        self._sessions: set[GenerateSession] = set()  # open GenerateStreams (woken when draining starts)
 
     def start_kv_events(self) -> None:
         """Start publishing KV events (after the engine started; a no-op without prefix caching)."""
@@ -87,14 +89,35 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     # ---- Generate ----
 
     async def Generate(self, request: engine_pb2.GenerateRequest, context):
+        req = self.admissible(request)
+        req.trace = self._hooks.begin(req.request_id, len(req.prompt_token_ids), request.sampling)
+        async for response in self.stream(req, request.include_load):
+            yield response
+
+    async def GenerateStream(self, request_iterator, context):
+        """Many requests on one stream (engine_svc/generate_stream.py)."""
+        session = GenerateSession(self, self._hooks)
+        self._sessions.add(session)
+        try:
+            async with contextlib.aclosing(session.run(request_iterator)) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            self._sessions.discard(session)
+
+    def start_draining(self) -> None:
+        """Refuse new requests from now on; GenerateStreams end once their requests are done."""
+        self.draining = True
+        for session in self._sessions:
+            session.wake()
+
+    def admissible(self, request: engine_pb2.GenerateRequest) -> Request:
+        """The Request to admit, or the ServiceError Generate fails with (draining, not ready, bad input)."""
         if self.draining:
             raise Unavailable("the engine is draining (shutting down): send the request to another replica")
         if not self.ready:
             raise Unavailable("the engine is not ready yet (see GetStatus): retry shortly")
-        req = self.validate(request)
-        req.trace = self._hooks.begin(req.request_id, len(req.prompt_token_ids), request.sampling)
-        async for response in self.stream(req, request.include_load):
-            yield response
+        return self.validate(request)
 
     async def stream(self, req: Request, include_load: bool = False):
         """Admit a validated request and yield its responses; abort it if the consumer goes away."""
@@ -117,12 +140,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
                 finished = batch[-1].finished  # the finished output is always the last one queued
-                response = self._response(batch, include_load and (first or finished))
-                if trace is not None:
-                    trace.output(len(response.tokens))
+                response = engine_pb2.GenerateResponse()
+                self.fill_response(response, batch)
                 # The router reads a report on the first response (its pending blocks are now
                 # counted by the engine) and on the last (they are freed); the WatchLoad stream
                 # covers the time in between, so the responses between carry none.
+                if include_load and (first or finished):
+                    response.load.CopyFrom(self.load_report())
+                if trace is not None:
+                    trace.output(len(response.tokens))
                 yield response
                 first = False
         finally:  # client cancel, deadline, or a closed generator: free the blocks at the next step
@@ -181,10 +207,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         except SamplingParamsError as err:
             raise InvalidArgument(f"sampling.{err.field}", str(err).split(": ", 1)[-1]) from None
 
-    def _response(self, outs: list[RequestOutput], include_load: bool) -> engine_pb2.GenerateResponse:
-        """One response for a request's queued outputs, in order (only the last may be finished)."""
+    @staticmethod
+    def fill_response(resp: engine_pb2.GenerateResponse, outs: list[RequestOutput]) -> None:
+        """Fill an empty response from a request's queued outputs, in order (only the last may be finished)."""
         out = outs[-1]
-        resp = engine_pb2.GenerateResponse(request_id=out.request_id)
+        resp.request_id = out.request_id
         add = resp.tokens.add
         for part in outs:
             index = part.first_index
@@ -206,9 +233,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             if out.finish_reason is FinishReason.ERROR:
                 code, reason = _ERRORS[out.error_kind or ErrorKind.INTERNAL]
                 resp.error.CopyFrom(common_pb2.StreamError(code=code, message=out.error or "", reason=reason))
-        if include_load:
-            resp.load.CopyFrom(self.load_report())
-        return resp
 
     # ---- Abort / load / info / status ----
 

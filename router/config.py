@@ -10,6 +10,7 @@ from router.policy import POLICIES
 
 
 DETOKENIZE_MODES = ("shared", "per_request")
+ENGINE_STREAM_MODES = ("auto", "shared", "per_request")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,11 @@ class RouterConfig:
     # offers it and tracing is off: a traced request keeps its own DetokenizeStream and span);
     # per_request: one DetokenizeStream per request.
     detokenize: str = "shared"
+    # auto: every request to an engine on one shared GenerateStream per engine (when the engine
+    # offers it and tracing is off: a traced request keeps its own Generate call and the engine's
+    # span of it); shared: whenever the engine offers it, traced or not (the trace context travels
+    # in each request); per_request: one Generate call per request.
+    engine_stream: str = "auto"
 
     def validate(self) -> "RouterConfig":
         if self.policy not in POLICIES:
@@ -78,6 +84,8 @@ class RouterConfig:
             raise ConfigError(f"http_port={self.http_port}: use a port in [0, 65535] (0 = any free port)")
         if self.detokenize not in DETOKENIZE_MODES:
             raise ConfigError(f"detokenize={self.detokenize!r}: use one of {', '.join(DETOKENIZE_MODES)}")
+        if self.engine_stream not in ENGINE_STREAM_MODES:
+            raise ConfigError(f"engine_stream={self.engine_stream!r}: use one of {', '.join(ENGINE_STREAM_MODES)}")
         if self.auth_token is not None and not self.auth_token:
             raise ConfigError("auth_token is empty: pass a token or leave the flag out")
         return self
@@ -136,6 +144,11 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         help="shared: all requests' detokenization on one stream to the tokenizer (fewest "
                              "messages; used when the tokenizer offers it and tracing is off); per_request: "
                              "one DetokenizeStream per request")
+    parser.add_argument("--engine-stream", default=d["engine_stream"].default, choices=ENGINE_STREAM_MODES,
+                        type=lambda name: name.replace("-", "_"),
+                        help="auto: every request to an engine on one shared GenerateStream (fewest messages; "
+                             "used when the engine offers it and tracing is off); shared: also when tracing "
+                             "(the trace context travels in each request); per_request: one Generate call per request")
     parser.add_argument("--http-port-file", default=None,
                         help="write the HTTP API's bound port to this file once serving (launchers, tests)")
 
@@ -156,5 +169,5 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_concurrent_streams=args.max_concurrent_streams, max_attempts=args.max_attempts,
         retry_after_s=args.retry_after, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, http_port=args.http_port,
-        http_host=args.http_host, detokenize=args.detokenize,
+        http_host=args.http_host, detokenize=args.detokenize, engine_stream=args.engine_stream,
     ).validate()

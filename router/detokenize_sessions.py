@@ -18,16 +18,14 @@ session opens a new stream (the channel reconnects by itself).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import logging
 
 import grpc
 
 from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable
 from kvmesh.v1 import router_pb2, tokenizer_pb2
+from router.shared_call import CurrentCall, SharedCall
 
-log = logging.getLogger(__name__)
 
 # Messages sent and not yet answered. One gathers the most per message (the fewest messages, the
 # least CPU); a session waits at most one round trip for the message ahead of its batch.
@@ -55,7 +53,7 @@ def refused(error) -> ServiceError:
     return err
 
 
-class SharedStream:
+class SharedStream(SharedCall):
     """One DetokenizeSessions call and its writer and reader tasks. Lives until it fails or is closed."""
 
     def __init__(self, stub, max_in_flight: int = MAX_IN_FLIGHT):
@@ -142,53 +140,26 @@ class SharedStream:
         if self.failure is not None:
             return
         self.failure = Unavailable(f"tokenizer detokenize stream failed: {why}")
-        if self._waiting:
-            log.warning("%s; %d sessions waiting on it fail", self.failure.message, len(self._waiting))
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(self.failure)
-        self._waiting.clear()
+        self._fail_all(self.failure, self._waiting, "sessions")
         self._pending.clear()
         self._call.cancel()
-
-    async def close(self) -> None:
-        self._fail("closed")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 class DetokenizeSessions:
     """The router's sessions on one tokenizer channel: the current SharedStream, replaced when it fails."""
 
     def __init__(self, stub, max_in_flight: int = MAX_IN_FLIGHT):
-        self._stub = stub
-        self._max_in_flight = max_in_flight
-        self._stream: SharedStream | None = None
+        self._current = CurrentCall(lambda: SharedStream(stub, max_in_flight))
         self._ids = itertools.count(1)
-        self._old: list[SharedStream] = []  # failed streams whose tasks are still winding down
 
     def stream(self) -> SharedStream:
-        if self._stream is None or self._stream.failure is not None:
-            if self._stream is not None:
-                self._reap(self._stream)
-            self._stream = SharedStream(self._stub, self._max_in_flight)
-        return self._stream
-
-    def _reap(self, stream: SharedStream) -> None:
-        task = asyncio.ensure_future(stream.close())
-        self._old.append(stream)
-        task.add_done_callback(lambda _: self._old.remove(stream))
+        return self._current.get()
 
     def session(self, timeout: float | None) -> "SharedSession":
         return SharedSession(self, next(self._ids), timeout)
 
     async def close(self) -> None:
-        if self._stream is not None:
-            await self._stream.close()
-            self._stream = None
+        await self._current.close()
 
 
 class SharedSession:

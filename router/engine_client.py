@@ -1,5 +1,6 @@
-"""The router's side of one engine replica: its stubs, its load as last reported, the blocks the
-router sent it that no report reflects yet (router.pending), and its admission state.
+"""The router's side of one engine replica: its stubs and shared GenerateStream (router.engine_stream),
+its load as last reported, the blocks the router sent it that no report reflects yet
+(router.pending), and its admission state.
 
 Every call the router makes to an engine goes through EngineClient (the request path: generate,
 abort; the watcher: health, info, WatchLoad), so that the pending-block bookkeeping that must follow
@@ -16,10 +17,15 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from opentelemetry import propagate, trace
+
 from kvmesh.load import LoadSnapshot, from_report
+from kvmesh.telemetry.tracing import tracing_enabled
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from router.engine_stream import EngineStream, StreamedCall
 from router.pending import PendingLedger
 from router.policy import Candidate
+from router.shared_call import CurrentCall
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,16 @@ ABORT_TIMEOUT_S = 2.0
 class EngineClient:
     """One engine replica as the router sees it, and the only way the router calls it."""
 
-    def __init__(self, address: str, channel: grpc.aio.Channel):
+    def __init__(self, address: str, channel: grpc.aio.Channel, engine_stream: str = "auto"):
         self.address = address
         self.channel = channel
         self._stub = engine_pb2_grpc.EngineStub(channel)
+        # "auto": the shared GenerateStream when the engine offers it and this router does not trace
+        # (a traced request keeps its own Generate call and the engine's SERVER span); "shared":
+        # whenever offered, the trace context travelling in each request; "per_request": never.
+        self._engine_stream = engine_stream
+        self.stream = CurrentCall(lambda: EngineStream(self._stub))  # the shared GenerateStream
+        self.multiplexed = False  # requests ride the shared GenerateStream (decided by fetch_info)
         self._health = health_pb2_grpc.HealthStub(channel)
         self.info: common_pb2.ServiceInfo | None = None
         self.report: common_pb2.LoadReport | None = None  # the newest report applied
@@ -75,8 +87,14 @@ class EngineClient:
         self.in_flight -= 1
 
     def generate(self, request: engine_pb2.GenerateRequest, timeout: float | None):
-        """Open the Generate stream (the caller reads it and cancels it when done)."""
-        return self._stub.Generate(request, timeout=timeout)
+        """Start a request: a Generate call, or a StreamedCall on the shared GenerateStream, read
+        alike (`read()`, `async for`); the caller cancels it when done."""
+        if not self.multiplexed:
+            return self._stub.Generate(request, timeout=timeout)
+        span = trace.get_current_span()
+        if span.is_recording():  # the request's own trace context: one call carries many requests
+            propagate.inject(request.trace_context)
+        return self.stream.get().start(request, timeout)
 
     def first_response(self, request_id: str, response: engine_pb2.GenerateResponse) -> None:
         """The engine answered: its attached report (include_load) is the first that counts the
@@ -92,8 +110,12 @@ class EngineClient:
         if response.HasField("load"):
             self.apply_report(response.load)
 
-    def abort(self, request_id: str) -> None:
-        """Ask the engine to stop the request at its next step, without waiting for the answer."""
+    def abort(self, request_id: str, call=None) -> None:
+        """Ask the engine to stop the request at its next step, without waiting for the answer (on
+        the shared stream when `call` rides it: a cancel message, no RPC of its own)."""
+        if isinstance(call, StreamedCall):
+            call.abort()
+            return
         call = self._stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
         task = asyncio.ensure_future(call)
         self._aborts.add(task)
@@ -150,7 +172,17 @@ class EngineClient:
 
     async def fetch_info(self, timeout: float) -> common_pb2.ServiceInfo:
         self.info = await self._stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout)
+        offered = "generate_stream" in self.info.capabilities
+        wanted = self._engine_stream == "shared" or (self._engine_stream == "auto" and not tracing_enabled())
+        if offered and wanted and not self.multiplexed:
+            log.info("engine %s: requests on one shared GenerateStream", self.address)
+        self.multiplexed = offered and wanted
         return self.info
+
+    async def close(self) -> None:
+        """Close the shared stream (its requests fail) and the channel."""
+        await self.stream.close()
+        await self.channel.close()
 
     def watch_load(self, min_interval_ms: int, heartbeat_ms: int):
         """The WatchLoad stream (the caller applies each report and cancels it when done)."""

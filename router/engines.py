@@ -147,12 +147,14 @@ class EnginePool:
     """All known engines by address: membership (from discovery), watchers and candidate snapshots."""
 
     def __init__(self, *, staleness_bound_s: float, max_message_bytes: int,
-                 min_interval_ms: int = 20, heartbeat_ms: int = 500, on_change=lambda: None):
+                 min_interval_ms: int = 20, heartbeat_ms: int = 500, on_change=lambda: None,
+                 engine_stream: str = "auto"):
         self.staleness_bound_s = staleness_bound_s
         self._max_message_bytes = max_message_bytes
         self._min_interval_ms = min_interval_ms
         self._heartbeat_ms = heartbeat_ms
         self._on_change = on_change
+        self._engine_stream = engine_stream  # EngineClient's choice of GenerateStream or Generate
         self.engines: dict[str, EngineClient] = {}
         self._watchers: dict[str, EngineWatcher] = {}
         self._background: set[asyncio.Future] = set()  # watcher stops and channel closes under way
@@ -161,7 +163,7 @@ class EnginePool:
         """Start watching new addresses; retire vanished ones (closed once their requests end)."""
         for addr in sorted(addresses - self.engines.keys()):
             channel = create_channel(addr, max_message_bytes=self._max_message_bytes)
-            engine = EngineClient(addr, channel)
+            engine = EngineClient(addr, channel, self._engine_stream)
             self.engines[addr] = engine
             watcher = EngineWatcher(engine, min_interval_ms=self._min_interval_ms,
                                     heartbeat_ms=self._heartbeat_ms, on_change=self._on_change)
@@ -179,7 +181,7 @@ class EnginePool:
         engine = self.engines.get(address)
         if engine is not None and engine.removed and engine.in_flight == 0:
             del self.engines[address]
-            self._in_background(engine.channel.close())
+            self._in_background(engine.close())
 
     def _in_background(self, coro) -> None:
         # The loop holds tasks weakly: keep each until it is done, or it may be collected pending.
@@ -208,4 +210,4 @@ class EnginePool:
         for watcher in list(self._watchers.values()):
             await watcher.stop()
         for engine in self.engines.values():
-            await engine.channel.close()
+            await engine.close()

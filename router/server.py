@@ -68,7 +68,7 @@ class Router:
                              if config.policy == "cache_aware" else None)
         self.pool = EnginePool(staleness_bound_s=config.staleness_bound_s, max_message_bytes=max_message_bytes,
                                min_interval_ms=config.min_report_interval_ms, heartbeat_ms=config.heartbeat_ms,
-                               on_change=self._on_pool_change)
+                               on_change=self._on_pool_change, engine_stream=config.engine_stream)
         self.deployment = Deployment(config, self.pool)
         self._tokenizer_channel = create_channel(config.tokenizer, max_message_bytes=max_message_bytes)
         policy = make_policy(config.policy, queue_ratio=config.queue_ratio, prefix_index=self.prefix_index,
@@ -119,6 +119,9 @@ class Router:
                 if (self.config.detokenize == "shared" and "detokenize_sessions" in info.service.capabilities
                         and not tracing_enabled()):
                     self.tokenizer.use_shared_sessions()
+                # A traced request keeps its Tokenize call (and the tokenizer's span of it) likewise.
+                if "tokenize_stream" in info.service.capabilities and not tracing_enabled():
+                    self.tokenizer.use_tokenize_stream()
                 log.info("detokenization: %s", "one shared DetokenizeSessions stream" if self.tokenizer.sessions
                          else "one DetokenizeStream per request")
                 return

@@ -1,8 +1,9 @@
 """The committed part of a request: engine responses -> detokenizer -> client responses.
 
-A reader task drains the engine's stream into an inbox as fast as it arrives, so the router never
-holds the engine back and never falls behind it: while one batch of ids is with the detokenizer,
-the next responses gather in the inbox and go to the detokenizer as one batch. A stop-string match
+The engine's responses gather in an inbox as fast as they arrive (the shared GenerateStream's
+reader queues them on the request's StreamedCall; a Generate call is drained by a reader task of
+its own), so the router never holds the engine back and never falls behind it: while one batch of
+ids is with the detokenizer, the next responses gather and go to the detokenizer as one batch. A stop-string match
 is therefore seen one detokenizer round trip after the engine emitted the token, and the engine is
 aborted at once.
 
@@ -22,6 +23,7 @@ import grpc
 from kvmesh.serving.errors import ServiceError
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
 from router.engine_client import EngineClient
+from router.engine_stream import StreamedCall
 from router.tokenizer_client import DetokenizeCall
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 # After a stop-string match: how long to wait for the aborted engine stream to report its final
 # token count before cancelling it outright.
 STOP_DRAIN_S = 2.0
-_END = object()  # the engine stream ended (normally it ends right after a finish_reason)
+_END = grpc.aio.EOF  # the engine stream ended (normally it ends right after a finish_reason)
 
 
 class CommittedStream:
@@ -42,6 +44,9 @@ class CommittedStream:
         self.call = call
         self.detok = detok
         self.num_tokens = 0  # generated tokens received from the engine
+        # A request on the shared GenerateStream queues its responses itself (StreamedCall.next_batch);
+        # a Generate call is drained into this inbox by a reader task.
+        self._shared = isinstance(call, StreamedCall)
         self._inbox: asyncio.Queue = asyncio.Queue()  # GenerateResponse, then _END or an AioRpcError
 
     async def _read_engine(self) -> None:
@@ -56,6 +61,8 @@ class CommittedStream:
 
     async def _next_batch(self) -> list:
         """Everything the engine sent since the last batch (at least one item; ends at a terminal one)."""
+        if self._shared:
+            return await self.call.next_batch()
         items = [await self._inbox.get()]
         while not self._inbox.empty() and isinstance(items[-1], engine_pb2.GenerateResponse) \
                 and not items[-1].finish_reason:
@@ -63,7 +70,8 @@ class CommittedStream:
         return items
 
     async def run(self, first: engine_pb2.GenerateResponse) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        reader = asyncio.create_task(self._read_engine(), name=f"engine-reader-{self.request_id}")
+        reader = None if self._shared else asyncio.create_task(self._read_engine(),
+                                                                name=f"engine-reader-{self.request_id}")
         try:
             # Closed here, not left to the garbage collector: a relay finalized later runs its
             # cleanup in a stray task (logged as destroyed-while-pending at shutdown).
@@ -71,9 +79,10 @@ class CommittedStream:
                 async for out in relay:
                     yield out
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
     async def _relay(self, items: list) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         e = self.engine
@@ -150,26 +159,30 @@ class CommittedStream:
     async def _stop_engine(self, match_index: int) -> int:
         """Abort the engine request at once, then read its stream out to learn how many tokens it
         generated in all (usage counts them: the client pays for what the engine computed). Returns that count."""
-        self.engine.abort(self.request_id)
+        self.engine.abort(self.request_id, self.call)
         count = self.num_tokens
         try:
             async with asyncio.timeout(STOP_DRAIN_S):
-                while True:
-                    item = await self._inbox.get()
-                    if not isinstance(item, engine_pb2.GenerateResponse):
-                        break
-                    count += len(item.tokens)
-                    if item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        self.engine.last_response(item)
-                        if item.HasField("usage") and item.usage.completion_tokens:
-                            count = item.usage.completion_tokens
-                        break
+                count = await self._drain_count(count)
         except TimeoutError:
             pass
         log.debug("request %s: stop string completed by token %d; the engine generated %d",
                   self.request_id, match_index, count)
         self.call.cancel()
         return count
+
+    async def _drain_count(self, count: int) -> int:
+        """Read the engine's responses up to its last; the tokens it generated in all."""
+        while True:
+            for item in await self._next_batch():
+                if not isinstance(item, engine_pb2.GenerateResponse):
+                    return count
+                count += len(item.tokens)
+                if item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    self.engine.last_response(item)
+                    if item.HasField("usage") and item.usage.completion_tokens:
+                        return item.usage.completion_tokens
+                    return count
 
     def _error(self, out, where: str, exc: Exception) -> router_pb2.RouterGenerateResponse:
         """The one terminal response for a failure after the first response."""

@@ -1,6 +1,7 @@
-"""The router's side of tokenizer_svc: prompt ids for each input kind, and one detokenize session per
-request: on the shared DetokenizeSessions stream (router.detokenize_sessions) when it is on, else on
-a DetokenizeStream of its own."""
+"""The router's side of tokenizer_svc: prompt ids for each input kind (a text on the shared
+TokenizeStream, router.tokenize_stream, when it is on), and one detokenize session per request: on
+the shared DetokenizeSessions stream (router.detokenize_sessions) when it is on, else on a
+DetokenizeStream of its own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import grpc
 from kvmesh.serving.errors import ServiceError, Unavailable, passed_through
 from kvmesh.v1 import common_pb2, router_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from router.detokenize_sessions import DetokenizeSessions, SharedSession, start_message
+from router.shared_call import CurrentCall
+from router.tokenize_stream import TokenizeStream, tokenize
 
 # Statuses from the tokenizer that describe the caller's input: passed to the client as they are.
 # ALREADY_EXISTS is the engine's: a live duplicate request id sent through another router.
@@ -32,6 +35,12 @@ class TokenizerClient:
     def __init__(self, channel: grpc.aio.Channel):
         self.stub = tokenizer_pb2_grpc.TokenizerStub(channel)
         self.sessions: DetokenizeSessions | None = None  # the shared stream, once use_shared_sessions()
+        self.tokenize_stream: CurrentCall[TokenizeStream] | None = None  # once use_tokenize_stream()
+
+    def use_tokenize_stream(self) -> None:
+        """Tokenize every text on one shared TokenizeStream (the tokenizer offers it)."""
+        if self.tokenize_stream is None:
+            self.tokenize_stream = CurrentCall(lambda: TokenizeStream(self.stub))
 
     def use_shared_sessions(self) -> None:
         """Detokenize every request on one shared DetokenizeSessions stream (the tokenizer offers it)."""
@@ -42,6 +51,8 @@ class TokenizerClient:
         """Token ids for the request's input (text, chat or ids). Raises ServiceError."""
         kind = request.WhichOneof("input")
         try:
+            if kind == "text" and self.tokenize_stream is not None:
+                return await tokenize(self.tokenize_stream.get(), request.text, timeout, _CALLER_CODES)
             if kind == "text":
                 reply = await self.stub.Tokenize(tokenizer_pb2.TokenizeRequest(text=request.text),
                                                  timeout=timeout)
@@ -69,6 +80,8 @@ class TokenizerClient:
     async def close(self) -> None:
         if self.sessions is not None:
             await self.sessions.close()
+        if self.tokenize_stream is not None:
+            await self.tokenize_stream.close()
 
 
 class DetokenizeCall:

@@ -8,6 +8,7 @@ processed inline instead: they cost less than the hop to a thread and back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from tokenizer_svc.limits import TokenizerLimits, check_ids, check_stops, check_
 from tokenizer_svc.loader import LoadedTokenizer
 from tokenizer_svc.sessions import SessionTable
 from tokenizer_svc.stream import StreamDetokenizer, StreamStep
+from tokenizer_svc.tokenize_stream import TokenizeSession
 
 SERVICE_NAME = "kvmesh.v1.Tokenizer"
 # Stream batches up to this many ids are detokenized on the event loop (see the module docstring).
@@ -37,8 +39,8 @@ INLINE_TEXT_CHARS = 2048
 
 def tokenizer_info(tok: LoadedTokenizer, limits: TokenizerLimits) -> tokenizer_pb2.TokenizerInfo:
     """GetInfo's answer; fixed for the life of the process."""
-    capabilities = ["tokenize", "detokenize", "detokenize_stream", "detokenize_sessions", "stop_strings",
-                    "parse_special_tokens"]
+    capabilities = ["tokenize", "tokenize_stream", "detokenize", "detokenize_stream", "detokenize_sessions",
+                    "stop_strings", "parse_special_tokens"]
     if tok.has_chat_template:
         capabilities.append("chat_template")
     service = common_pb2.ServiceInfo(
@@ -78,17 +80,37 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def Tokenize(self, request, context):
+        ids = self._tokenize_inline(request)
+        if ids is None:
+            ids = await self._tokenize_offloaded(request)
+        return tokenizer_pb2.TokenizeResponse(token_ids=ids)
+
+    async def TokenizeStream(self, request_iterator, context) -> AsyncIterator:
+        session = TokenizeSession(self._tokenize_inline, self._tokenize_offloaded)
+        async with contextlib.aclosing(session.run(request_iterator)) as messages:
+            async for message in messages:
+                yield message
+
+    def _tokenize_inline(self, request) -> list[int] | None:
+        """The ids of a short text (a prompt's worth: cheaper than the hop to a thread), or None for a
+        long one. Raises InvalidArgument."""
         if request.text:  # empty text is valid: it encodes to the special tokens alone (BOS), as in vLLM
             check_text("text", request.text, self._limits)
-        parse = _flag(request, "parse_special_tokens", False)
-        encoder = self._tok.special_tokenizer if parse else self._tok.text_tokenizer
-        add_special = _flag(request, "add_special_tokens", True)
-        if len(request.text) <= INLINE_TEXT_CHARS:  # a prompt's worth: cheaper than the hop to a thread
-            encoding = encoder.encode(request.text, add_special_tokens=add_special)
-        else:
-            (encoding,) = await self._offload(encoder.encode_batch, [request.text], add_special_tokens=add_special)
+        if len(request.text) > INLINE_TEXT_CHARS:
+            return None
+        encoding = self._encoder(request).encode(request.text, add_special_tokens=_flag(request, "add_special_tokens", True))
         record_tokens("tokenize", len(encoding.ids))
-        return tokenizer_pb2.TokenizeResponse(token_ids=encoding.ids)
+        return encoding.ids
+
+    async def _tokenize_offloaded(self, request) -> list[int]:
+        """The ids of a long (already checked) text, encoded in the thread pool."""
+        (encoding,) = await self._offload(self._encoder(request).encode_batch, [request.text],
+                                          add_special_tokens=_flag(request, "add_special_tokens", True))
+        record_tokens("tokenize", len(encoding.ids))
+        return encoding.ids
+
+    def _encoder(self, request):
+        return self._tok.special_tokenizer if _flag(request, "parse_special_tokens", False) else self._tok.text_tokenizer
 
     async def Detokenize(self, request, context):
         check_ids("token_ids", request.token_ids, self._tok.vocab_size, self._limits, allow_empty=False)

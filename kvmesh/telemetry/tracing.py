@@ -43,12 +43,14 @@ log = logging.getLogger(__name__)
 
 EXPORTERS = ("otlp", "console", "none")
 
-# RPCs that get no spans: probes and reflection (noise), and WatchLoad (one stream per router and
-# engine that lives as long as both processes: a span over it would never end).
+# RPCs that get no spans: probes and reflection (noise), and the long-lived streams (one per router
+# and engine, living as long as both processes: a span over one would never end): WatchLoad, and
+# GenerateStream, whose requests carry their own trace context (GenerateRequest.trace_context).
 _UNTRACED = filters.any_of(
     filters.service_name("grpc.health.v1.Health"),
     filters.service_prefix("grpc.reflection."),
     filters.method_name("WatchLoad"),
+    filters.method_name("GenerateStream"),
 )
 _TRACED = filters.negate(_UNTRACED)
 

@@ -22,50 +22,61 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/engine.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xfc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cinclude_load\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x19\n\x0cprefix_cache\x18\x07 \x01(\x08H\x02\x88\x01\x01\x42\x0b\n\t_priorityB\x0f\n\r_include_loadB\x0f\n\r_prefix_cache\"\xc5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x06tokens\x18\x02 \x03(\x0b\x32\x10.kvmesh.v1.Token\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.kvmesh.v1.StreamError\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.kvmesh.v1.LoadReport\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\rB\x18\n\x16_matched_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"7\n\rAbortResponse\x12&\n\x06result\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.AbortResult\"p\n\x10WatchLoadRequest\x12\x1c\n\x0fmin_interval_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cheartbeat_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_min_interval_msB\x0f\n\r_heartbeat_ms\"\x10\n\x0eGetLoadRequest\"\x12\n\x10GetStatusRequest\"\xe0\x01\n\x0c\x45ngineStatus\x12%\n\x05phase\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.EnginePhase\x12\x10\n\x08progress\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12@\n\rphase_seconds\x18\x05 \x03(\x0b\x32).kvmesh.v1.EngineStatus.PhaseSecondsEntry\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"F\n\x18SubscribeKvEventsRequest\x12\x19\n\x0cheartbeat_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_heartbeat_ms\"\x92\x01\n\x0cKvEventBatch\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x65ngine_time\x18\x03 \x01(\x01\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\"\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"j\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.kvmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.kvmesh.v1.BlocksRemovedH\x00\x42\x07\n\x05\x65vent\"Z\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x42\x14\n\x12_parent_block_hash\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06*\x84\x01\n\x0b\x41\x62ortResult\x12\x1c\n\x18\x41\x42ORT_RESULT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x42ORT_RESULT_ABORTED\x10\x01\x12!\n\x1d\x41\x42ORT_RESULT_ALREADY_FINISHED\x10\x02\x12\x1a\n\x16\x41\x42ORT_RESULT_NOT_FOUND\x10\x03*\x8c\x02\n\x0b\x45nginePhase\x12\x1c\n\x18\x45NGINE_PHASE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45NGINE_PHASE_LOADING_WEIGHTS\x10\x01\x12\x1e\n\x1a\x45NGINE_PHASE_ALLOCATING_KV\x10\x02\x12\x1a\n\x16\x45NGINE_PHASE_COMPILING\x10\x03\x12\x1b\n\x17\x45NGINE_PHASE_WARMING_UP\x10\x04\x12\x16\n\x12\x45NGINE_PHASE_READY\x10\x05\x12\x19\n\x15\x45NGINE_PHASE_DRAINING\x10\x06\x12\x17\n\x13\x45NGINE_PHASE_FAILED\x10\x07\x12\x18\n\x14\x45NGINE_PHASE_STALLED\x10\x08\x32\xe1\x03\n\x06\x45ngine\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.kvmesh.v1.AbortRequest\x1a\x18.kvmesh.v1.AbortResponse\x12\x41\n\tWatchLoad\x12\x1b.kvmesh.v1.WatchLoadRequest\x1a\x15.kvmesh.v1.LoadReport0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12<\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x16.kvmesh.v1.ServiceInfo\x12\x41\n\tGetStatus\x12\x1b.kvmesh.v1.GetStatusRequest\x1a\x17.kvmesh.v1.EngineStatus\x12S\n\x11SubscribeKvEvents\x12#.kvmesh.v1.SubscribeKvEventsRequest\x1a\x17.kvmesh.v1.KvEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/engine.proto\x12\tkvmesh.v1\x1a\x19google/protobuf/any.proto\x1a\x16kvmesh/v1/common.proto\"\xf6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cinclude_load\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x19\n\x0cprefix_cache\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x43\n\rtrace_context\x18\x08 \x03(\x0b\x32,.kvmesh.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priorityB\x0f\n\r_include_loadB\x0f\n\r_prefix_cache\"a\n\x15GenerateStreamRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.kvmesh.v1.GenerateRequest\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x02 \x03(\t\"y\n\x16GenerateStreamResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.kvmesh.v1.GenerateResponse\x12/\n\nrejections\x18\x02 \x03(\x0b\x32\x1b.kvmesh.v1.RequestRejection\"l\n\x10RequestRejection\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x14.google.protobuf.Any\"\xc5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x06tokens\x18\x02 \x03(\x0b\x32\x10.kvmesh.v1.Token\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.kvmesh.v1.StreamError\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.kvmesh.v1.LoadReport\x12 \n\x18num_cached_prompt_tokens\x18\x08 \x01(\rB\x18\n\x16_matched_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"7\n\rAbortResponse\x12&\n\x06result\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.AbortResult\"p\n\x10WatchLoadRequest\x12\x1c\n\x0fmin_interval_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cheartbeat_ms\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_min_interval_msB\x0f\n\r_heartbeat_ms\"\x10\n\x0eGetLoadRequest\"\x12\n\x10GetStatusRequest\"\xe0\x01\n\x0c\x45ngineStatus\x12%\n\x05phase\x18\x01 \x01(\x0e\x32\x16.kvmesh.v1.EnginePhase\x12\x10\n\x08progress\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x12@\n\rphase_seconds\x18\x05 \x03(\x0b\x32).kvmesh.v1.EngineStatus.PhaseSecondsEntry\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"F\n\x18SubscribeKvEventsRequest\x12\x19\n\x0cheartbeat_ms\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_heartbeat_ms\"\x92\x01\n\x0cKvEventBatch\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x65ngine_time\x18\x03 \x01(\x01\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\"\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"j\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.kvmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.kvmesh.v1.BlocksRemovedH\x00\x42\x07\n\x05\x65vent\"Z\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x42\x14\n\x12_parent_block_hash\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06*\x84\x01\n\x0b\x41\x62ortResult\x12\x1c\n\x18\x41\x42ORT_RESULT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x42ORT_RESULT_ABORTED\x10\x01\x12!\n\x1d\x41\x42ORT_RESULT_ALREADY_FINISHED\x10\x02\x12\x1a\n\x16\x41\x42ORT_RESULT_NOT_FOUND\x10\x03*\x8c\x02\n\x0b\x45nginePhase\x12\x1c\n\x18\x45NGINE_PHASE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45NGINE_PHASE_LOADING_WEIGHTS\x10\x01\x12\x1e\n\x1a\x45NGINE_PHASE_ALLOCATING_KV\x10\x02\x12\x1a\n\x16\x45NGINE_PHASE_COMPILING\x10\x03\x12\x1b\n\x17\x45NGINE_PHASE_WARMING_UP\x10\x04\x12\x16\n\x12\x45NGINE_PHASE_READY\x10\x05\x12\x19\n\x15\x45NGINE_PHASE_DRAINING\x10\x06\x12\x17\n\x13\x45NGINE_PHASE_FAILED\x10\x07\x12\x18\n\x14\x45NGINE_PHASE_STALLED\x10\x08\x32\xbc\x04\n\x06\x45ngine\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12Y\n\x0eGenerateStream\x12 .kvmesh.v1.GenerateStreamRequest\x1a!.kvmesh.v1.GenerateStreamResponse(\x01\x30\x01\x12:\n\x05\x41\x62ort\x12\x17.kvmesh.v1.AbortRequest\x1a\x18.kvmesh.v1.AbortResponse\x12\x41\n\tWatchLoad\x12\x1b.kvmesh.v1.WatchLoadRequest\x1a\x15.kvmesh.v1.LoadReport0\x01\x12;\n\x07GetLoad\x12\x19.kvmesh.v1.GetLoadRequest\x1a\x15.kvmesh.v1.LoadReport\x12<\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x16.kvmesh.v1.ServiceInfo\x12\x41\n\tGetStatus\x12\x1b.kvmesh.v1.GetStatusRequest\x1a\x17.kvmesh.v1.EngineStatus\x12S\n\x11SubscribeKvEvents\x12#.kvmesh.v1.SubscribeKvEventsRequest\x1a\x17.kvmesh.v1.KvEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENGINESTATUS_PHASESECONDSENTRY']._loaded_options = None
   _globals['_ENGINESTATUS_PHASESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_ABORTRESULT']._serialized_start=1577
-  _globals['_ABORTRESULT']._serialized_end=1709
-  _globals['_ENGINEPHASE']._serialized_start=1712
-  _globals['_ENGINEPHASE']._serialized_end=1980
-  _globals['_GENERATEREQUEST']._serialized_start=62
-  _globals['_GENERATEREQUEST']._serialized_end=314
-  _globals['_GENERATERESPONSE']._serialized_start=317
-  _globals['_GENERATERESPONSE']._serialized_end=642
-  _globals['_ABORTREQUEST']._serialized_start=644
-  _globals['_ABORTREQUEST']._serialized_end=678
-  _globals['_ABORTRESPONSE']._serialized_start=680
-  _globals['_ABORTRESPONSE']._serialized_end=735
-  _globals['_WATCHLOADREQUEST']._serialized_start=737
-  _globals['_WATCHLOADREQUEST']._serialized_end=849
-  _globals['_GETLOADREQUEST']._serialized_start=851
-  _globals['_GETLOADREQUEST']._serialized_end=867
-  _globals['_GETSTATUSREQUEST']._serialized_start=869
-  _globals['_GETSTATUSREQUEST']._serialized_end=887
-  _globals['_ENGINESTATUS']._serialized_start=890
-  _globals['_ENGINESTATUS']._serialized_end=1114
-  _globals['_ENGINESTATUS_PHASESECONDSENTRY']._serialized_start=1063
-  _globals['_ENGINESTATUS_PHASESECONDSENTRY']._serialized_end=1114
-  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_start=1116
-  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_end=1186
-  _globals['_KVEVENTBATCH']._serialized_start=1189
-  _globals['_KVEVENTBATCH']._serialized_end=1335
-  _globals['_KVEVENT']._serialized_start=1337
-  _globals['_KVEVENT']._serialized_end=1443
-  _globals['_BLOCKSSTORED']._serialized_start=1445
-  _globals['_BLOCKSSTORED']._serialized_end=1535
-  _globals['_BLOCKSREMOVED']._serialized_start=1537
-  _globals['_BLOCKSREMOVED']._serialized_end=1574
-  _globals['_ENGINE']._serialized_start=1983
-  _globals['_ENGINE']._serialized_end=2464
+  _globals['_ABORTRESULT']._serialized_start=2058
+  _globals['_ABORTRESULT']._serialized_end=2190
+  _globals['_ENGINEPHASE']._serialized_start=2193
+  _globals['_ENGINEPHASE']._serialized_end=2461
+  _globals['_GENERATEREQUEST']._serialized_start=89
+  _globals['_GENERATEREQUEST']._serialized_end=463
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=365
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=416
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=465
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=562
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=564
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=685
+  _globals['_REQUESTREJECTION']._serialized_start=687
+  _globals['_REQUESTREJECTION']._serialized_end=795
+  _globals['_GENERATERESPONSE']._serialized_start=798
+  _globals['_GENERATERESPONSE']._serialized_end=1123
+  _globals['_ABORTREQUEST']._serialized_start=1125
+  _globals['_ABORTREQUEST']._serialized_end=1159
+  _globals['_ABORTRESPONSE']._serialized_start=1161
+  _globals['_ABORTRESPONSE']._serialized_end=1216
+  _globals['_WATCHLOADREQUEST']._serialized_start=1218
+  _globals['_WATCHLOADREQUEST']._serialized_end=1330
+  _globals['_GETLOADREQUEST']._serialized_start=1332
+  _globals['_GETLOADREQUEST']._serialized_end=1348
+  _globals['_GETSTATUSREQUEST']._serialized_start=1350
+  _globals['_GETSTATUSREQUEST']._serialized_end=1368
+  _globals['_ENGINESTATUS']._serialized_start=1371
+  _globals['_ENGINESTATUS']._serialized_end=1595
+  _globals['_ENGINESTATUS_PHASESECONDSENTRY']._serialized_start=1544
+  _globals['_ENGINESTATUS_PHASESECONDSENTRY']._serialized_end=1595
+  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_start=1597
+  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_end=1667
+  _globals['_KVEVENTBATCH']._serialized_start=1670
+  _globals['_KVEVENTBATCH']._serialized_end=1816
+  _globals['_KVEVENT']._serialized_start=1818
+  _globals['_KVEVENT']._serialized_end=1924
+  _globals['_BLOCKSSTORED']._serialized_start=1926
+  _globals['_BLOCKSSTORED']._serialized_end=2016
+  _globals['_BLOCKSREMOVED']._serialized_start=2018
+  _globals['_BLOCKSREMOVED']._serialized_end=2055
+  _globals['_ENGINE']._serialized_start=2464
+  _globals['_ENGINE']._serialized_end=3036
 # @@protoc_insertion_point(module_scope)

@@ -22,46 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/tokenizer.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x93\x01\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12!\n\x14parse_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x17\n\x15_parse_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xf6\x01\n\x18\x41pplyChatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x03(\t\x12\x15\n\x08tokenize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12!\n\x14template_kwargs_json\x18\x05 \x01(\tH\x02\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x0b\n\t_tokenizeB\x17\n\x15_template_kwargs_json\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb3\x01\n\x15\x44\x65tokenizeStreamStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12 \n\x13include_stop_string\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x16\n\x14_include_stop_stringB\x16\n\x14_skip_special_tokens\"\x8d\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x31\n\x05start\x18\x01 \x01(\x0b\x32 .kvmesh.v1.DetokenizeStreamStartH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12\x10\n\x06\x66inish\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\x8e\x01\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x33\n\nstop_match\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.StopStringMatchH\x00\x88\x01\x01\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x42\r\n\x0b_stop_match\"D\n\x19\x44\x65tokenizeSessionsRequest\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.kvmesh.v1.SessionInput\"\x85\x01\n\x0cSessionInput\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12.\n\x04open\x18\x02 \x01(\x0b\x32 .kvmesh.v1.DetokenizeStreamStart\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06\x66inish\x18\x04 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"G\n\x1a\x44\x65tokenizeSessionsResponse\x12)\n\x07updates\x18\x01 \x03(\x0b\x32\x18.kvmesh.v1.SessionUpdate\"\xbe\x01\n\rSessionUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x33\n\nstop_match\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.StopStringMatchH\x00\x88\x01\x01\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.kvmesh.v1.StreamErrorB\r\n\x0b_stop_match\"4\n\x0fStopStringMatch\x12\x0c\n\x04stop\x18\x01 \x01(\t\x12\x13\n\x0btoken_index\x18\x02 \x01(\r\"\x8d\x03\n\rTokenizerInfo\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.kvmesh.v1.ServiceInfo\x12\x17\n\nvocab_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\r\x12\x18\n\x10max_stop_strings\x18\t \x01(\r\x12\x1d\n\x15max_stop_string_bytes\x18\n \x01(\r\x12\x1b\n\x13max_ids_per_request\x18\x0b \x01(\r\x12\x1f\n\x17max_sessions_per_stream\x18\x0c \x01(\rB\r\n\x0b_vocab_sizeB\x0f\n\r_bos_token_idB\x0f\n\r_pad_token_id2\x83\x04\n\tTokenizer\x12\x43\n\x08Tokenize\x12\x1a.kvmesh.v1.TokenizeRequest\x1a\x1b.kvmesh.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.kvmesh.v1.DetokenizeRequest\x1a\x1d.kvmesh.v1.DetokenizeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.kvmesh.v1.ApplyChatTemplateRequest\x1a$.kvmesh.v1.ApplyChatTemplateResponse\x12_\n\x10\x44\x65tokenizeStream\x12\".kvmesh.v1.DetokenizeStreamRequest\x1a#.kvmesh.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x65\n\x12\x44\x65tokenizeSessions\x12$.kvmesh.v1.DetokenizeSessionsRequest\x1a%.kvmesh.v1.DetokenizeSessionsResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x18.kvmesh.v1.TokenizerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/tokenizer.proto\x12\tkvmesh.v1\x1a\x19google/protobuf/any.proto\x1a\x16kvmesh/v1/common.proto\"\x93\x01\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12!\n\x14parse_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x17\n\x15_parse_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"?\n\x15TokenizeStreamRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.kvmesh.v1.TokenizeItem\"L\n\x0cTokenizeItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.kvmesh.v1.TokenizeRequest\"D\n\x16TokenizeStreamResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kvmesh.v1.TokenizeResult\"\x8c\x01\n\x0eTokenizeResult\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12+\n\rerror_details\x18\x05 \x03(\x0b\x32\x14.google.protobuf.Any\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xf6\x01\n\x18\x41pplyChatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x03 \x03(\t\x12\x15\n\x08tokenize\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12!\n\x14template_kwargs_json\x18\x05 \x01(\tH\x02\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x0b\n\t_tokenizeB\x17\n\x15_template_kwargs_json\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb3\x01\n\x15\x44\x65tokenizeStreamStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12 \n\x13include_stop_string\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x16\n\x14_include_stop_stringB\x16\n\x14_skip_special_tokens\"\x8d\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x31\n\x05start\x18\x01 \x01(\x0b\x32 .kvmesh.v1.DetokenizeStreamStartH\x00\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12\x10\n\x06\x66inish\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\x8e\x01\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x33\n\nstop_match\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.StopStringMatchH\x00\x88\x01\x01\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x42\r\n\x0b_stop_match\"D\n\x19\x44\x65tokenizeSessionsRequest\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.kvmesh.v1.SessionInput\"\x85\x01\n\x0cSessionInput\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12.\n\x04open\x18\x02 \x01(\x0b\x32 .kvmesh.v1.DetokenizeStreamStart\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06\x66inish\x18\x04 \x01(\x08\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"G\n\x1a\x44\x65tokenizeSessionsResponse\x12)\n\x07updates\x18\x01 \x03(\x0b\x32\x18.kvmesh.v1.SessionUpdate\"\xbe\x01\n\rSessionUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x33\n\nstop_match\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.StopStringMatchH\x00\x88\x01\x01\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.kvmesh.v1.StreamErrorB\r\n\x0b_stop_match\"4\n\x0fStopStringMatch\x12\x0c\n\x04stop\x18\x01 \x01(\t\x12\x13\n\x0btoken_index\x18\x02 \x01(\r\"\x8d\x03\n\rTokenizerInfo\x12\'\n\x07service\x18\x01 \x01(\x0b\x32\x16.kvmesh.v1.ServiceInfo\x12\x17\n\nvocab_size\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x16\n\x0emax_text_bytes\x18\x08 \x01(\r\x12\x18\n\x10max_stop_strings\x18\t \x01(\r\x12\x1d\n\x15max_stop_string_bytes\x18\n \x01(\r\x12\x1b\n\x13max_ids_per_request\x18\x0b \x01(\r\x12\x1f\n\x17max_sessions_per_stream\x18\x0c \x01(\rB\r\n\x0b_vocab_sizeB\x0f\n\r_bos_token_idB\x0f\n\r_pad_token_id2\xde\x04\n\tTokenizer\x12\x43\n\x08Tokenize\x12\x1a.kvmesh.v1.TokenizeRequest\x1a\x1b.kvmesh.v1.TokenizeResponse\x12Y\n\x0eTokenizeStream\x12 .kvmesh.v1.TokenizeStreamRequest\x1a!.kvmesh.v1.TokenizeStreamResponse(\x01\x30\x01\x12I\n\nDetokenize\x12\x1c.kvmesh.v1.DetokenizeRequest\x1a\x1d.kvmesh.v1.DetokenizeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.kvmesh.v1.ApplyChatTemplateRequest\x1a$.kvmesh.v1.ApplyChatTemplateResponse\x12_\n\x10\x44\x65tokenizeStream\x12\".kvmesh.v1.DetokenizeStreamRequest\x1a#.kvmesh.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x65\n\x12\x44\x65tokenizeSessions\x12$.kvmesh.v1.DetokenizeSessionsRequest\x1a%.kvmesh.v1.DetokenizeSessionsResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x19.kvmesh.v1.GetInfoRequest\x1a\x18.kvmesh.v1.TokenizerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZEREQUEST']._serialized_start=65
-  _globals['_TOKENIZEREQUEST']._serialized_end=212
-  _globals['_TOKENIZERESPONSE']._serialized_start=214
-  _globals['_TOKENIZERESPONSE']._serialized_end=251
-  _globals['_DETOKENIZEREQUEST']._serialized_start=253
-  _globals['_DETOKENIZEREQUEST']._serialized_end=349
-  _globals['_DETOKENIZERESPONSE']._serialized_start=351
-  _globals['_DETOKENIZERESPONSE']._serialized_end=385
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=388
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=634
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=636
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=698
-  _globals['_DETOKENIZESTREAMSTART']._serialized_start=701
-  _globals['_DETOKENIZESTREAMSTART']._serialized_end=880
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=883
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=1024
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=1027
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=1169
-  _globals['_DETOKENIZESESSIONSREQUEST']._serialized_start=1171
-  _globals['_DETOKENIZESESSIONSREQUEST']._serialized_end=1239
-  _globals['_SESSIONINPUT']._serialized_start=1242
-  _globals['_SESSIONINPUT']._serialized_end=1375
-  _globals['_DETOKENIZESESSIONSRESPONSE']._serialized_start=1377
-  _globals['_DETOKENIZESESSIONSRESPONSE']._serialized_end=1448
-  _globals['_SESSIONUPDATE']._serialized_start=1451
-  _globals['_SESSIONUPDATE']._serialized_end=1641
-  _globals['_STOPSTRINGMATCH']._serialized_start=1643
-  _globals['_STOPSTRINGMATCH']._serialized_end=1695
-  _globals['_TOKENIZERINFO']._serialized_start=1698
-  _globals['_TOKENIZERINFO']._serialized_end=2095
-  _globals['_TOKENIZER']._serialized_start=2098
-  _globals['_TOKENIZER']._serialized_end=2613
+  _globals['_TOKENIZEREQUEST']._serialized_start=92
+  _globals['_TOKENIZEREQUEST']._serialized_end=239
+  _globals['_TOKENIZERESPONSE']._serialized_start=241
+  _globals['_TOKENIZERESPONSE']._serialized_end=278
+  _globals['_TOKENIZESTREAMREQUEST']._serialized_start=280
+  _globals['_TOKENIZESTREAMREQUEST']._serialized_end=343
+  _globals['_TOKENIZEITEM']._serialized_start=345
+  _globals['_TOKENIZEITEM']._serialized_end=421
+  _globals['_TOKENIZESTREAMRESPONSE']._serialized_start=423
+  _globals['_TOKENIZESTREAMRESPONSE']._serialized_end=491
+  _globals['_TOKENIZERESULT']._serialized_start=494
+  _globals['_TOKENIZERESULT']._serialized_end=634
+  _globals['_DETOKENIZEREQUEST']._serialized_start=636
+  _globals['_DETOKENIZEREQUEST']._serialized_end=732
+  _globals['_DETOKENIZERESPONSE']._serialized_start=734
+  _globals['_DETOKENIZERESPONSE']._serialized_end=768
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=771
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1017
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1019
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1081
+  _globals['_DETOKENIZESTREAMSTART']._serialized_start=1084
+  _globals['_DETOKENIZESTREAMSTART']._serialized_end=1263
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=1266
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=1407
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=1410
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=1552
+  _globals['_DETOKENIZESESSIONSREQUEST']._serialized_start=1554
+  _globals['_DETOKENIZESESSIONSREQUEST']._serialized_end=1622
+  _globals['_SESSIONINPUT']._serialized_start=1625
+  _globals['_SESSIONINPUT']._serialized_end=1758
+  _globals['_DETOKENIZESESSIONSRESPONSE']._serialized_start=1760
+  _globals['_DETOKENIZESESSIONSRESPONSE']._serialized_end=1831
+  _globals['_SESSIONUPDATE']._serialized_start=1834
+  _globals['_SESSIONUPDATE']._serialized_end=2024
+  _globals['_STOPSTRINGMATCH']._serialized_start=2026
+  _globals['_STOPSTRINGMATCH']._serialized_end=2078
+  _globals['_TOKENIZERINFO']._serialized_start=2081
+  _globals['_TOKENIZERINFO']._serialized_end=2478
+  _globals['_TOKENIZER']._serialized_start=2481
+  _globals['_TOKENIZER']._serialized_end=3087
 # @@protoc_insertion_point(module_scope)

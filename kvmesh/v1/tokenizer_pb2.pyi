@@ -1,3 +1,4 @@
+from google.protobuf import any_pb2 as _any_pb2
 from kvmesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -22,6 +23,40 @@ class TokenizeResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenizeStreamRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[TokenizeItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[TokenizeItem, _Mapping]]] = ...) -> None: ...
+
+class TokenizeItem(_message.Message):
+    __slots__ = ("item_id", "request")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    request: TokenizeRequest
+    def __init__(self, item_id: _Optional[int] = ..., request: _Optional[_Union[TokenizeRequest, _Mapping]] = ...) -> None: ...
+
+class TokenizeStreamResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TokenizeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TokenizeResult, _Mapping]]] = ...) -> None: ...
+
+class TokenizeResult(_message.Message):
+    __slots__ = ("item_id", "token_ids", "error_code", "error_message", "error_details")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    error_code: int
+    error_message: str
+    error_details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, item_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., error_details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class DetokenizeRequest(_message.Message):
     __slots__ = ("token_ids", "skip_special_tokens")

@@ -36,6 +36,10 @@ _SCALARS = {
 }
 
 
+def _is_map(field: d.FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
 def _value(field: d.FieldDescriptor, depth: int) -> st.SearchStrategy:
     if field.type == d.FieldDescriptor.TYPE_MESSAGE:
         return messages(field.message_type._concrete_class, depth + 1)
@@ -53,8 +57,16 @@ def _message(draw, cls: type[Message], depth: int) -> Message:
             continue
         if not draw(st.booleans()):
             continue
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            continue  # no map fields in request messages
+        if _is_map(field):
+            key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            entries = draw(st.dictionaries(_value(key, depth), _value(value, depth), max_size=MAX_REPEATED))
+            container = getattr(msg, field.name)
+            for k, v in entries.items():
+                if value.type == d.FieldDescriptor.TYPE_MESSAGE:
+                    container[k].CopyFrom(v)
+                else:
+                    container[k] = v
+            continue
         if field.is_repeated:
             values = draw(st.lists(_value(field, depth), max_size=MAX_REPEATED))
             container = getattr(msg, field.name)
@@ -85,7 +97,9 @@ def mutations(draw, seed: Message) -> Message:
     for field in seed.DESCRIPTOR.fields:
         if draw(st.integers(0, 4)) == 0:  # about one field in five
             msg.ClearField(field.name)
-            if field.is_repeated:
+            if _is_map(field):
+                getattr(msg, field.name).MergeFrom(getattr(noise, field.name))
+            elif field.is_repeated:
                 getattr(msg, field.name).extend(getattr(noise, field.name))
             elif field.type == d.FieldDescriptor.TYPE_MESSAGE:
                 if noise.HasField(field.name):

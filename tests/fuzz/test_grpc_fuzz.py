@@ -41,9 +41,18 @@ SEEDS = {
         router_pb2.RouterGenerateRequest(token_ids=common_pb2.TokenIds(ids=[1, 30, 40]), sampling=_GREEDY),
         router_pb2.RouterGenerateRequest(chat=router_pb2.ChatInput(messages=_CHAT), sampling=_GREEDY)],
     "GenerateRequest": [engine_pb2.GenerateRequest(prompt_token_ids=[1, 30, 40], sampling=_GREEDY, include_load=True)],
+    "GenerateStreamRequest": [
+        engine_pb2.GenerateStreamRequest(requests=[engine_pb2.GenerateRequest(
+            request_id="s1", prompt_token_ids=[1, 30, 40], sampling=_GREEDY, include_load=True,
+            trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"})]),
+        engine_pb2.GenerateStreamRequest(requests=[engine_pb2.GenerateRequest(
+            request_id="s2", prompt_token_ids=[1, 50], sampling=_GREEDY)], cancel_request_ids=["s1"])],
     "WatchLoadRequest": [engine_pb2.WatchLoadRequest(min_interval_ms=0, heartbeat_ms=100)],
     "AbortRequest": [engine_pb2.AbortRequest(request_id="r")],
     "TokenizeRequest": [tokenizer_pb2.TokenizeRequest(text="Once upon a time")],
+    "TokenizeStreamRequest": [tokenizer_pb2.TokenizeStreamRequest(items=[
+        tokenizer_pb2.TokenizeItem(item_id=1, request=tokenizer_pb2.TokenizeRequest(text="Once upon a time")),
+        tokenizer_pb2.TokenizeItem(item_id=2, request=tokenizer_pb2.TokenizeRequest(text="x" * 5000))])],
     "DetokenizeRequest": [tokenizer_pb2.DetokenizeRequest(token_ids=[1, 30, 40])],
     "ApplyChatTemplateRequest": [tokenizer_pb2.ApplyChatTemplateRequest(messages=_CHAT, tokenize=True)],
     "DetokenizeStreamRequest": [

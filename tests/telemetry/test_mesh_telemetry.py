@@ -118,6 +118,33 @@ def _has(service, name, kind="SERVER"):
     return lambda spans: any(s.service == service and s.name == name and s.kind == kind for s in spans)
 
 
+def test_shared_engine_stream_carries_each_requests_trace(mesh):
+    """A router on the shared GenerateStream when tracing (--engine-stream shared): no per-request
+    Generate call, so the request's trace context travels in the request itself, and the engine's
+    request span is a child of the router's request span, in the same trace."""
+    router = ServiceProcess(kind="router", name="router-shared", env=mesh._env,
+                            log_path=f"{mesh.log_dir}/router-shared.log",
+                            args=["--tokenizer", mesh.tokenizer.address, "--engines", mesh.engine.address,
+                                  "--engine-stream", "shared", *mesh._common]).start()
+    try:
+        router.wait_healthy(STARTUP_S)
+        with grpc.insecure_channel(router.address) as channel:
+            sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+            responses = _generate(router_pb2_grpc.RouterStub(channel), request_id="trace-shared", text=PROMPT,
+                                  sampling=sampling, return_tokens=True)
+        assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        spans = _trace_of(mesh, "trace-shared", lambda spans: any(
+            s.name == attrs.REQUEST_SPAN_NAME and s.events_named(attrs.EVENT_FINISHED) for s in spans))
+    finally:
+        router.stop(10)
+    root = next(s for s in spans if s.service == "kvmesh-router" and s.kind == "SERVER"
+                and s.attributes.get(attrs.REQUEST_ID) == "trace-shared")
+    engine = _one(spans, "kvmesh-engine", attrs.REQUEST_SPAN_NAME, "INTERNAL")
+    assert (engine.trace_id, engine.parent_span_id) == (root.trace_id, root.span_id)
+    assert engine.attributes[attrs.REQUEST_ID] == "trace-shared"
+    assert not [s for s in spans if "kvmesh.v1.Engine" in s.name]  # no per-request Generate call
+
+
 def test_one_trace_across_router_tokenizer_and_engine(mesh, router_stub):
     max_tokens = 12
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
