@@ -58,6 +58,7 @@ class SharedStream(SharedCall):
 
     def __init__(self, stub, max_in_flight: int = MAX_IN_FLIGHT):
         self._call = stub.DetokenizeSessions()
+        self._peer = "tokenizer"
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._pending: dict[int, tokenizer_pb2.SessionInput] = {}  # to go out with the next message
@@ -122,19 +123,14 @@ class SharedStream(SharedCall):
                 del self._pending[inp.session_id]
         return inputs
 
-    async def _read_loop(self) -> None:
-        try:
-            while (response := await self._call.read()) is not grpc.aio.EOF:
-                self._in_flight -= 1
-                for update in response.updates:
-                    future = self._waiting.pop(update.session_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(update)
-                if self._pending:
-                    self._wake.set()
-            self._fail("the tokenizer ended the stream")
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
+    def _on_message(self, response) -> None:
+        self._in_flight -= 1
+        for update in response.updates:
+            future = self._waiting.pop(update.session_id, None)
+            if future is not None and not future.done():
+                future.set_result(update)
+        if self._pending:
+            self._wake.set()
 
     def _fail(self, why: str) -> None:
         if self.failure is not None:

@@ -153,6 +153,7 @@ class EngineStream(SharedCall):
 
     def __init__(self, stub):
         self._call = stub.GenerateStream()
+        self._peer = "engine"
         self._calls: dict[str, StreamedCall] = {}  # requests sent (or to be sent) and not ended
         self._requests: list[engine_pb2.GenerateRequest] = []  # to go out with the next message
         self._cancels: list[str] = []
@@ -224,21 +225,16 @@ class EngineStream(SharedCall):
         self._requests = []
         return requests
 
-    async def _read_loop(self) -> None:
-        try:
-            while (message := await self._call.read()) is not grpc.aio.EOF:
-                calls = self._calls
-                for response in message.responses:
-                    call = calls.get(response.request_id)
-                    if call is not None:
-                        call.deliver(response)
-                for rejection in message.rejections:
-                    call = calls.get(rejection.request_id)
-                    if call is not None:
-                        call.deliver(rejection_error(rejection))
-            self._fail("the engine ended the stream")
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
+    def _on_message(self, message: engine_pb2.GenerateStreamResponse) -> None:
+        calls = self._calls
+        for response in message.responses:
+            call = calls.get(response.request_id)
+            if call is not None:
+                call.deliver(response)
+        for rejection in message.rejections:
+            call = calls.get(rejection.request_id)
+            if call is not None:
+                call.deliver(rejection_error(rejection))
 
     def _fail(self, why: str) -> None:
         if self.failure is not None:

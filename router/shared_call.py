@@ -13,17 +13,34 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import grpc
+
 log = logging.getLogger(__name__)
 
 
 class SharedCall:
-    """Base of a shared stream: `_tasks` run it, `_fail(why)` ends it (idempotent), `close()` both."""
+    """Base of a shared stream: `_tasks` run it, `_fail(why)` ends it (idempotent), `close()` both.
+    A subclass sets `_call` and `_peer` (who answers on it) and hands each answer to `_on_message`."""
 
     failure: Exception | None = None
     _tasks: list[asyncio.Task]
+    _call: grpc.aio.StreamStreamCall
+    _peer: str
 
     def _fail(self, why: str) -> None:
         raise NotImplementedError
+
+    def _on_message(self, message) -> None:
+        """One message from the peer: resolve what waits on it."""
+        raise NotImplementedError
+
+    async def _read_loop(self) -> None:
+        try:
+            while (message := await self._call.read()) is not grpc.aio.EOF:
+                self._on_message(message)
+            self._fail(f"the {self._peer} ended the stream")
+        except grpc.aio.AioRpcError as exc:
+            self._fail(f"{exc.code().name}: {exc.details()}")
 
     @staticmethod
     def _fail_all(failure: Exception, waiting: dict[int, asyncio.Future], what: str) -> None:

@@ -25,6 +25,7 @@ class TokenizeStream(SharedCall):
 
     def __init__(self, stub):
         self._call = stub.TokenizeStream()
+        self._peer = "tokenizer"
         self._ids = itertools.count(1)
         self._pending: list[tokenizer_pb2.TokenizeItem] = []  # to go out with the next message
         self._waiting: dict[int, asyncio.Future] = {}  # item id -> its result, once answered
@@ -57,16 +58,11 @@ class TokenizeStream(SharedCall):
         except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
             self._fail("the stream ended")
 
-    async def _read_loop(self) -> None:
-        try:
-            while (response := await self._call.read()) is not grpc.aio.EOF:
-                for result in response.results:
-                    future = self._waiting.pop(result.item_id, None)
-                    if future is not None and not future.done():  # done: its caller gave up (deadline)
-                        future.set_result(result)
-            self._fail("the tokenizer ended the stream")
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
+    def _on_message(self, response: tokenizer_pb2.TokenizeStreamResponse) -> None:
+        for result in response.results:
+            future = self._waiting.pop(result.item_id, None)
+            if future is not None and not future.done():  # done: its caller gave up (deadline)
+                future.set_result(result)
 
     def _fail(self, why: str) -> None:
         if self.failure is not None:
