@@ -21,14 +21,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from google.rpc import status_pb2
-
-from kvmesh.serving.errors import AlreadyExists, InvalidArgument, ServiceError, internal_error
+from kvmesh.serving.errors import InvalidArgument, ServiceError, internal_error
 from kvmesh.v1 import engine_pb2
 
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import Request, RequestOutput
-from engine_svc.engine_loop import DuplicateRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +102,7 @@ class GenerateSession:
                 raise InvalidArgument("request_id", "must be set on GenerateStream (responses are tagged with it)")
             req = self._service.admissible(request)
             req.trace = self._begin_trace(req, request)
-            try:
-                self._service.engine.add(req, self)
-            except DuplicateRequest:
-                if req.trace is not None:
-                    req.trace.rejected()
-                raise AlreadyExists(f"request_id {req.request_id!r} is already live on this engine") from None
+            self._service.enqueue(req, self)
         except ServiceError as err:
             self._reject(request.request_id, err)
             return
@@ -131,12 +123,9 @@ class GenerateSession:
             context.detach(token)
 
     def _reject(self, request_id: str, err: ServiceError) -> None:
-        status = err.to_status()  # the code, message and packed details Generate would have sent
-        rejection = engine_pb2.RequestRejection(request_id=request_id, code=err.code.value[0], message=err.message)
-        for key, value in status.trailing_metadata:
-            if key == "grpc-status-details-bin":
-                rejection.details.extend(status_pb2.Status.FromString(value).details)
-        self._rejections.append(rejection)
+        # the code, message and details Generate would have ended with
+        self._rejections.append(engine_pb2.RequestRejection(request_id=request_id, code=err.code.value[0],
+                                                            message=err.message, details=err.packed_details()))
         self._wake.set()
 
     def _cancel(self, request_id: str) -> None:
@@ -151,9 +140,7 @@ class GenerateSession:
         message = engine_pb2.GenerateStreamResponse()
         report = None
         for request_id, outputs in self._queued.items():
-            live = self._live.get(request_id)
-            if live is None:  # pragma: no cover - outputs arrive only for requests added here
-                continue
+            live = self._live[request_id]  # outputs come only for requests admitted here, until finished
             response = message.responses.add()
             self._service.fill_response(response, outputs)
             finished = outputs[-1].finished

@@ -23,7 +23,7 @@ from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
 
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request, RequestOutput
-from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop
+from engine_svc.engine_loop import AbortResult, DuplicateRequest, EngineLoop, OutputSink
 from engine_svc.generate_stream import GenerateSession
 from engine_svc.kv_events import KvEventPublisher
 from engine_svc.sampling_params import SamplingParams, SamplingParamsError
@@ -119,14 +119,19 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise Unavailable("the engine is not ready yet (see GetStatus): retry shortly")
         return self.validate(request)
 
-    async def stream(self, req: Request, include_load: bool = False):
-        """Admit a validated request and yield its responses; abort it if the consumer goes away."""
+    def enqueue(self, req: Request, sink: OutputSink | None = None) -> OutputSink:
+        """Hand a validated request to the engine loop; its outputs arrive on the returned sink
+        (`sink`, or a queue of its own). Raises AlreadyExists for an id that is live already."""
         try:
-            outputs = self.engine.add(req)
+            return self.engine.add(req, sink)
         except DuplicateRequest:
             if req.trace is not None:
                 req.trace.rejected()
             raise AlreadyExists(f"request_id {req.request_id!r} is already live on this engine") from None
+
+    async def stream(self, req: Request, include_load: bool = False):
+        """Admit a validated request and yield its responses; abort it if the consumer goes away."""
+        outputs = self.enqueue(req)
         finished = False
         first = True
         trace = req.trace

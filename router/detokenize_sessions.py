@@ -22,7 +22,7 @@ import itertools
 
 import grpc
 
-from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable
+from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable, with_status
 from kvmesh.v1 import router_pb2, tokenizer_pb2
 from router.shared_call import CurrentCall, SharedCall
 
@@ -48,9 +48,7 @@ def start_message(prompt_ids: list[int], request: router_pb2.RouterGenerateReque
 
 def refused(error) -> ServiceError:
     """A session's refused input (SessionUpdate.error) as the ServiceError it stands for."""
-    err = ServiceError(f"tokenizer refused the detokenize session: {error.message}")
-    err.code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-    return err
+    return with_status(error.code, f"tokenizer refused the detokenize session: {error.message}")
 
 
 class SharedStream(SharedCall):

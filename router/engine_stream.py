@@ -27,6 +27,7 @@ import logging
 import grpc
 from google.rpc import status_pb2
 
+from kvmesh.serving.errors import STATUS_DETAILS_KEY, status_code
 from kvmesh.v1 import engine_pb2
 from router.shared_call import SharedCall
 
@@ -36,18 +37,16 @@ log = logging.getLogger(__name__)
 # prompts stays far below the engine's receive limit (16 MiB by default): a message too large would
 # fail the stream and every request on it. A request larger than this goes alone.
 MESSAGE_BUDGET_BYTES = 1 << 20
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _CANCELLED = object()  # a StreamedCall's last item after cancel()
 
 
 def rejection_error(rejection: engine_pb2.RequestRejection) -> grpc.aio.AioRpcError:
     """A request's rejection as the error its Generate call would have ended with."""
-    code = _CODES.get(rejection.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(rejection.code)
     trailing = grpc.aio.Metadata()
     if rejection.details:
         status = status_pb2.Status(code=rejection.code, message=rejection.message, details=rejection.details)
-        trailing.add(_STATUS_DETAILS_KEY, status.SerializeToString())
+        trailing.add(STATUS_DETAILS_KEY, status.SerializeToString())
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, rejection.message)
 
 
@@ -77,16 +76,22 @@ class StreamedCall:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def read(self):
-        """The next response; grpc.aio.EOF after the last. Raises grpc.aio.AioRpcError."""
+    async def _arrived(self) -> bool:
+        """Wait until an item is queued (True) or the request ended with none left (False)."""
         while not self._items:
             if self._ended:
-                return grpc.aio.EOF
+                return False
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        return True
+
+    async def read(self):
+        """The next response; grpc.aio.EOF after the last. Raises grpc.aio.AioRpcError."""
+        if not await self._arrived():
+            return grpc.aio.EOF
         item = self._items[0]
         if item is _CANCELLED:
             raise asyncio.CancelledError()  # stays queued: every later read raises it too
@@ -99,14 +104,8 @@ class StreamedCall:
         """Every item received and not read yet, at least one (waiting for one): responses, the
         last of them the finished one, or then the error that ended the request, or grpc.aio.EOF
         once it ended. For a reader that handles what queued up at once (router.stream)."""
-        while not self._items:
-            if self._ended:
-                return [grpc.aio.EOF]
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        if not await self._arrived():
+            return [grpc.aio.EOF]
         if self._items[0] is _CANCELLED:
             raise asyncio.CancelledError()
         items = list(self._items)

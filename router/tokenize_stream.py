@@ -14,7 +14,7 @@ import itertools
 
 import grpc
 
-from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable
+from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable, with_status
 from kvmesh.v1 import tokenizer_pb2
 from router.shared_call import SharedCall
 
@@ -85,9 +85,7 @@ async def tokenize(stream: TokenizeStream, text: str, timeout: float | None,
         raise DeadlineExceeded("deadline exceeded while the tokenizer tokenized") from None
     if not result.error_code:
         return list(result.token_ids)
-    code = next((c for c in grpc.StatusCode if c.value[0] == result.error_code), grpc.StatusCode.UNKNOWN)
-    if code not in caller_codes:
-        raise Unavailable(f"tokenizer unavailable: {code.name}: {result.error_message}")
-    err = ServiceError(result.error_message, details=list(result.error_details))
-    err.code = code
+    err = with_status(result.error_code, result.error_message, result.error_details)
+    if err.code not in caller_codes:
+        raise Unavailable(f"tokenizer unavailable: {err.code.name}: {result.error_message}")
     raise err

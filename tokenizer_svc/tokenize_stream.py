@@ -11,20 +11,12 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from google.rpc import status_pb2
-
 from kvmesh.serving.errors import ServiceError, internal_error
 from kvmesh.v1 import tokenizer_pb2
 
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-
 def _refused(item_id: int, err: ServiceError) -> tokenizer_pb2.TokenizeResult:
-    result = tokenizer_pb2.TokenizeResult(item_id=item_id, error_code=err.code.value[0], error_message=err.message)
-    for key, value in err.to_status().trailing_metadata:
-        if key == _STATUS_DETAILS_KEY:
-            result.error_details.extend(status_pb2.Status.FromString(value).details)
-    return result
+    return tokenizer_pb2.TokenizeResult(item_id=item_id, error_code=err.code.value[0], error_message=err.message,
+                                        error_details=err.packed_details())
 
 
 class TokenizeSession:

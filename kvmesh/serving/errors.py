@@ -33,7 +33,9 @@ class ServiceError(Exception):
         self.message = message
         self.details = list(details or [])
 
-    def to_status(self) -> grpc.Status:
+    def packed_details(self) -> list[any_pb2.Any]:
+        """The google.rpc details as they go on the wire (a shared stream's per-request rejection
+        carries them in its own message, not in trailing metadata)."""
         packed = []
         for detail in self.details:
             if isinstance(detail, any_pb2.Any):  # passed through from a downstream status as it came
@@ -42,7 +44,10 @@ class ServiceError(Exception):
             any_msg = any_pb2.Any()
             any_msg.Pack(detail)
             packed.append(any_msg)
-        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        return packed
+
+    def to_status(self) -> grpc.Status:
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=self.packed_details())
         return rpc_status.to_status(proto)
 
 
@@ -100,13 +105,27 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # trailing metadata: a serialized google.rpc.Status
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
+    """The grpc.StatusCode of a status number (as a shared stream's messages carry it)."""
+    return _CODES.get(value, default)
+
+
+def with_status(code: int, message: str, details=()) -> ServiceError:
+    """A ServiceError for a status that came as fields of a message (a per-request rejection on a
+    shared stream): its code number, message and packed google.rpc details."""
+    err = ServiceError(message, details=list(details))
+    err.code = status_code(code)
+    return err
 
 
 def status_details(exc: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
     """The google.rpc details (BadRequest, RetryInfo, ...) of a failed call, packed as they came."""
     for key, value in exc.trailing_metadata() or ():
-        if key == _STATUS_DETAILS_KEY:
+        if key == STATUS_DETAILS_KEY:
             return list(status_pb2.Status.FromString(value).details)
     return []
 

@@ -15,7 +15,7 @@ import re
 import grpc
 from fastapi.responses import JSONResponse
 
-from kvmesh.serving.errors import ServiceError
+from kvmesh.serving.errors import ServiceError, status_code
 
 # gRPC status -> (HTTP status, OpenAI error type).
 _STATUS = {
@@ -103,6 +103,6 @@ def from_service_error(exc: ServiceError, renames: dict[str, str] | None = None)
 
 def from_stream_error(code: int, message: str) -> OpenAIError:
     """The HTTP error for a StreamError (a failure after the engine started: code is a gRPC number)."""
-    status_code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.INTERNAL)
-    status, kind = _STATUS.get(status_code, _INTERNAL)
-    return OpenAIError(status, message, type=kind, code=status_code.name.lower())
+    grpc_code = status_code(code, grpc.StatusCode.INTERNAL)
+    status, kind = _STATUS.get(grpc_code, _INTERNAL)
+    return OpenAIError(status, message, type=kind, code=grpc_code.name.lower())
