@@ -272,18 +272,26 @@ def bench_fused(copy_gbps) -> list[dict]:
     return rows
 
 
-BASELINE_DECODE = [(1, 4096), (8, 4096), (64, 4096), (256, 4096)]
+BASELINE_DECODE = [(1, 512), (1, 2048), (1, 4096), (4, 4096), (8, 512), (8, 4096), (64, 4096), (256, 4096)]
 BASELINE_PREFILL = [(1, 2048), (1, 8192), (8, 2048)]
 
 
 def load_baseline(tree):
-    """kernels/paged_attention.py of another checkout (the base commit), under its own module name."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("baseline_paged_attention",
-                                                  os.path.join(tree, "kernels", "paged_attention.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.paged_attention
+    """paged_attention of another checkout (the base commit) with that checkout's own kernels package:
+    the modules are imported from ``tree`` and then taken out of sys.modules again, so this tree's
+    ``kernels`` stays what everything else imports (the base's functions keep their own globals)."""
+    import importlib
+    import sys
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "kernels" or k.startswith("kernels.")}
+    sys.path.insert(0, os.path.abspath(tree))
+    try:
+        fn = importlib.import_module("kernels.paged_attention").paged_attention
+    finally:
+        sys.path.remove(os.path.abspath(tree))
+        for k in [k for k in sys.modules if k == "kernels" or k.startswith("kernels.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return fn
 
 
 def bench_baseline(tree, copy_gbps) -> dict:
@@ -295,6 +303,11 @@ def bench_baseline(tree, copy_gbps) -> dict:
         b = bench_decode(B, ctx, copy_gbps, with_sdpa=False)
         rows["decode"].append({"B": B, "ctx": ctx, "base_ms": a.get("ms"), "ms": b.get("ms"),
                                "speedup": a["ms"] / b["ms"] if "ms" in a and "ms" in b else None})
+        if B <= 8:  # and as the engine's graphs plan it (max_seq_len = the model's limit)
+            a = bench_decode(B, ctx, copy_gbps, with_sdpa=False, attn=base, graph_max_len=ENGINE_MAX_LEN)
+            b = bench_decode(B, ctx, copy_gbps, with_sdpa=False, graph_max_len=ENGINE_MAX_LEN)
+            rows["decode"][-1].update(engine_graph_base_ms=a["ms"], engine_graph_ms=b["ms"],
+                                      engine_graph_speedup=a["ms"] / b["ms"])
         print("baseline decode", rows["decode"][-1], flush=True)
     for B, ctx in BASELINE_PREFILL:
         a = bench_prefill(B, ctx, with_sdpa=False, attn=base)
@@ -314,6 +327,8 @@ def main():
     ap.add_argument("--pick", action="store_true", help="time tile candidates first and run with the fastest")
     ap.add_argument("--sections", default="decode,decode_fp8,prefill,fused",
                     help="which tables to time (a comma list of decode, decode_fp8, prefill, fused)")
+    ap.add_argument("--mid-splits", action="store_true",
+                    help="time forced split counts at batch sizes 16-128 (bench/kernels_sweep.py)")
     ap.add_argument("--engine-tiles-only", action="store_true",
                     help="only decode tile candidates at the engine's shapes (bench/kernels_sweep.py)")
     args = ap.parse_args()
@@ -359,6 +374,10 @@ def main():
         save()
     if args.baseline:
         report["baseline"] = bench_baseline(args.baseline, cbw)
+        save()
+    if args.mid_splits:
+        from kernels_sweep import mid_batch_splits  # bench/kernels_sweep.py
+        report["mid_splits"] = mid_batch_splits(cbw, bench_decode)
         save()
     sections = set(args.sections.split(","))
     if "decode" in sections:

@@ -45,6 +45,27 @@ def sweep(copy_gbps, bench_decode, bench_prefill) -> dict:
     return res
 
 
+# Batches between the small ones (split by the heuristic) and 256: one pass today, and at B=64 a
+# wave-quantisation tail (512 programs on ~396 slots, bench/KERNELS_NOTES.md round 2). With the merge
+# done by the last split there is no second launch, so splitting them may pay now.
+MID_BATCHES = [16, 32, 64, 128]
+MID_CONTEXTS = [1024, 4096]
+MID_SPLITS = [1, 2, 4]
+
+
+def mid_batch_splits(copy_gbps, bench_decode) -> list[dict]:
+    """ms per forced split count at the middle batch sizes (SDPA timed beside one pass)."""
+    rows = []
+    for B in MID_BATCHES:
+        for ctx in MID_CONTEXTS:
+            for n in MID_SPLITS:
+                r = bench_decode(B, ctx, copy_gbps, {"num_splits": n, "min_seg": 128}, with_sdpa=n == 1)
+                rows.append({"num_splits": n, **r})
+                print("mid splits", {k: r.get(k) for k in ("B", "ctx", "ms", "pct_copy", "vs_sdpa")}, "splits", n,
+                      flush=True)
+    return rows
+
+
 def print_sweep(res) -> None:
     print("\nprefill variants                       B   ctx     ms   TFLOP/s")
     for r in res["prefill"]:
