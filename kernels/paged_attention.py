@@ -13,8 +13,8 @@ Query token j of sequence s sits at position ``seq_lens[s] - query_len[s] + j``.
 The programs (kernels/paged_attention_kernels.py) run on one of two paths, chosen by ``_plan``:
   * one pass: grid (q_blocks, kv_heads); each program writes its final output.
   * split-KV (flash-decoding): grid (q_blocks, kv_heads, num_splits); each program covers one share
-    of its q-block's KV positions and writes an unnormalised partial (acc, max, sum); the last split
-    of each q-block to finish (a ticket counter) merges them, so there is no second launch. Used when the one-pass grid has too few programs to fill the GPU (few
+    of its q-block's KV positions and writes an unnormalised partial (acc, max, sum); a second kernel
+    merges the splits. Used when the one-pass grid has too few programs to fill the GPU (few
     sequences). The shares are cut on the device from each sequence's own length, so a plan made for
     a CUDA graph (num_splits from the batch size alone) fits every context length it replays with.
 
@@ -30,7 +30,7 @@ import math
 import torch
 
 from kernels._checks import FLOAT_DTYPES, FP8_DTYPES, check_shape, check_tensor, kv_scale_tensor, next_pow2
-from kernels.paged_attention_kernels import _paged_attention_kernel
+from kernels.paged_attention_kernels import _merge_splits_kernel, _paged_attention_kernel
 from kernels.prefill_attention import prefill_attention
 from kernels.prefill_attention import suits as prefill_attention_suits
 
@@ -268,26 +268,6 @@ def _check_fresh_kv(query, key, value, num_kv_heads) -> None:
             raise ValueError(f"{name}: expected shape {(num_tokens, num_kv_heads, head_dim)}, got {tuple(x.shape)}")
 
 
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}  # per device; older buffers kept for graphs holding them
-MIN_TICKETS = 1 << 16  # (q-block, KV head) groups: a decode batch of 8192 sequences at 8 KV heads
-
-
-def _split_tickets(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n split tickets, the same one for every launch on the device.
-
-    The kernel leaves every ticket at 0 after a launch, so one zeroing serves all launches and CUDA
-    graph replays. Allocated outside graph capture (the engine's warm-up runs each shape eagerly
-    first); a buffer outgrown is kept alive, since a captured graph may still point at it.
-    """
-    held = _TICKETS.setdefault(device, [])
-    if not held or held[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"split-KV tickets: {n} needed during CUDA graph capture; run the shape "
-                               f"once eagerly first")
-        held.append(torch.zeros(max(n, MIN_TICKETS), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scales, v_scales,
             scale, sliding_window, kv_fp8) -> None:
     num_tokens, num_heads, head_dim = query.shape
@@ -299,13 +279,12 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
                                device=query.device)
         part_ml = torch.empty(num_tokens, num_heads, plan["num_splits"], 2, dtype=torch.float32,
                               device=query.device)
-        tickets = _split_tickets(query.device, plan["grid0"] * num_kv_heads)
     else:
-        part_acc = part_ml = tickets = out  # unused by the kernel
+        part_acc = part_ml = out  # unused by the kernel
     grid = (plan["grid0"], num_kv_heads, plan["num_splits"])
     seq_index = plan.get("seq_index")
     _paged_attention_kernel[grid](
-        out, part_acc, part_ml, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tickets,
+        out, part_acc, part_ml, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         seq_lens if seq_index is None else seq_index, k_scales, v_scales, scale * LOG2E, num_seqs,
         sliding_window or 0, plan["min_seg"], plan["num_splits"],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -317,9 +296,14 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
         USE_WINDOW=sliding_window is not None, SPLIT=split, IEEE_DOT=query.dtype == torch.float32,
         DECODE=plan["decode"], KV_FP8=kv_fp8, K_ROWS=plan["k_rows"],
         SEQ_INDEX=seq_index is not None, SKIP_SINGLE=bool(plan.get("skip_single")),
-        SPLITS_PAD=next_pow2(plan["num_splits"]),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
+    if split:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out, part_acc, part_ml, query_start_loc, num_seqs, plan["num_splits"], out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=next_pow2(plan["num_splits"]),
+            num_warps=4,
+        )
 
 
 def paged_attention_reference(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,

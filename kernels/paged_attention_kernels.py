@@ -144,7 +144,6 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
-    tickets_ptr,  # [grid axis 0 * num_kv_heads] int32, zero between launches; read only if SPLIT
     seq_index_ptr,  # [grid axis 0] int32: the sequences of a DECODE launch; read only if SEQ_INDEX
     k_scale_ptr, v_scale_ptr,  # fp32 [num_kv_heads] dequantisation scales; read only if KV_FP8
     scale_log2,  # softmax scale * log2(e): scores are kept in log2 units so exp2 is used
@@ -172,7 +171,6 @@ def _paged_attention_kernel(
     K_ROWS: tl.constexpr,  # load K as rows (see _attend_tile)
     SEQ_INDEX: tl.constexpr,  # DECODE over the sequences listed in seq_index only
     SKIP_SINGLE: tl.constexpr,  # leave one-token sequences alone (a SEQ_INDEX launch does them)
-    SPLITS_PAD: tl.constexpr,  # power of 2 >= num_splits (the merge's tile); 1 if not SPLIT
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -242,54 +240,39 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-        # The last of the q-block's splits to finish merges them all, instead of a second launch
-        # (~2-3 us of a small decode batch's ~13-18 us, bench/KERNELS_NOTES.md). The barrier puts
-        # every warp's partials before the ticket; the ticket's release/acquire makes them visible
-        # to the program that draws the last one (CUTLASS's semaphore pattern).
-        tl.debug_barrier()
-        ticket_ptr = tickets_ptr + tl.program_id(0) * tl.num_programs(1) + kvh
-        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(ticket_ptr, 0)  # zero again for the next launch or graph replay
-            if DECODE:  # one token: its QPK rows only
-                _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, q_start, q_len, local_block, kvh,
-                              tl.num_programs(1), num_splits, stride_ot, stride_oh, QPK, BLOCK_Q, 1,
-                              HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD)
-            else:
-                _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, q_start, q_len, local_block, kvh,
-                              tl.num_programs(1), num_splits, stride_ot, stride_oh, QPK, BLOCK_Q, BLOCK_Q,
-                              HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, q_start, q_len, local_block, kvh, num_kv_heads,
-                  num_splits, stride_ot, stride_oh, QPK: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
-    """Combine the splits' partials of a q-block's rows (its first TOKENS tokens x QPK heads) into the
-    output, one (token, head) row at a time.
-
-    Each row is one [SPLITS_PAD, HEAD_DIM_PAD] load; the rows are unrolled so their loads are in
-    flight together. Partials are read past L1 (.cg): other SMs wrote them.
-    """
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _merge_splits_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PAD] fp32
+    part_ml_ptr,  # [num_tokens, num_heads, num_splits, 2] fp32
+    query_start_loc_ptr,  # [num_seqs + 1] int32: tokens past query_start_loc[num_seqs] are skipped
+    num_seqs,
+    num_splits,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # power of 2 >= num_splits
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    if tok >= tl.load(query_start_loc_ptr + num_seqs):
+        return
     sp = tl.arange(0, SPLITS_PAD)
     sp_ok = sp < num_splits
+    base = (tok.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    m = tl.load(part_ml_ptr + (base + sp) * 2, mask=sp_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + (base + sp) * 2 + 1, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, 0)  # finite: every token sees at least its own position in some split
+    w = tl.math.exp2(m - m_max)  # empty splits have m = -inf -> weight 0
     d = tl.arange(0, HEAD_DIM_PAD)
-    for r in tl.static_range(TOKENS * QPK):
-        q_local = local_block * BLOCK_Q + r // QPK
-        if q_local < q_len:
-            tok = (q_start + q_local).to(tl.int64)
-            head = kvh * QPK + r % QPK
-            base = (tok * (QPK * num_kv_heads) + head) * num_splits
-            m = tl.load(part_ml_ptr + (base + sp) * 2, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
-            l = tl.load(part_ml_ptr + (base + sp) * 2 + 1, mask=sp_ok, other=0.0, cache_modifier=".cg")
-            acc = tl.load(part_acc_ptr + (base + sp)[:, None] * HEAD_DIM_PAD + d[None, :], mask=sp_ok[:, None],
-                          other=0.0, cache_modifier=".cg")
-            m_max = tl.max(m, 0)  # finite: every token sees at least its own position in some split
-            w = tl.math.exp2(m - m_max)  # empty splits have m = -inf -> weight 0
-            out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-            tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-                     mask=d < HEAD_DIM)
+    acc = tl.load(part_acc_ptr + (base + sp)[:, None] * HEAD_DIM_PAD + d[None, :], mask=sp_ok[:, None],
+                  other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)

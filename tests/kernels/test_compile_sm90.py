@@ -39,10 +39,10 @@ def _cases() -> dict:
                "v_inv_scale_ptr": "*fp32"}
     attn_ptrs = {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "query_ptr": "*bf16",
                  "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-                 "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "tickets_ptr": "*i32", "seq_index_ptr": "*i32",
+                 "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "seq_index_ptr": "*i32",
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_log2": "fp32"}
     attn = {"QPK": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "USE_WINDOW": False, "SPLIT": False,
-            "IEEE_DOT": False, "KV_FP8": False, "SPLITS_PAD": 1}
+            "IEEE_DOT": False, "KV_FP8": False}
     kernel = paged_attention_kernels._paged_attention_kernel
     prefill_ptrs = {**attn_ptrs, **{f"{x}_desc": "tensordesc<bf16[64, 128]>" for x in "qkvo"}}
     prefill = {"NUM_HEADS": 32, "QPK": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
@@ -55,10 +55,6 @@ def _cases() -> dict:
         "attention_decode_listed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
                                                         "DECODE": True, "K_ROWS": False, "SEQ_INDEX": True,
                                                         "SKIP_SINGLE": False}),
-        # a small decode batch split over KV, merged by the last split to finish (a ticket atomic)
-        "attention_decode_split": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
-                                                       "DECODE": True, "K_ROWS": False, "SEQ_INDEX": False,
-                                                       "SKIP_SINGLE": False, "SPLIT": True, "SPLITS_PAD": 32}),
         # prefill chunks reading their own K/V through TMA descriptors (64-row tiles: the mixed graphs')
         "prefill_contiguous": (prefill_attention._prefill_attention_kernel, prefill_ptrs, prefill),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
@@ -102,7 +98,7 @@ def test_kernels_compile_for_sm90():
 
 
 def _case_names() -> list[str]:
-    return ["attention_decode_listed", "attention_decode_split", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
+    return ["attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
             "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 

@@ -94,17 +94,6 @@ def test_split_kv_decode_only(num_splits):
     check([(90, 1), (0, 1), (BS, 1), (200, 1), (BS - 2, 1)], num_splits=num_splits, qpk=4, num_kv_heads=1)
 
 
-def test_split_tickets_return_to_zero():
-    # the last split of each q-block merges and zeroes its ticket: the next launch (another shape,
-    # another split count) starts from a clean buffer, as every CUDA graph replay must
-    import kernels.paged_attention as pa
-
-    check([(90, 1), (0, 1), (BS, 1), (200, 1)], num_splits=5, qpk=4, num_kv_heads=2)
-    check([(40, 6), (3, 30), (70, 1)], num_splits=3)
-    tickets = pa._TICKETS[torch.device(DEVICE) if DEVICE != "cuda" else torch.device("cuda", 0)][-1]
-    assert tickets.numel() >= pa.MIN_TICKETS and int(tickets.abs().sum()) == 0
-
-
 def test_gqa_ratio_not_power_of_two():
     check([(10, 3), (0, 1)], qpk=3, num_kv_heads=2)
 
@@ -241,29 +230,3 @@ def test_gpu_sliding_window(window, num_splits):
 def test_gpu_fp32_block_sizes(block_size):
     check([(3000, 1), (700, 300), (block_size - 1, 1)], num_kv_heads=4, qpk=2, head_dim=64, block_size=block_size,
           dtype=torch.float32, device="cuda")
-
-
-@pytest.mark.gpu
-def test_gpu_split_merge_graph_replays():
-    # The last split to finish merges (a ticket atomic per q-block): a missing fence would show as a
-    # merge of stale partials, now and then. Replay a graph of a split decode many times, new
-    # queries each time, and compare every replay with the reference.
-    b = make_batch([(4000, 1), (130, 1), (2047, 1), (9000, 1)], num_kv_heads=8, qpk=4, head_dim=128,
-                   block_size=16, dtype=torch.bfloat16, device="cuda")
-    query = b.query.clone()
-    out = torch.empty_like(query)
-    args = (query,) + b.args()[1:6] + (1, 131072, 128 ** -0.5)  # planned as the engine's graphs are
-
-    def step():
-        paged_attention(*args, out=out)
-
-    step()  # eager first: compiles, and allocates the tickets outside capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for _ in range(40):
-        query.copy_(torch.randn(query.shape, generator=gen, device="cuda", dtype=query.dtype))
-        graph.replay()
-        ref = paged_attention_reference(query, *b.args()[1:], 128 ** -0.5)
-        assert_close(out, ref, torch.bfloat16)
