@@ -230,3 +230,29 @@ def test_gpu_sliding_window(window, num_splits):
 def test_gpu_fp32_block_sizes(block_size):
     check([(3000, 1), (700, 300), (block_size - 1, 1)], num_kv_heads=4, qpk=2, head_dim=64, block_size=block_size,
           dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_split_merge_graph_replays():
+    # A split decode as the engine's graphs run it (8 splits from the batch size, cut on the device
+    # from each sequence's length, the merge launch inside the graph): replayed with new queries, every replay matches the reference.
+    b = make_batch([(4000, 1), (130, 1), (2047, 1), (9000, 1)], num_kv_heads=8, qpk=4, head_dim=128,
+                   block_size=16, dtype=torch.bfloat16, device="cuda")
+    query = b.query.clone()
+    out = torch.empty_like(query)
+    # planned as the engine's graphs are: max_seq_len the table's width, not the batch's longest
+    args = (query,) + b.args()[1:6] + (1, b.block_tables.shape[1] * 16, 128 ** -0.5)
+
+    def step():
+        paged_attention(*args, out=out)
+
+    step()  # eager first: compiles outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(40):
+        query.copy_(torch.randn(query.shape, generator=gen, device="cuda", dtype=query.dtype))
+        graph.replay()
+        ref = paged_attention_reference(query, *b.args()[1:], 128 ** -0.5)
+        assert_close(out, ref, torch.bfloat16)
