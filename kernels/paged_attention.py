@@ -64,19 +64,40 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _pick_splits(programs, max_seq_len, num_sms) -> int:
-    """KV splits for a decode-like batch whose one-pass grid has ``programs`` programs.
+# Decode programs resident per SM (Triton 3.6 on the H200: 168 registers, 74 KB shared, round 2's
+# ptxas) and the fewest positions a split gets where a split only evens out the last wave.
+DECODE_PROGRAMS_PER_SM = 3
+WAVE_SPLIT_MIN_POSITIONS = 2048
 
-    Split only grids under 2 programs per SM (at 4 per SM and more one pass was fastest in every
-    sweep: partials and the merge launch cost more than the tail they remove); then enough splits for
-    ~2 programs per SM (the best of the H200 sweep at B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at
-    most MAX_SPLITS and at least MIN_SPLIT_POSITIONS positions a split, rounded down to a power of 2
-    (powers of 2 were best in every split sweep; see bench/KERNELS_NOTES.md).
+
+def _wave_efficiency(programs: int, slots: int) -> float:
+    """Share of the launch's waves the programs fill: 512 programs on 396 slots fill 1.29 of 2 waves."""
+    waves = programs / slots
+    return waves / math.ceil(waves)
+
+
+def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
+    """(KV splits, fewest positions a split) for a decode-like batch of ``programs`` one-pass programs.
+
+    Under 1.5 programs per SM: enough splits for ~2 programs per SM (the best of the H200 sweep at
+    B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at most MAX_SPLITS and at least MIN_SPLIT_POSITIONS
+    positions a split, rounded down to a power of 2 (powers of 2 were best in every split sweep; see
+    bench/KERNELS_NOTES.md).
+    More programs: one pass, unless halving the KV fills the waves a sixth better (B=64: 512 programs
+    fill 1.29 of 2 waves, 1024 fill 2.59 of 3), and only for splits of >= WAVE_SPLIT_MIN_POSITIONS,
+    so shorter sequences of the same graph stay in one split. Measured at B=16-128 (round 4, forced
+    counts): B=64 ctx 4096 0.293 -> 0.275 ms with 2 splits, ctx 1024 0.089 -> 0.092 (2 splits of
+    512); B=32 (256 programs, split in 2 by the old cutoff of 2 per SM) and B=128, whose waves do not
+    fill better, lost 3-12% with 2 splits; B=16 gained 13% at ctx 4096.
     """
-    if programs >= 2 * num_sms:
-        return 1
+    if programs >= 1.5 * num_sms:
+        slots = DECODE_PROGRAMS_PER_SM * num_sms
+        if (max_seq_len >= 2 * WAVE_SPLIT_MIN_POSITIONS
+                and _wave_efficiency(2 * programs, slots) > 1.15 * _wave_efficiency(programs, slots)):
+            return 2, WAVE_SPLIT_MIN_POSITIONS
+        return 1, MIN_SPLIT_POSITIONS
     n = max(1, min(MAX_SPLITS, math.ceil(2 * num_sms / programs), max_seq_len // MIN_SPLIT_POSITIONS))
-    return 1 << (n.bit_length() - 1)
+    return 1 << (n.bit_length() - 1), MIN_SPLIT_POSITIONS
 
 
 def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
@@ -89,6 +110,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     interpreter gets small tiles so CPU tests exercise many tiles per sequence.
 
     Splits (num_splits None): ``_pick_splits`` for decode-like batches (max_query_len <= 16), else 1.
+    (On the CPU interpreter only forced split counts split: the tests reach every share that way.)
     A graph captured with max_seq_len = the model's limit gets the split count of its batch size, and
     the kernel sizes each sequence's splits from its own length (at least min_seg positions each).
     """
@@ -115,7 +137,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
         # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
         programs = max(num_seqs, math.ceil(num_tokens / (block_m // qpk))) * num_kv_heads
         if not interpret and max_query_len <= 16:
-            plan["num_splits"] = _pick_splits(programs, max_seq_len, num_sms)
+            plan["num_splits"], plan["min_seg"] = _pick_splits(programs, max_seq_len, num_sms)
     return _derive(plan, qpk, num_tokens, num_seqs, max_seq_len)
 
 

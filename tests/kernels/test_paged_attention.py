@@ -133,8 +133,13 @@ def test_plan_heuristic():
     # B=1 at 4k: 32 splits of 128 positions; B=2: 16
     assert plan(1, 1, 1, 4096)["num_splits"] == 32
     assert plan(2, 2, 1, 4096)["num_splits"] == 16
-    # B=64 at 4k: 512 programs fill 132 SMs -> one pass
-    assert plan(64, 64, 1, 4096)["num_splits"] == 1
+    # B=64 at 4k: 512 programs fill 1.29 of 2 waves of 396 (3 per SM); 2 splits fill 2.59 of 3, with
+    # splits of at least 2048 positions (a graph's shorter sequences keep one split)
+    assert (plan(64, 64, 1, 4096)["num_splits"], plan(64, 64, 1, 131072)["min_seg"]) == (2, 2048)
+    # ... but not where 2 splits fill the waves no better (B=32: 256 programs, B=128: 1024), nor
+    # where a split would get under 2048 positions
+    assert plan(32, 32, 1, 4096)["num_splits"] == plan(128, 128, 1, 131072)["num_splits"] == 1
+    assert plan(64, 64, 1, 2048)["num_splits"] == 1 and plan(256, 256, 1, 131072)["num_splits"] == 1
     # short context: at least 128 positions per split
     assert plan(1, 1, 1, 512)["num_splits"] == 4
     assert plan(1, 1, 1, 200)["num_splits"] == 1
