@@ -393,6 +393,10 @@ def main():
         save()
     if "decode_fp8" in sections:
         report["decode_fp8"] = [bench_decode(B, ctx, cbw, fp8=True) for B, ctx in FP8_DECODE_SHAPES]
+        for r in report["decode_fp8"]:  # same run: the tiles converted to bf16 (as before 2026-12-01 round 4)
+            if "ms" in r:
+                r["via_bf16_ms"] = bench_decode(r["B"], r["ctx"], cbw, {"fp8_via_f16": False}, with_sdpa=False,
+                                                fp8=True)["ms"]
         for r in report["decode_fp8"]:
             print("decode fp8", r, flush=True)
         save()

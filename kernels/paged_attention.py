@@ -208,7 +208,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             tensor of num_kv_heads values (per head).
         num_splits: force the number of KV splits (1 = one-pass); None = heuristic in ``_plan``.
         plan_overrides: for tuning (bench/kernels.py): replace entries of ``_plan``'s result
-            (block_m, tile_n, num_warps, num_stages, num_splits, min_seg, k_rows); the rest is re-derived.
+            (block_m, tile_n, num_warps, num_stages, num_splits, min_seg, k_rows, fp8_via_f16); the rest
+            is re-derived.
         decode_seq_index: int32 ``[n]``: every sequence of the batch with one query token (a mixed
             batch's decode rows). Two launches then: the longer sequences with the prefill tiles, and
             these with the decode tiles (16 rows, one pass), instead of one 128-row prefill tile per
@@ -318,6 +319,7 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
         USE_WINDOW=sliding_window is not None, SPLIT=split, IEEE_DOT=query.dtype == torch.float32,
         DECODE=plan["decode"], KV_FP8=kv_fp8, K_ROWS=plan["k_rows"],
         SEQ_INDEX=seq_index is not None, SKIP_SINGLE=bool(plan.get("skip_single")),
+        FP8_VIA_F16=kv_fp8 and query.dtype == torch.bfloat16 and plan.get("fp8_via_f16", True),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split:

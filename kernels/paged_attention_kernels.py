@@ -171,6 +171,7 @@ def _paged_attention_kernel(
     K_ROWS: tl.constexpr,  # load K as rows (see _attend_tile)
     SEQ_INDEX: tl.constexpr,  # DECODE over the sequences listed in seq_index only
     SKIP_SINGLE: tl.constexpr,  # leave one-token sequences alone (a SEQ_INDEX launch does them)
+    FP8_VIA_F16: tl.constexpr,  # KV_FP8 with a bf16 query: convert tiles to f16, not bf16 (see below)
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -196,6 +197,10 @@ def _paged_attention_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if KV_FP8:
         scale_log2 = scale_log2 * tl.load(k_scale_ptr + kvh)
+        if FP8_VIA_F16:
+            # the dots run in fp16 (the tiles are converted to q's dtype): e4m3 -> f16 is one cvt per
+            # two values on sm_90, e4m3 -> bf16 goes through f32; e4m3 values are exact in f16
+            q = q.to(tl.float16)
 
     # KV positions this program reads: up to the block's last query position (causal) ...
     first_q_pos = ctx_len + local_block * BLOCK_Q
