@@ -96,7 +96,7 @@ def print_sweep(res) -> None:
 # records which), so the table committed afterwards is the one the run measured.
 DECODE_PICK = [(128, 4, 4), (128, 4, 5), (64, 4, 6), (64, 4, 4), (256, 8, 3), (128, 8, 4)]
 DECODE_PICK_SHAPES = [(64, 4096), (256, 4096)]
-DECODE_PICK_FP8 = [(128, 4, 4), (256, 8, 3), (128, 4, 6)]
+DECODE_PICK_FP8 = [(128, 4, 4), (256, 8, 3), (128, 4, 6), (256, 4, 3), (128, 8, 4), (64, 4, 6)]  # f16 tiles (round 4)
 PREFILL_PICK = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3)]  # K as rows
 PREFILL_PICK_SHAPES = [(1, 8192), (8, 2048)]
 
