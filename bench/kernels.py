@@ -388,6 +388,8 @@ def main():
                 if B <= 64 and "ms" in row:  # as the engine's graphs plan it: max_seq_len = the model's limit
                     row["engine_graph_ms"] = bench_decode(B, ctx, cbw, with_sdpa=False,
                                                           graph_max_len=ENGINE_MAX_LEN)["ms"]
+                if "ms" in row:  # same run: splits over contiguous shares, the first tile after the length
+                    row["contiguous_splits_ms"] = bench_decode(B, ctx, cbw, {"strided": False}, with_sdpa=False)["ms"]
                 report["decode"].append(row)
                 print("decode", report["decode"][-1], flush=True)
         save()
@@ -432,7 +434,9 @@ def print_table(r):
             continue
         vs = f"{x['vs_sdpa']:.2f}x ({x['sdpa_best']})" if "vs_sdpa" in x else x.get("sdpa", "")
         g = f"  engine-graph plan {x['engine_graph_ms']:.4f} ms" if "engine_graph_ms" in x else ""
-        print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.3f} {x['GBps']:8.0f} {x['pct_copy']:5.1f}%  {vs}{g}")
+        if "contiguous_splits_ms" in x:
+            g += f"  contiguous splits {x['contiguous_splits_ms'] * 1000:.1f} us"
+        print(f"  B={x['B']:>3} ctx={x['ctx']:>5}  {x['ms']:8.4f} {x['GBps']:8.0f} {x['pct_copy']:5.1f}%  {vs}{g}")
     print("\ndecode, FP8 (e4m3) cache: bytes are half the bf16 rows'; SDPA runs on a bf16 copy")
     for x in r.get("decode_fp8", []):
         if "skipped" in x:

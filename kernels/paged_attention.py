@@ -132,10 +132,14 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
                 k_rows=not decode_like,
                 decode=max_query_len == 1, num_splits=num_splits,
                 min_seg=MIN_SPLIT_POSITIONS if num_splits is None else tile_n)
+    # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
+    programs = max(num_seqs, math.ceil(num_tokens / (block_m // qpk))) * num_kv_heads
+    # Decode batches of under ~1.5 programs per SM are latency-bound: their programs load their first
+    # KV tile before the sequence's length (the kernel's STRIDED path), at a cost in registers that
+    # matters only where several programs share an SM. The interpreter always takes it (CPU tests).
+    plan["strided"] = plan["decode"] and (interpret or programs < 1.5 * num_sms)
     if num_splits is None:
         plan["num_splits"] = 1
-        # programs that do work: one q-block per decode sequence, about num_tokens / BLOCK_Q otherwise
-        programs = max(num_seqs, math.ceil(num_tokens / (block_m // qpk))) * num_kv_heads
         if not interpret and max_query_len <= 16:
             plan["num_splits"], plan["min_seg"] = _pick_splits(programs, max_seq_len, num_sms)
     return _derive(plan, qpk, num_tokens, num_seqs, max_seq_len)
@@ -313,13 +317,14 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), block_tables.shape[1], k_cache.shape[0],
         QPK=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=plan["block_m"], BLOCK_Q=plan["block_q"], TILE_N=plan["tile_n"],
         USE_WINDOW=sliding_window is not None, SPLIT=split, IEEE_DOT=query.dtype == torch.float32,
         DECODE=plan["decode"], KV_FP8=kv_fp8, K_ROWS=plan["k_rows"],
         SEQ_INDEX=seq_index is not None, SKIP_SINGLE=bool(plan.get("skip_single")),
         FP8_VIA_F16=kv_fp8 and query.dtype == torch.bfloat16 and plan.get("fp8_via_f16", True),
+        STRIDED=plan["decode"] and sliding_window is None and plan.get("strided", False),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split:

@@ -105,6 +105,64 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
 
 
 @triton.jit
+def _first_tile(bt_row, k_head, v_head, tile, max_blocks, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt,
+                d, d_ok, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, EVEN_D: tl.constexpr,
+                K_ROWS: tl.constexpr):
+    """K and V of KV tile ``tile``, requested before the sequence's length is known (so unmasked).
+
+    The table index stays inside the row and the block id inside the cache: entries past a
+    sequence's last block need not be block ids. _attend_loaded masks positions past the length.
+    """
+    pos = tile * TILE_N + tl.arange(0, TILE_N)
+    blk = tl.load(bt_row + tl.minimum(pos // BLOCK_SIZE, max_blocks - 1))
+    blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+    k_row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt
+    v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
+    if EVEN_D:
+        v = tl.load(v_head + v_row[:, None] + d[None, :])
+        if K_ROWS:
+            k = tl.load(k_head + k_row[:, None] + d[None, :])
+        else:
+            k = tl.load(k_head + k_row[None, :] + d[:, None])
+    else:
+        v = tl.load(v_head + v_row[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+        if K_ROWS:
+            k = tl.load(k_head + k_row[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_head + k_row[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+    return k, v, pos
+
+
+@triton.jit
+def _attend_loaded(acc, m_i, l_i, q, q_pos, k, v, pos, kv_end, scale_log2, IEEE_DOT: tl.constexpr,
+                   K_ROWS: tl.constexpr):
+    """The masked online-softmax step of _attend_tile over a tile _first_tile loaded: positions at or
+    past kv_end are masked, and their V (which may be NaN) is zeroed before the dot."""
+    pos_ok = pos < kv_end
+    if K_ROWS:
+        k = tl.trans(k.to(q.dtype))
+    else:
+        k = k.to(q.dtype)
+    if IEEE_DOT:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.where(pos_ok[:, None], v.to(q.dtype), 0.0)
+    acc = acc * alpha[:, None]
+    if IEEE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q: tl.constexpr,
             DECODE: tl.constexpr, SEQ_INDEX: tl.constexpr):
     """(seq, local q-block, first query token, query length, seq_len) of this program's q-block.
@@ -131,9 +189,63 @@ def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q:
     return seq, local_block, q_start, q_len, seq_len
 
 
+@triton.jit
+def _walk(acc, m_i, l_i, q, q_pos, first_q_pos, kv_start, kv_end, bt_row, k_head, v_head,
+          stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window, d, d_ok,
+          BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+          EVEN_D: tl.constexpr, K_ROWS: tl.constexpr):
+    """KV positions [kv_start, kv_end) in order, TILE_N at a time.
+
+    Two phases: tiles every row sees whole (all positions <= the block's first query position, so
+    no causal mask and no bounds), then the tiles along the diagonal and the sequence end, masked.
+    With a window the lower edge needs masks too, so everything goes through the masked phase.
+    """
+    if USE_WINDOW:
+        diag_start = kv_start
+    else:
+        diag_start = tl.minimum(tl.maximum((first_q_pos + 1) // TILE_N * TILE_N, kv_start), kv_end)
+    for start in range(kv_start, diag_start, TILE_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
+                                     d, d_ok, BLOCK_SIZE, TILE_N, False, False, IEEE_DOT, EVEN_D, K_ROWS)
+    for start in range(diag_start, kv_end, TILE_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
+                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
+                                     d, d_ok, BLOCK_SIZE, TILE_N, True, USE_WINDOW, IEEE_DOT, EVEN_D, K_ROWS)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _walk_strided(acc, m_i, l_i, q, q_pos, k0, v0, pos0, split, kv_end, num_splits, min_seg,
+                  bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, d, d_ok,
+                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+                  EVEN_D: tl.constexpr, K_ROWS: tl.constexpr):
+    """A decode token's KV tiles split, split + n, ... below kv_end, where n is the number of splits
+    with work: all of them, but no more than kv_end / min_seg (a short sequence keeps fewer). Tile
+    ``split`` arrives loaded (k0, v0); a split past n owns nothing and masks it out."""
+    n = 1
+    if SPLIT:
+        n = tl.minimum(num_splits, tl.maximum(tl.cdiv(kv_end, min_seg), 1))
+    owned_end = tl.where(split < n, kv_end, 0)
+    acc, m_i, l_i = _attend_loaded(acc, m_i, l_i, q, q_pos, k0, v0, pos0, owned_end, scale_log2, IEEE_DOT, K_ROWS)
+    full_tiles = kv_end // TILE_N
+    if split < n:
+        for t in range(split + n, full_tiles, n):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, t * TILE_N, kv_end, bt_row, k_head, v_head,
+                                         stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, 0,
+                                         d, d_ok, BLOCK_SIZE, TILE_N, False, False, IEEE_DOT, EVEN_D, K_ROWS)
+        # the sequence's last, partial tile, when it is this split's and not tile `split` itself
+        last = full_tiles
+        if (kv_end % TILE_N != 0) & (last > split) & ((last - split) % n == 0):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, last * TILE_N, kv_end, bt_row, k_head,
+                                         v_head, stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, 0,
+                                         d, d_ok, BLOCK_SIZE, TILE_N, True, False, IEEE_DOT, EVEN_D, K_ROWS)
+    return acc, m_i, l_i
+
+
 # Runtime ints that change from step to step are not specialised on (divisible by 16, equal to 1):
 # each new combination would compile a variant in the middle of serving, a stall of seconds.
-@triton.jit(do_not_specialize=["num_seqs", "min_seg", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "min_seg", "num_splits", "max_blocks", "num_blocks"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]; written when not SPLIT
     part_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PAD] fp32; written when SPLIT
@@ -156,6 +268,8 @@ def _paged_attention_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_bt,
+    max_blocks,  # block_tables.shape[1]; read only if STRIDED
+    num_blocks,  # k_cache.shape[0]; read only if STRIDED
     QPK: tl.constexpr,  # query heads per KV head (GQA ratio)
     HEAD_DIM: tl.constexpr,  # true head size
     HEAD_DIM_PAD: tl.constexpr,  # power of 2 >= HEAD_DIM; padded columns are masked to 0
@@ -172,9 +286,27 @@ def _paged_attention_kernel(
     SEQ_INDEX: tl.constexpr,  # DECODE over the sequences listed in seq_index only
     SKIP_SINGLE: tl.constexpr,  # leave one-token sequences alone (a SEQ_INDEX launch does them)
     FP8_VIA_F16: tl.constexpr,  # KV_FP8 with a bf16 query: convert tiles to f16, not bf16 (see below)
+    STRIDED: tl.constexpr,  # DECODE without a window: splits take every n-th tile (below)
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    k_head = k_cache_ptr + kvh * stride_kh
+    v_head = v_cache_ptr + kvh * stride_vh
+    if STRIDED:
+        # A decode split owns tiles split, split + n, split + 2n, ... (n splits that have work), so
+        # its first tile is known before the sequence's length: its block ids, K and V go out first,
+        # beside the length, and are masked when it arrives. That takes one of three dependent memory
+        # latencies (seq_lens, then the block table, then K) off every decode program.
+        if SEQ_INDEX:
+            seq0 = tl.load(seq_index_ptr + tl.num_programs(0) - 1 - tl.program_id(0))
+        else:
+            seq0 = tl.num_programs(0) - 1 - tl.program_id(0)
+        k0, v0, pos0 = _first_tile(block_tables_ptr + seq0.to(tl.int64) * stride_bt, k_head, v_head, split,
+                                   max_blocks, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, d, d_ok,
+                                   BLOCK_SIZE, TILE_N, EVEN_D, K_ROWS)
     seq, local_block, q_start, q_len, seq_len = _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr,
                                                         num_seqs, BLOCK_Q, DECODE, SEQ_INDEX)
     if local_block * BLOCK_Q >= q_len:
@@ -183,7 +315,6 @@ def _paged_attention_kernel(
         if q_len == 1:
             return
     ctx_len = seq_len - q_len
-    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
 
     rows = tl.arange(0, BLOCK_M)
     q_local = local_block * BLOCK_Q + rows // QPK  # query token index within the sequence
@@ -191,8 +322,6 @@ def _paged_attention_kernel(
     row_ok = (rows < BLOCK_Q * QPK) & (q_local < q_len)
     q_pos = ctx_len + q_local  # [BLOCK_M] position of each row's token
     tok = (q_start + q_local).to(tl.int64)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = d < HEAD_DIM
     q = tl.load(query_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if KV_FP8:
@@ -209,7 +338,7 @@ def _paged_attention_kernel(
     if USE_WINDOW:  # ... and from the first query's window start, rounded down to a tile
         kv_start = tl.maximum(first_q_pos - sliding_window + 1, 0)
         kv_start = (kv_start // TILE_N) * TILE_N
-    if SPLIT:  # ... within this split's share of the q-block's own range (tiles stay aligned)
+    if SPLIT and not STRIDED:  # ... within this split's share of the q-block's own range (aligned tiles)
         seg = tl.cdiv(tl.cdiv(kv_end - kv_start, num_splits), TILE_N) * TILE_N
         seg = tl.maximum(seg, min_seg)
         kv_start = kv_start + split * seg
@@ -219,23 +348,14 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    k_head = k_cache_ptr + kvh * stride_kh
-    v_head = v_cache_ptr + kvh * stride_vh
-    # Two phases: tiles every row sees whole (all positions <= the block's first query position, so
-    # no causal mask and no bounds), then the tiles along the diagonal and the sequence end, masked.
-    # With a window the lower edge needs masks too, so everything goes through the masked phase.
-    if USE_WINDOW:
-        diag_start = kv_start
+    if STRIDED:
+        acc, m_i, l_i = _walk_strided(acc, m_i, l_i, q, q_pos, k0, v0, pos0, split, kv_end, num_splits, min_seg,
+                                      bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
+                                      scale_log2, d, d_ok, BLOCK_SIZE, TILE_N, SPLIT, IEEE_DOT, EVEN_D, K_ROWS)
     else:
-        diag_start = tl.minimum(tl.maximum((first_q_pos + 1) // TILE_N * TILE_N, kv_start), kv_end)
-    for start in range(kv_start, diag_start, TILE_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
-                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
-                                     d, d_ok, BLOCK_SIZE, TILE_N, False, False, IEEE_DOT, EVEN_D, K_ROWS)
-    for start in range(diag_start, kv_end, TILE_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
-                                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
-                                     d, d_ok, BLOCK_SIZE, TILE_N, True, USE_WINDOW, IEEE_DOT, EVEN_D, K_ROWS)
+        acc, m_i, l_i = _walk(acc, m_i, l_i, q, q_pos, first_q_pos, kv_start, kv_end, bt_row, k_head, v_head,
+                              stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window, d, d_ok,
+                              BLOCK_SIZE, TILE_N, USE_WINDOW, IEEE_DOT, EVEN_D, K_ROWS)
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr + kvh)
 

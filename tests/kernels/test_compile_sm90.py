@@ -42,7 +42,7 @@ def _cases() -> dict:
                  "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "seq_index_ptr": "*i32",
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_log2": "fp32"}
     attn = {"QPK": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "USE_WINDOW": False, "SPLIT": False,
-            "IEEE_DOT": False, "KV_FP8": False, "FP8_VIA_F16": False}
+            "IEEE_DOT": False, "KV_FP8": False, "FP8_VIA_F16": False, "STRIDED": False}
     kernel = paged_attention_kernels._paged_attention_kernel
     prefill_ptrs = {**attn_ptrs, **{f"{x}_desc": "tensordesc<bf16[64, 128]>" for x in "qkvo"}}
     prefill = {"NUM_HEADS": 32, "QPK": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64, "BLOCK_N": 64,
@@ -54,11 +54,16 @@ def _cases() -> dict:
                                                 "K_ROWS": True, "SEQ_INDEX": False, "SKIP_SINGLE": True}),
         "attention_decode_listed": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
                                                         "DECODE": True, "K_ROWS": False, "SEQ_INDEX": True,
-                                                        "SKIP_SINGLE": False}),
+                                                        "SKIP_SINGLE": False, "STRIDED": True}),
+        # a small decode batch split over KV, each split taking every n-th tile
+        "attention_decode_split": (kernel, attn_ptrs, {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128,
+                                                       "DECODE": True, "K_ROWS": False, "SEQ_INDEX": False,
+                                                       "SKIP_SINGLE": False, "SPLIT": True, "STRIDED": True}),
         # a bf16 query over an e4m3 cache, its tiles converted to f16
         "attention_decode_fp8": (kernel, {**attn_ptrs, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"},
                                  {**attn, "BLOCK_M": 16, "BLOCK_Q": 4, "TILE_N": 128, "DECODE": True, "K_ROWS": False,
-                                  "SEQ_INDEX": False, "SKIP_SINGLE": False, "KV_FP8": True, "FP8_VIA_F16": True}),
+                                  "SEQ_INDEX": False, "SKIP_SINGLE": False, "KV_FP8": True, "FP8_VIA_F16": True,
+                                  "STRIDED": True}),
         # prefill chunks reading their own K/V through TMA descriptors (64-row tiles: the mixed graphs')
         "prefill_contiguous": (prefill_attention._prefill_attention_kernel, prefill_ptrs, prefill),
         "gumbel_argmax": (sampling._gumbel_argmax_kernel,
@@ -102,7 +107,7 @@ def test_kernels_compile_for_sm90():
 
 
 def _case_names() -> list[str]:
-    return ["attention_decode_fp8", "attention_decode_listed", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
+    return ["attention_decode_fp8", "attention_decode_listed", "attention_decode_split", "attention_mixed", "gumbel_argmax", "penalties", "prefill_contiguous",
             "uniform_noise", "write_kv_bf16", "write_kv_fp8"]
 
 

@@ -94,6 +94,22 @@ def test_split_kv_decode_only(num_splits):
     check([(90, 1), (0, 1), (BS, 1), (200, 1), (BS - 2, 1)], num_splits=num_splits, qpk=4, num_kv_heads=1)
 
 
+@pytest.mark.parametrize("num_splits", [None, 2, 3, 5])
+def test_decode_strided_splits_poisoned_tables(num_splits):
+    # Decode splits take tiles split, split + n, ... and load their first tile before the length is
+    # known, so table entries past a sequence are read: here they are garbage (negative, past the
+    # cache) and must be clamped and masked. Lengths cover tile boundaries (32 in the interpreter)
+    # on both sides and splits with no tile.
+    seqs = [(n - 1, 1) for n in (1, 31, 32, 33, 64, 95, 96, 97, 160, 161)]
+    b = make_batch(seqs, num_kv_heads=2, qpk=4, head_dim=64, block_size=BS, device=DEVICE)
+    used = [-(-(c + q) // BS) for c, q in seqs]
+    for s, n in enumerate(used):
+        b.block_tables[s, n:] = -7 if s % 2 else 10**9
+    out = torch.full_like(b.query, float("nan"), memory_format=torch.contiguous_format)
+    paged_attention(*b.args(), 64 ** -0.5, None, out=out, num_splits=num_splits)
+    assert_close(out, paged_attention_reference(*b.args(), 64 ** -0.5), torch.float32)
+
+
 def test_gqa_ratio_not_power_of_two():
     check([(10, 3), (0, 1)], qpk=3, num_kv_heads=2)
 
@@ -140,6 +156,10 @@ def test_plan_heuristic():
     # where a split would get under 2048 positions
     assert plan(32, 32, 1, 4096)["num_splits"] == plan(128, 128, 1, 131072)["num_splits"] == 1
     assert plan(64, 64, 1, 2048)["num_splits"] == 1 and plan(256, 256, 1, 131072)["num_splits"] == 1
+    # the latency-bound decode batches load their first tile before the length; busier ones do not
+    # (the early tile costs registers, so resident programs)
+    assert plan(8, 8, 1, 4096)["strided"] and plan(24, 24, 1, 4096)["strided"]
+    assert not plan(32, 32, 1, 4096)["strided"] and not plan(2000, 1, 2000, 2000)["strided"]
     # short context: at least 128 positions per split
     assert plan(1, 1, 1, 512)["num_splits"] == 4
     assert plan(1, 1, 1, 200)["num_splits"] == 1
