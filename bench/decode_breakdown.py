@@ -30,19 +30,6 @@ SHAPES = [(1, 512), (1, 2048), (1, 8192), (4, 4096), (8, 512), (8, 2048)]
 REPLAYS = 50
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def profile_replays(graph: torch.cuda.CUDAGraph, flush: torch.Tensor) -> dict:
     """Kernel device time per replay by name (median over replays) and the replay's span."""
     from torch.profiler import ProfilerActivity, profile
@@ -89,11 +76,11 @@ def main():
         qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
         lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
         out = torch.empty_like(q)
-        ours = capture(lambda: bk.paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, bk.ENGINE_MAX_LEN,
+        ours = bk.capture_graph(lambda: bk.paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, bk.ENGINE_MAX_LEN,
                                                   bk.D ** -0.5, out=out))
         kc, vc = bk.contiguous(k_cache, bt, ctx), bk.contiguous(v_cache, bt, ctx)
         qs = q.view(B, bk.H, 1, bk.D)
-        sdpa = capture(lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True))
+        sdpa = bk.capture_graph(lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True))
         row = {"B": B, "ctx": ctx, "ours": profile_replays(ours, flush), "sdpa": profile_replays(sdpa, flush)}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -47,8 +47,8 @@ def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def graph_ms(fn) -> float:
-    """Median of CUDA-graph replays of fn (as the engine runs decode): no host launch cost inside."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after a compiling call and a warm-up on a side stream."""
     fn()  # compile
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -58,6 +58,12 @@ def graph_ms(fn) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g
+
+
+def graph_ms(fn) -> float:
+    """Median of CUDA-graph replays of fn (as the engine runs decode): no host launch cost inside."""
+    g = capture_graph(fn)
     t = ms(g.replay)
     del g
     return t

@@ -32,6 +32,25 @@ def _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
+    """a @ b (+ acc): full-precision for fp32 inputs (IEEE_DOT), the tensor cores' default otherwise."""
+    if IEEE_DOT:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _rescale_and_add(acc, m_i, l_i, m_sub, p, v, IEEE_DOT: tl.constexpr):
+    """The online softmax's tail: rescale the sums to the new max (m_sub, finite) and add p @ v."""
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
+    return acc, l_i
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
                  stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
                  d, d_ok, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
@@ -68,10 +87,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
         else:
             k = tl.load(k_head + row[None, :] + d[:, None], mask=tl.trans(kv_ok), other=0.0)
         k = k.to(q.dtype)
-    if IEEE_DOT:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
+    s = _dot(q, k, None, IEEE_DOT)
     if MASKED:
         s = s * scale_log2
         # pos <= q_pos also keeps pos < kv_end for every valid row, so no separate bound is needed
@@ -88,19 +104,12 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_sub = m_new
         p = tl.math.exp2(s * scale_log2 - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
     v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
     if EVEN_D and not MASKED:
         v = tl.load(v_head + v_row[:, None] + d[None, :])
     else:
         v = tl.load(v_head + v_row[:, None] + d[None, :], mask=kv_ok, other=0.0)
-    v = v.to(q.dtype)
-    acc = acc * alpha[:, None]
-    if IEEE_DOT:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    acc, l_i = _rescale_and_add(acc, m_i, l_i, m_sub, p, v.to(q.dtype), IEEE_DOT)
     return acc, m_new, l_i
 
 
@@ -143,22 +152,12 @@ def _attend_loaded(acc, m_i, l_i, q, q_pos, k, v, pos, kv_end, scale_log2, IEEE_
         k = tl.trans(k.to(q.dtype))
     else:
         k = k.to(q.dtype)
-    if IEEE_DOT:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
+    s = _dot(q, k, None, IEEE_DOT)
     s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.where(pos_ok[:, None], v.to(q.dtype), 0.0)
-    acc = acc * alpha[:, None]
-    if IEEE_DOT:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    acc, l_i = _rescale_and_add(acc, m_i, l_i, m_sub, p, tl.where(pos_ok[:, None], v.to(q.dtype), 0.0), IEEE_DOT)
     return acc, m_new, l_i
 
 
