@@ -15,11 +15,15 @@ The programs (kernels/paged_attention_kernels.py) run on one of two paths, chose
   * split-KV (flash-decoding): grid (q_blocks, kv_heads, num_splits); each program covers one share
     of its q-block's KV positions and writes an unnormalised partial (acc, max, sum); a second kernel
     merges the splits. Used when the one-pass grid has too few programs to fill the GPU (few
-    sequences). The shares are cut on the device from each sequence's own length, so a plan made for
-    a CUDA graph (num_splits from the batch size alone) fits every context length it replays with.
+    sequences), or fills its last wave badly (``_pick_splits``). The shares are cut on the device from
+    each sequence's own length, so a plan made for a CUDA graph (num_splits from the batch size alone)
+    fits every context length it replays with. Latency-bound decode launches deal the tiles round
+    robin instead (split s takes tiles s, s + n, ...), so that a program's first tile is known before
+    its sequence's length and loads beside it (``strided`` in the plan).
 
 The KV cache may be the query's dtype or float8_e4m3fn (``k_scale`` / ``v_scale``: per tensor or per
-KV head); FP8 tiles are dequantised in registers.
+KV head); FP8 tiles are dequantised in registers, to fp16 under a bf16 query (a cheaper conversion on
+sm_90 than to bf16, and exact for e4m3 values).
 """
 
 from __future__ import annotations
