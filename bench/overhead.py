@@ -97,10 +97,11 @@ def cpu_seconds(pid: int) -> float:
 async def run_phase(call_fn, concurrency: int, per_worker: int, pids: dict[str, int]) -> dict:
     samples: list = []
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
     start = time.monotonic()
     await asyncio.gather(*(_worker(call_fn, per_worker, samples) for _ in range(concurrency)))
     wall = time.monotonic() - start
-    return {"samples": samples, "wall_s": wall,
+    return {"samples": samples, "wall_s": wall, "client_cpu_s": time.process_time() - client_before,
             "cpu_s": {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}}
 
 
@@ -116,7 +117,10 @@ def merge(phases: list[dict]) -> dict:
             "throughput_tok_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 3),
             # Responses the client received per request: below max_tokens when tokens were coalesced.
             "responses_per_request": round(sum(s[3] for p in phases for s in p["samples"]) / len(ttft), 2),
-            "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1)}
+            "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1),
+            # This benchmark's own process (every path's client): one message per response on a
+            # router stream, one per engine step for all requests on direct_stream.
+            "client_cpu_us_per_token": round(1e6 * sum(p["client_cpu_s"] for p in phases) / tokens, 1)}
 
 
 def requests_per_worker(concurrency: int, override: int | None) -> int:
@@ -286,7 +290,7 @@ def summarize_stacks(raw: str, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit_of(tree: pathlib.Path) -> str:
+def tree_commit(tree: pathlib.Path) -> str:
     """HEAD of a checkout, with "+dirty" when its tracked files differ from it (this checkout on the
     GPU machine: KVMESH_COMMIT, as bench.provenance reads it; a .git there is stale)."""
     if tree == REPO and os.environ.get("KVMESH_COMMIT"):
@@ -304,7 +308,7 @@ def environment(args, tree: pathlib.Path) -> dict:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True).stdout.strip().splitlines()
         device = f"{args.device}: {gpu[0] if gpu else 'unknown GPU'}; host {device}"
-    commit = _commit_of(tree)
+    commit = tree_commit(tree)
     return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": commit or "unknown", "python": platform.python_version(),
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on a shared machine shows here
@@ -349,7 +353,7 @@ def main() -> None:
     finally:
         stop_all(procs)
     report = {"bench": "overhead", **environment(args, tree), "loadavg_at_start": load_at_start, "model": pathlib.Path(args.model).name,
-              **({"base_git_commit": _commit_of(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
+              **({"base_git_commit": tree_commit(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks},
