@@ -98,7 +98,15 @@ class ClientPool:
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)
-        self.paths = [conn.recv() for conn in self._conns][0]  # every process opened the same paths
+        self.paths = [self._ready(conn) for conn in self._conns][0]  # every process opened the same paths
+
+    def _ready(self, conn, timeout_s: float = 120.0) -> list[str]:
+        """The paths a client process opened; RuntimeError (after stopping them all) if it did not
+        come up in time: a client that died would leave the benchmark waiting forever."""
+        if not conn.poll(timeout_s):
+            self.close()
+            raise RuntimeError(f"a client process did not open its paths within {timeout_s:.0f} s")
+        return conn.recv()
 
     async def run(self, name: str, streams: int, per_worker: int) -> tuple[list, float]:
         """One phase of `streams` streams split over the processes: (samples, their CPU seconds)."""
