@@ -18,6 +18,12 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 EVENT_LOOP_ENV = "KVMESH_EVENT_LOOP"
+# How early a timer may fire: libuv counts whole milliseconds (its clock is truncated to the
+# millisecond and a delay rounded to one), so a uvloop timer can run up to ~1.5 ms before its
+# delay has passed; asyncio's never does. A deadline a server passes on to its own downstream
+# calls is pushed back by this much, so that the caller's deadline (which this server learns a
+# transit time late) still expires first and the caller sees its DEADLINE_EXCEEDED.
+TIMER_SLACK_S = 0.002
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
