@@ -24,7 +24,6 @@ import grpc
 from opentelemetry import trace
 
 from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
-from kvmesh.serving.event_loop import TIMER_SLACK_S
 from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
 from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2
@@ -74,10 +73,7 @@ def _engine_failed(first: engine_pb2.GenerateResponse) -> bool:
 
 class _Deadline:
     def __init__(self, remaining_s: float | None):
-        # TIMER_SLACK_S: the router's own expiry must not beat the client's (uvloop's timers run
-        # up to ~1.5 ms early): it would end a stream with an OK status where the client's
-        # deadline ends it with DEADLINE_EXCEEDED.
-        self._at = None if remaining_s is None else time.monotonic() + remaining_s + TIMER_SLACK_S
+        self._at = None if remaining_s is None else time.monotonic() + remaining_s
 
     def remaining(self) -> float | None:
         """Seconds left for downstream calls (None = no deadline)."""

@@ -20,9 +20,7 @@ log = logging.getLogger(__name__)
 EVENT_LOOP_ENV = "KVMESH_EVENT_LOOP"
 # How early a timer may fire: libuv counts whole milliseconds (its clock is truncated to the
 # millisecond and a delay rounded to one), so a uvloop timer can run up to ~1.5 ms before its
-# delay has passed; asyncio's never does. A deadline a server passes on to its own downstream
-# calls is pushed back by this much, so that the caller's deadline (which this server learns a
-# transit time late) still expires first and the caller sees its DEADLINE_EXCEEDED.
+# delay has passed; asyncio's never does.
 TIMER_SLACK_S = 0.002
 
 
@@ -35,6 +33,14 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+def deadline_timer_s(timeout: float | None) -> float | None:
+    """The delay of a local timer that enforces a caller's deadline `timeout` seconds from now:
+    never before the deadline, on either loop. Otherwise, under uvloop, a server's own expiry can
+    beat its caller's (which it learned a transit time late) and end the call with an answer where
+    the caller expects its DEADLINE_EXCEEDED. Deadlines passed on to gRPC calls need none."""
+    return None if timeout is None else timeout + TIMER_SLACK_S
 
 
 def loop_name() -> str:
