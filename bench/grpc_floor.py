@@ -36,6 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.provenance import cpu_name, git_commit  # noqa: E402
+from kvmesh.serving import event_loop  # noqa: E402
 from kvmesh.serving.channels import channel_options  # noqa: E402
 from kvmesh.serving.server import DEFAULT_MAX_MESSAGE_BYTES, server_options  # noqa: E402
 from kvmesh.v1 import engine_pb2, router_pb2, tokenizer_pb2  # noqa: E402
@@ -77,7 +78,7 @@ def echo_server(port_queue, options) -> None:
     async def bidi(requests, context):
         async for _ in requests:
             yield resp(text="x")
-    asyncio.run(_serve([_handler("t.Echo", "Unary", grpc.unary_unary_rpc_method_handler, unary, req, resp),
+    event_loop.run(_serve([_handler("t.Echo", "Unary", grpc.unary_unary_rpc_method_handler, unary, req, resp),
                         _handler("t.Echo", "Bidi", grpc.stream_stream_rpc_method_handler, bidi, req, resp)],
                        options, port_queue))
 
@@ -90,7 +91,7 @@ def backend_server(port_queue, options, num_tokens: int, step_s: float) -> None:
             out = engine_pb2.GenerateResponse(request_id=request.request_id)
             out.tokens.add(id=300 + i, index=i)
             yield out
-    asyncio.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+    event_loop.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
                                  engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
 
 
@@ -104,7 +105,7 @@ def backend_mux_server(port_queue, options, num_tokens: int, step_s: float) -> N
             for stream in range(request.sampling.max_tokens):
                 out.tokens.add(id=300 + i, index=stream)
             yield out
-    asyncio.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
+    event_loop.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
                                  engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
 
 
@@ -143,7 +144,7 @@ def proxy_mux_server(port_queue, options, channel_opts, backend_port: int) -> No
                 yield out
         await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
                                router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
-    asyncio.run(main())
+    event_loop.run(main())
 
 
 def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
@@ -161,7 +162,7 @@ def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
                 yield out
         await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
                                router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
-    asyncio.run(main())
+    event_loop.run(main())
 
 
 def _start(target, *args) -> tuple[mp.Process, int]:
@@ -218,7 +219,7 @@ def _relay(args, server_opts, channel_opts, backend_target, proxy_target) -> dic
         time.sleep(0.3)
         cpu_before = {"proxy": cpu_seconds(proxy.pid), "backend": cpu_seconds(backend.pid)}
         start = time.monotonic()
-        tokens = asyncio.run(_relay_client(proxy_port, channel_opts, args.streams))
+        tokens = event_loop.run(_relay_client(proxy_port, channel_opts, args.streams))
         wall = time.monotonic() - start
         return {"streams": args.streams, "tokens": tokens, "wall_s": round(wall, 3),
                 "proxy_cpu_us_per_token": round(1e6 * (cpu_seconds(proxy.pid) - cpu_before["proxy"]) / tokens, 1),
@@ -228,19 +229,21 @@ def _relay(args, server_opts, channel_opts, backend_target, proxy_target) -> dic
         backend.kill()
 
 
-def measure(name: str, args) -> dict:
+def measure(name: str, loop: str, args) -> dict:
+    """One option set on one event loop (every process of the measurement: forked after the choice)."""
+    os.environ[event_loop.EVENT_LOOP_ENV] = loop
     server_opts, channel_opts = OPTION_SETS[name]
     echo, port = _start(echo_server, server_opts)
     try:
         time.sleep(0.3)
         before = cpu_seconds(echo.pid)
-        rtts = asyncio.run(_round_trips(port, channel_opts, args.round_trips, args.pace_ms / 1e3))
+        rtts = event_loop.run(_round_trips(port, channel_opts, args.round_trips, args.pace_ms / 1e3))
         rtts["server_cpu_us_per_call"] = round(1e6 * (cpu_seconds(echo.pid) - before) / (2 * args.round_trips), 1)
     finally:
         echo.kill()
     relay = _relay(args, server_opts, channel_opts, backend_server, proxy_server)
     relay_mux = _relay(args, server_opts, channel_opts, backend_mux_server, proxy_mux_server)
-    result = {"options": name, **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
+    result = {"options": name, "event_loop": event_loop.loop_name(), **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
               "loadavg_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(result), flush=True)
     return result
@@ -250,6 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--options", default="kvmesh,grpc_defaults,latency,no_retries",
                         help=f"channel-option sets, in order: {', '.join(OPTION_SETS)}")
+    parser.add_argument("--loops", default="asyncio", help="event loops, in order: asyncio, uvloop")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the option sets (noise shows as spread)")
     parser.add_argument("--round-trips", type=int, default=300)
     parser.add_argument("--pace-ms", type=float, default=2.0, help="pause between round trips")
@@ -260,7 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     names = args.options.split(",")
     load_at_start = round(os.getloadavg()[0], 2)
-    runs = [measure(name, args) for _ in range(args.repeats) for name in names]
+    runs = [measure(name, loop, args) for _ in range(args.repeats) for name in names
+            for loop in args.loops.split(",")]
     report = {"bench": "grpc_floor", "device": f"cpu: {cpu_name()} x{os.cpu_count()}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "python": sys.version.split()[0], "grpcio": grpc.__version__,

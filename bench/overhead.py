@@ -25,6 +25,10 @@ tokenized once beforehand (outside the timing); the router path sends the text, 
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
 
+--client-procs N spreads each phase's streams over N client processes (bench/overhead_clients.py):
+one Python client receiving every stream's responses caps the router path before the router does
+at high concurrency on a fast engine (`client_cpu_us_per_token` shows it).
+
 --profile DIR samples the router and the tokenizer with py-spy while the levels run (raw stacks
 and a summary of the hottest functions per process, under DIR).
 """
@@ -37,7 +41,6 @@ import collections
 import contextlib
 import datetime
 import functools
-import itertools
 import json
 import os
 import pathlib
@@ -51,14 +54,12 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.overhead_clients import PROMPT, ClientPool, open_paths, worker  # noqa: E402
 from bench.provenance import cpu_name, git_commit  # noqa: E402
 from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
-from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
-                       tokenizer_pb2, tokenizer_pb2_grpc)
-from router.engine_stream import EngineStream  # noqa: E402
+from kvmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
 
-PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 # One torch thread for a CPU engine (the tiers share the cores); no trace export without a collector.
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "OTEL_TRACES_EXPORTER": "none"}
 
@@ -69,24 +70,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def _timed(stream) -> tuple[float | None, int, float, int]:
-    """(time to the first token, tokens, end time, responses) of one stream; times are monotonic seconds."""
-    first, n, responses = None, 0, 0
-    async for resp in stream:
-        if resp.tokens and first is None:
-            first = time.monotonic()
-        n += len(resp.tokens)
-        responses += 1
-    return first, n, time.monotonic(), responses
-
-
-async def _worker(call_fn, num_requests: int, samples: list) -> None:
-    for _ in range(num_requests):
-        sent = time.monotonic()
-        first, n, end, responses = await _timed(call_fn())
-        samples.append((first - sent, n, end - sent, responses))
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -94,14 +77,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_phase(call_fn, concurrency: int, per_worker: int, pids: dict[str, int]) -> dict:
-    samples: list = []
+async def run_phase(run_streams, concurrency: int, per_worker: int, pids: dict[str, int]) -> dict:
+    """One phase: `run_streams(concurrency, per_worker)` returns (samples, the clients' CPU seconds)."""
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.monotonic()
-    await asyncio.gather(*(_worker(call_fn, per_worker, samples) for _ in range(concurrency)))
+    samples, client_cpu = await run_streams(concurrency, per_worker)
     wall = time.monotonic() - start
-    return {"samples": samples, "wall_s": wall,
+    return {"samples": samples, "wall_s": wall, "client_cpu_s": client_cpu,
             "cpu_s": {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}}
+
+
+def in_process(call_fn):
+    """A path's streams run by this process."""
+    async def run_streams(concurrency: int, per_worker: int) -> tuple[list, float]:
+        samples: list = []
+        cpu = time.process_time()
+        await asyncio.gather(*(worker(call_fn, per_worker, samples) for _ in range(concurrency)))
+        return samples, time.process_time() - cpu
+    return run_streams
 
 
 def merge(phases: list[dict]) -> dict:
@@ -116,7 +109,10 @@ def merge(phases: list[dict]) -> dict:
             "throughput_tok_s": round(tokens / wall, 1), "tokens": tokens, "wall_s": round(wall, 3),
             # Responses the client received per request: below max_tokens when tokens were coalesced.
             "responses_per_request": round(sum(s[3] for p in phases for s in p["samples"]) / len(ttft), 2),
-            "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1)}
+            "cpu_us_per_token": cpu_us, "cpu_us_per_token_all_tiers": round(sum(cpu_us.values()), 1),
+            # The client processes' own (this one, or --client-procs): one message per response on a
+            # router stream, one per engine step for all requests on direct_stream.
+            "client_cpu_us_per_token": round(1e6 * sum(p["client_cpu_s"] for p in phases) / tokens, 1)}
 
 
 def requests_per_worker(concurrency: int, override: int | None) -> int:
@@ -133,31 +129,22 @@ def _compare(path: dict, direct: dict) -> dict:
 
 
 async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: int, per_worker: int | None,
-                  max_tokens: int) -> dict:
+                  max_tokens: int, client_procs: int = 1) -> dict:
     """Rounds rotate the order of the paths (direct, router[, router_per_request, router_base]) so drift
     hits all alike."""
-    tok_addr, engine_addr = procs["tokenizer"].address, procs["engine"].address
     routers = [name for name in ROUTER_PATHS if name in procs]
     pids = {name: proc.pid for name, proc in procs.items()}
-    sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+    addresses = {"engine": procs["engine"].address, **{name: procs[name].address for name in routers}}
     async with contextlib.AsyncExitStack() as stack:
-        tc = await stack.enter_async_context(create_channel(tok_addr))
-        ec = await stack.enter_async_context(create_channel(engine_addr))
+        tc = await stack.enter_async_context(create_channel(procs["tokenizer"].address))
         ids = list((await tokenizer_pb2_grpc.TokenizerStub(tc).Tokenize(
             tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
-        engine = engine_pb2_grpc.EngineStub(ec)
-        paths = {"direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling))}
-        info = await engine.GetInfo(common_pb2.GetInfoRequest())
-        if "generate_stream" in info.capabilities:  # the engine's cheapest client: one shared stream
-            shared = EngineStream(engine)
-            stack.push_async_callback(shared.close)
-            numbers = itertools.count()
-            paths["direct_stream"] = lambda: shared.start(engine_pb2.GenerateRequest(
-                request_id=f"direct-{next(numbers)}", prompt_token_ids=ids, sampling=sampling), None)
-        for name in routers:
-            stub = router_pb2_grpc.RouterStub(await stack.enter_async_context(create_channel(procs[name].address)))
-            paths[name] = functools.partial(stub.Generate, router_pb2.RouterGenerateRequest(
-                text=PROMPT, sampling=sampling, return_tokens=True))
+        if client_procs > 1:
+            pool = ClientPool(client_procs, addresses, ids, max_tokens)
+            stack.callback(pool.close)
+            paths = {name: functools.partial(pool.run, name) for name in pool.paths}
+        else:
+            paths = {name: in_process(fn) for name, fn in (await open_paths(stack, addresses, ids, max_tokens)).items()}
         for fn in paths.values():  # warm up every path (connections, caches)
             await run_phase(fn, 4, 2, pids)
         results = {}
@@ -286,7 +273,7 @@ def summarize_stacks(raw: str, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit_of(tree: pathlib.Path) -> str:
+def tree_commit(tree: pathlib.Path) -> str:
     """HEAD of a checkout, with "+dirty" when its tracked files differ from it (this checkout on the
     GPU machine: KVMESH_COMMIT, as bench.provenance reads it; a .git there is stale)."""
     if tree == REPO and os.environ.get("KVMESH_COMMIT"):
@@ -304,7 +291,7 @@ def environment(args, tree: pathlib.Path) -> dict:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True).stdout.strip().splitlines()
         device = f"{args.device}: {gpu[0] if gpu else 'unknown GPU'}; host {device}"
-    commit = _commit_of(tree)
+    commit = tree_commit(tree)
     return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": commit or "unknown", "python": platform.python_version(),
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}  # other work on a shared machine shows here
@@ -329,6 +316,8 @@ def main() -> None:
     parser.add_argument("--compare-tiers-from", default=None,
                         help="also measure a router and tokenizer run from this checkout (path router_base), same engine")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="client processes sharing each phase's streams (bench/overhead_clients.py)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-overhead")
     args = parser.parse_args()
@@ -345,14 +334,15 @@ def main() -> None:
         by_name = {p.name: p for p in procs}
         profiled = [by_name[name] for name in ("router", "tokenizer", "router_base", "tokenizer_base") if name in by_name]
         with Profiler(args.profile, profiled):
-            results = asyncio.run(measure(by_name, levels, args.rounds, args.per_worker, args.max_tokens))
+            results = asyncio.run(measure(by_name, levels, args.rounds, args.per_worker, args.max_tokens,
+                                          args.client_procs))
     finally:
         stop_all(procs)
     report = {"bench": "overhead", **environment(args, tree), "loadavg_at_start": load_at_start, "model": pathlib.Path(args.model).name,
-              **({"base_git_commit": _commit_of(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
+              **({"base_git_commit": tree_commit(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
-                           "rounds": args.rounds, "engine_kv_blocks": args.blocks},
+                           "rounds": args.rounds, "engine_kv_blocks": args.blocks, "client_procs": args.client_procs},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
                       "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; "

@@ -12,7 +12,9 @@ checkout) and, from one client, one request at a time, alternating, times:
 - engine_generate: the engine's first response on its own Generate call (ids in);
 - engine_stream: the engine's first response on an open GenerateStream (the router's engine hop);
 - router: the router's first response with a token (text in: every hop above, plus the client <->
-  router hop and the router's own work).
+  router hop and the router's own work);
+- router_base, with --compare-tiers-from CHECKOUT: the same through a router and tokenizer run
+  from that checkout's code over the same engine (a before/after of the tiers in one run).
 `router_rest_ms` = router - (tokenize_stream + engine_stream + detokenize): the client <-> router hop and the
 router's own work. Every request generates one token (greedy), so each sample is a first token.
 """
@@ -31,7 +33,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.overhead import PROMPT, environment, percentile, start_mesh  # noqa: E402
+from bench.overhead import PROMPT, tree_commit, environment, percentile, start_mesh  # noqa: E402
 from kvmesh.procs import stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
@@ -43,8 +45,9 @@ ONE_TOKEN = common_pb2.SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=
 class Hops:
     """One client's calls to each tier; each method times one first token (seconds)."""
 
-    def __init__(self, tokenizer, engine, router, ids: list[int]):
+    def __init__(self, tokenizer, engine, router, ids: list[int], router_base=None):
         self.tokenizer, self.engine, self.router, self.ids = tokenizer, engine, router, ids
+        self.router_base = router_base
         self._detok = tokenizer.DetokenizeSessions()
         self._tok = tokenizer.TokenizeStream()
         self._gen = engine.GenerateStream()
@@ -87,8 +90,15 @@ class Hops:
         return time.perf_counter() - t
 
     async def router_first_token(self) -> float:
+        return await self._first_token(self.router)
+
+    async def router_base_first_token(self) -> float:
+        return await self._first_token(self.router_base)
+
+    @staticmethod
+    async def _first_token(router) -> float:
         t = time.perf_counter()
-        async for resp in self.router.Generate(router_pb2.RouterGenerateRequest(text=PROMPT, sampling=ONE_TOKEN,
+        async for resp in router.Generate(router_pb2.RouterGenerateRequest(text=PROMPT, sampling=ONE_TOKEN,
                                                                                  return_tokens=True)):
             if resp.tokens:
                 return time.perf_counter() - t
@@ -102,13 +112,16 @@ class Hops:
 
 async def measure(procs, samples: int) -> dict:
     async with contextlib.AsyncExitStack() as stack:
-        channels = [await stack.enter_async_context(create_channel(procs[n].address))
-                    for n in ("tokenizer", "engine", "router")]
+        names = ["tokenizer", "engine", "router", *(["router_base"] if "router_base" in procs else [])]
+        channels = [await stack.enter_async_context(create_channel(procs[n].address)) for n in names]
         tok = tokenizer_pb2_grpc.TokenizerStub(channels[0])
         ids = list((await tok.Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
-        hops = Hops(tok, engine_pb2_grpc.EngineStub(channels[1]), router_pb2_grpc.RouterStub(channels[2]), ids)
+        hops = Hops(tok, engine_pb2_grpc.EngineStub(channels[1]), router_pb2_grpc.RouterStub(channels[2]), ids,
+                    router_pb2_grpc.RouterStub(channels[3]) if len(channels) > 3 else None)
         fns = {"tokenize": hops.tokenize, "tokenize_stream": hops.tokenize_stream, "detokenize": hops.detokenize, "engine_generate": hops.engine_generate,
                "engine_stream": hops.engine_stream, "router": hops.router_first_token}
+        if hops.router_base is not None:
+            fns["router_base"] = hops.router_base_first_token
         times: dict[str, list[float]] = {name: [] for name in fns}
         for i in range(samples + 5):  # the first 5 rounds warm up (connections, caches)
             for name, fn in (fns.items() if i % 2 else reversed(fns.items())):
@@ -129,18 +142,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--blocks", type=int, default=512)
     parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--compare-tiers-from", default=None,
+                        help="a checkout whose router and tokenizer are timed too (path router_base)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-ttft-hops")
     args = parser.parse_args()
     args.model = str(pathlib.Path(args.model).resolve())
     args.compare_per_request = args.compare_engine_stream = False
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    procs = start_mesh(args, pathlib.Path(args.log_dir), REPO)
+    base = pathlib.Path(args.compare_tiers_from).resolve() if args.compare_tiers_from else None
+    procs = start_mesh(args, pathlib.Path(args.log_dir), REPO, base)
     try:
         results = asyncio.run(measure({p.name: p for p in procs}, args.samples))
     finally:
         stop_all(procs)
     report = {"bench": "ttft_hops", **environment(args, REPO), "loadavg_at_start": load_at_start,
+              **({"base_git_commit": tree_commit(base), "base_tree": str(base)} if base else {}),
               "model": pathlib.Path(args.model).name, "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": 1, "concurrency": 1}, "results": results}
     text = json.dumps(report, indent=1)

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 
 from kvmesh import telemetry
+from kvmesh.serving import event_loop
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
                                    wait_for_stop, write_port_file)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        code = asyncio.run(serve(args))
+        code = event_loop.run(serve(args))
     except ConfigError as err:
         log.error("configuration error: %s", err)
         code = 2

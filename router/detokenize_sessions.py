@@ -23,6 +23,7 @@ import itertools
 import grpc
 
 from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable, with_status
+from kvmesh.serving.event_loop import deadline_timer_s
 from kvmesh.v1 import router_pb2, tokenizer_pb2
 from router.shared_call import CurrentCall, SharedCall
 
@@ -163,7 +164,7 @@ class SharedSession:
     def __init__(self, owner: DetokenizeSessions, session_id: int, timeout: float | None):
         self._owner = owner
         self._id = session_id
-        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + deadline_timer_s(timeout)
         self._open: tokenizer_pb2.DetokenizeStreamStart | None = None
         self._stream: SharedStream | None = None  # the stream the session was opened on
         self.done = False

@@ -28,6 +28,7 @@ import grpc
 from google.rpc import status_pb2
 
 from kvmesh.serving.errors import STATUS_DETAILS_KEY, status_code
+from kvmesh.serving.event_loop import deadline_timer_s
 from kvmesh.v1 import engine_pb2
 from router.shared_call import SharedCall
 
@@ -63,7 +64,7 @@ class StreamedCall:
         self._ended = False  # no more items will come (finished, failed, cancelled)
         loop = asyncio.get_running_loop()
         # One timer for the whole request (cheaper than a timeout around every read).
-        self._timer = None if timeout is None else loop.call_later(timeout, self._expire)
+        self._timer = None if timeout is None else loop.call_later(deadline_timer_s(timeout), self._expire)
 
     def deliver(self, item) -> None:
         """A response or an error for this request (the stream's reader; the last item of a request

@@ -17,6 +17,7 @@ import sys
 import grpc
 
 from kvmesh import telemetry
+from kvmesh.serving import event_loop
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        asyncio.run(serve(args))
+        event_loop.run(serve(args))
     except ConfigError as exc:
         print(f"kvmesh-router: {exc}", file=sys.stderr)
         return 2

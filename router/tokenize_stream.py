@@ -15,6 +15,7 @@ import itertools
 import grpc
 
 from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable, with_status
+from kvmesh.serving.event_loop import deadline_timer_s
 from kvmesh.v1 import tokenizer_pb2
 from router.shared_call import SharedCall
 
@@ -79,7 +80,7 @@ async def tokenize(stream: TokenizeStream, text: str, timeout: float | None,
     become (caller errors keep their status and details; anything else is UNAVAILABLE)."""
     future = stream.tokenize(tokenizer_pb2.TokenizeRequest(text=text))
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(deadline_timer_s(timeout)):
             result = await future
     except TimeoutError:
         raise DeadlineExceeded("deadline exceeded while the tokenizer tokenized") from None

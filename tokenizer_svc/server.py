@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvmesh import telemetry
+from kvmesh.serving import event_loop
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (RunningServer, install_stop_signals, start_server, wait_for_stop,
                                    write_port_file)
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(args.log_level)
-    asyncio.run(serve(args))
+    event_loop.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from kvmesh.serving.malformed import Malformed, tolerant
@@ -221,9 +222,14 @@ async def _handle(method: str, context, exc: BaseException) -> None:
     await _abort(context, err)
 
 
+# Raised by a request stream's read once the server has stopped (its caller is gone): grpc.aio logs
+# it as one line ("Aborting method ... due to server stop"); it is no error of the servicer's.
+_SERVER_STOPPED = getattr(cygrpc, "_ServerStoppedError", asyncio.CancelledError)
+
+
 def _passthrough(exc: BaseException) -> bool:
     # context.abort() raises AbortError; cancellation must propagate untouched (STYLE.md point 12).
-    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit))
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit, _SERVER_STOPPED))
 
 
 def _record_cancel(exc: BaseException) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import types
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc._cython import cygrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags
-from kvmesh.serving.errors import ExceptionMappingInterceptor, InvalidArgument, ResourceExhausted
+from kvmesh.serving.errors import ExceptionMappingInterceptor, InvalidArgument, ResourceExhausted, _wrap_stream
 from kvmesh.serving.server import start_server
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
@@ -141,3 +143,22 @@ async def test_reflection_answers_v1_and_v1alpha(server, service):
     assert {"kvmesh.v1.Engine", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection"} <= names
     assert replies[1].file_descriptor_response.file_descriptor_proto  # the engine's .proto, for describe
+
+
+async def test_a_server_stop_under_a_stream_read_is_no_servicer_error(caplog):
+    """A request stream's read raises _ServerStoppedError once the server stopped under it (its
+    caller went away during shutdown): it propagates to grpc.aio, which logs one line, instead of
+    becoming an "unexpected error" with a traceback (and an abort on a call that is gone)."""
+    async def handler(requests, context):
+        async for _ in requests:
+            yield None
+
+    async def stopped():
+        raise cygrpc._ServerStoppedError("Server already stopped.")
+        yield  # an async iterator, as grpc.aio's request iterator
+
+    wrapped = _wrap_stream("/kvmesh.v1.Tokenizer/TokenizeStream", handler, streaming_in=True)
+    with caplog.at_level(logging.INFO), pytest.raises(cygrpc._ServerStoppedError):
+        async for _ in wrapped(stopped(), None):  # no context: an abort would fail on it
+            pass
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
