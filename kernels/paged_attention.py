@@ -72,6 +72,14 @@ def _num_sms(device: torch.device) -> int:
 # ptxas) and the fewest positions a split gets where a split only evens out the last wave.
 DECODE_PROGRAMS_PER_SM = 3
 WAVE_SPLIT_MIN_POSITIONS = 2048
+# Decode launches of fewer programs per SM than this are latency-bound: they split for ~2 per SM and
+# take the kernel's STRIDED path (B=32 at 8 KV heads, 256 programs on 132 SMs, is past it).
+LATENCY_BOUND_PROGRAMS_PER_SM = 1.5
+
+
+def _decode_like(max_query_len: int, qpk: int) -> bool:
+    """A batch whose q-blocks fit the 16-row decode tiles: its query tokens x QPK heads <= 64 rows."""
+    return max_query_len * qpk <= 64
 
 
 def _wave_efficiency(programs: int, slots: int) -> float:
@@ -94,7 +102,7 @@ def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
     512); B=32 (256 programs, split in 2 by the old cutoff of 2 per SM) and B=128, whose waves do not
     fill better, lost 3-12% with 2 splits; B=16 gained 13% at ctx 4096.
     """
-    if programs >= 1.5 * num_sms:
+    if programs >= LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
         slots = DECODE_PROGRAMS_PER_SM * num_sms
         if (max_seq_len >= 2 * WAVE_SPLIT_MIN_POSITIONS
                 and _wave_efficiency(2 * programs, slots) > 1.15 * _wave_efficiency(programs, slots)):
@@ -118,7 +126,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     A graph captured with max_seq_len = the model's limit gets the split count of its batch size, and
     the kernel sizes each sequence's splits from its own length (at least min_seg positions each).
     """
-    decode_like = max_query_len * qpk <= 64
+    decode_like = _decode_like(max_query_len, qpk)
     if decode_like:
         block_m = max(16, next_pow2(qpk))
         tiles = DECODE_TILES_FP8 if kv_fp8 else DECODE_TILES
@@ -141,7 +149,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     # Decode batches of under ~1.5 programs per SM are latency-bound: their programs load their first
     # KV tile before the sequence's length (the kernel's STRIDED path), at a cost in registers that
     # matters only where several programs share an SM. The interpreter always takes it (CPU tests).
-    plan["strided"] = plan["decode"] and (interpret or programs < 1.5 * num_sms)
+    plan["strided"] = plan["decode"] and (interpret or programs < LATENCY_BOUND_PROGRAMS_PER_SM * num_sms)
     if num_splits is None:
         plan["num_splits"] = 1
         if not interpret and max_query_len <= 16:
@@ -216,8 +224,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             tensor of num_kv_heads values (per head).
         num_splits: force the number of KV splits (1 = one-pass); None = heuristic in ``_plan``.
         plan_overrides: for tuning (bench/kernels.py): replace entries of ``_plan``'s result
-            (block_m, tile_n, num_warps, num_stages, num_splits, min_seg, k_rows, fp8_via_f16); the rest
-            is re-derived.
+            (block_m, tile_n, num_warps, num_stages, num_splits, min_seg, k_rows, strided, fp8_via_f16); the
+            rest is re-derived.
         decode_seq_index: int32 ``[n]``: every sequence of the batch with one query token (a mixed
             batch's decode rows). Two launches then: the longer sequences with the prefill tiles, and
             these with the decode tiles (16 rows, one pass), instead of one 128-row prefill tile per
@@ -263,7 +271,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
         singles = decode_seq_index.shape[0]
     else:
         singles = 0
-    prefill_tiles = max_query_len * qpk > 64  # as _plan decides: not a decode-like batch
+    prefill_tiles = not _decode_like(max_query_len, qpk)
     if prefill_tiles and (key is not None or value is not None):  # decode launches never read them
         _check_fresh_kv(query, key, value, num_kv_heads)
     if (key is not None and prefill_tiles and not plan_overrides and num_splits in (None, 1)
@@ -328,7 +336,7 @@ def _launch(plan, out, query, k_cache, v_cache, block_tables, query_start_loc, s
         DECODE=plan["decode"], KV_FP8=kv_fp8, K_ROWS=plan["k_rows"],
         SEQ_INDEX=seq_index is not None, SKIP_SINGLE=bool(plan.get("skip_single")),
         FP8_VIA_F16=kv_fp8 and query.dtype == torch.bfloat16 and plan.get("fp8_via_f16", True),
-        STRIDED=plan["decode"] and sliding_window is None and plan.get("strided", False),
+        STRIDED=plan["strided"] and sliding_window is None,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if split:

@@ -51,6 +51,43 @@ def _rescale_and_add(acc, m_i, l_i, m_sub, p, v, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_k(k_head, row, d, mask, UNMASKED: tl.constexpr, K_ROWS: tl.constexpr):
+    """K of the tokens at offsets ``row``: [TILE_N, HEAD_DIM_PAD] rows if K_ROWS, else K^T directly.
+    ``mask`` broadcasts to [TILE_N, HEAD_DIM_PAD]; masked values read 0 (the cache may hold NaN)."""
+    if K_ROWS:
+        if UNMASKED:
+            k = tl.load(k_head + row[:, None] + d[None, :])
+        else:
+            k = tl.load(k_head + row[:, None] + d[None, :], mask=mask, other=0.0)
+    else:
+        if UNMASKED:
+            k = tl.load(k_head + row[None, :] + d[:, None])
+        else:
+            k = tl.load(k_head + row[None, :] + d[:, None], mask=tl.trans(mask), other=0.0)
+    return k
+
+
+@triton.jit
+def _load_v(v_head, row, d, mask, UNMASKED: tl.constexpr):
+    """V of the tokens at offsets ``row``, [TILE_N, HEAD_DIM_PAD]; as _load_k."""
+    if UNMASKED:
+        v = tl.load(v_head + row[:, None] + d[None, :])
+    else:
+        v = tl.load(v_head + row[:, None] + d[None, :], mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _k_operand(k, q, K_ROWS: tl.constexpr):
+    """K as the QK^T dot's right operand, in q's dtype: [HEAD_DIM_PAD, TILE_N]."""
+    if K_ROWS:
+        k = tl.trans(k.to(q.dtype))
+    else:
+        k = k.to(q.dtype)
+    return k
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
                  stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, sliding_window,
                  d, d_ok, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
@@ -74,19 +111,8 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
         blk = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
         kv_ok = d_ok[None, :]
     row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt  # [TILE_N] token offsets
-    # masked positions read as 0 (the cache may hold NaN there)
-    if K_ROWS:
-        if EVEN_D and not MASKED:
-            k = tl.load(k_head + row[:, None] + d[None, :])
-        else:
-            k = tl.load(k_head + row[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        k = tl.trans(k.to(q.dtype))
-    else:
-        if EVEN_D and not MASKED:
-            k = tl.load(k_head + row[None, :] + d[:, None])
-        else:
-            k = tl.load(k_head + row[None, :] + d[:, None], mask=tl.trans(kv_ok), other=0.0)
-        k = k.to(q.dtype)
+    UNMASKED: tl.constexpr = EVEN_D and not MASKED
+    k = _k_operand(_load_k(k_head, row, d, kv_ok, UNMASKED, K_ROWS), q, K_ROWS)
     s = _dot(q, k, None, IEEE_DOT)
     if MASKED:
         s = s * scale_log2
@@ -104,11 +130,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, bt_row, k_head, v_head,
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_sub = m_new
         p = tl.math.exp2(s * scale_log2 - m_sub[:, None])
-    v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
-    if EVEN_D and not MASKED:
-        v = tl.load(v_head + v_row[:, None] + d[None, :])
-    else:
-        v = tl.load(v_head + v_row[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    v = _load_v(v_head, blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt, d, kv_ok, UNMASKED)
     acc, l_i = _rescale_and_add(acc, m_i, l_i, m_sub, p, v.to(q.dtype), IEEE_DOT)
     return acc, m_new, l_i
 
@@ -125,20 +147,8 @@ def _first_tile(bt_row, k_head, v_head, tile, max_blocks, num_blocks, stride_kb,
     pos = tile * TILE_N + tl.arange(0, TILE_N)
     blk = tl.load(bt_row + tl.minimum(pos // BLOCK_SIZE, max_blocks - 1))
     blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
-    k_row = blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt
-    v_row = blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt
-    if EVEN_D:
-        v = tl.load(v_head + v_row[:, None] + d[None, :])
-        if K_ROWS:
-            k = tl.load(k_head + k_row[:, None] + d[None, :])
-        else:
-            k = tl.load(k_head + k_row[None, :] + d[:, None])
-    else:
-        v = tl.load(v_head + v_row[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-        if K_ROWS:
-            k = tl.load(k_head + k_row[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_head + k_row[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+    k = _load_k(k_head, blk * stride_kb + (pos % BLOCK_SIZE) * stride_kt, d, d_ok[None, :], EVEN_D, K_ROWS)
+    v = _load_v(v_head, blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt, d, d_ok[None, :], EVEN_D)
     return k, v, pos
 
 
@@ -148,11 +158,7 @@ def _attend_loaded(acc, m_i, l_i, q, q_pos, k, v, pos, kv_end, scale_log2, IEEE_
     """The masked online-softmax step of _attend_tile over a tile _first_tile loaded: positions at or
     past kv_end are masked, and their V (which may be NaN) is zeroed before the dot."""
     pos_ok = pos < kv_end
-    if K_ROWS:
-        k = tl.trans(k.to(q.dtype))
-    else:
-        k = k.to(q.dtype)
-    s = _dot(q, k, None, IEEE_DOT)
+    s = _dot(q, _k_operand(k, q, K_ROWS), None, IEEE_DOT)
     s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -162,9 +168,9 @@ def _attend_loaded(acc, m_i, l_i, q, q_pos, k, v, pos, kv_end, scale_log2, IEEE_
 
 
 @triton.jit
-def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q: tl.constexpr,
-            DECODE: tl.constexpr, SEQ_INDEX: tl.constexpr):
-    """(seq, local q-block, first query token, query length, seq_len) of this program's q-block.
+def _program_seq(query_start_loc_ptr, seq_index_ptr, num_seqs, BLOCK_Q: tl.constexpr, DECODE: tl.constexpr,
+                 SEQ_INDEX: tl.constexpr):
+    """(q-block id, sequence) of this program.
 
     Last q-blocks first: under a causal mask they read the most KV, so starting them early shortens
     the tail of the launch. DECODE promises one query token per sequence: q-block i is sequence i,
@@ -178,6 +184,12 @@ def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q:
             seq = q_block_id
     else:
         seq = _find_seq(query_start_loc_ptr, q_block_id, num_seqs, BLOCK_Q)
+    return q_block_id, seq
+
+
+@triton.jit
+def _locate(query_start_loc_ptr, seq_lens_ptr, q_block_id, seq, BLOCK_Q: tl.constexpr, DECODE: tl.constexpr):
+    """(local q-block, first query token, query length, seq_len) of q-block ``q_block_id`` of ``seq``."""
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if DECODE:
@@ -185,7 +197,7 @@ def _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr, num_seqs, BLOCK_Q:
     else:
         local_block = q_block_id - (q_start // BLOCK_Q + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
-    return seq, local_block, q_start, q_len, seq_len
+    return local_block, q_start, q_len, seq_len
 
 
 @triton.jit
@@ -233,10 +245,10 @@ def _walk_strided(acc, m_i, l_i, q, q_pos, k0, v0, pos0, split, kv_end, num_spli
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, t * TILE_N, kv_end, bt_row, k_head, v_head,
                                          stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, 0,
                                          d, d_ok, BLOCK_SIZE, TILE_N, False, False, IEEE_DOT, EVEN_D, K_ROWS)
-        # the sequence's last, partial tile, when it is this split's and not tile `split` itself
-        last = full_tiles
-        if (kv_end % TILE_N != 0) & (last > split) & ((last - split) % n == 0):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, last * TILE_N, kv_end, bt_row, k_head,
+        # the sequence's last, partial tile (number full_tiles), when it is this split's and not
+        # tile `split` itself
+        if (kv_end % TILE_N != 0) & (full_tiles > split) & ((full_tiles - split) % n == 0):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, full_tiles * TILE_N, kv_end, bt_row, k_head,
                                          v_head, stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, 0,
                                          d, d_ok, BLOCK_SIZE, TILE_N, True, False, IEEE_DOT, EVEN_D, K_ROWS)
     return acc, m_i, l_i
@@ -294,20 +306,17 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_DIM
     k_head = k_cache_ptr + kvh * stride_kh
     v_head = v_cache_ptr + kvh * stride_vh
+    q_block_id, seq = _program_seq(query_start_loc_ptr, seq_index_ptr, num_seqs, BLOCK_Q, DECODE, SEQ_INDEX)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if STRIDED:
         # A decode split owns tiles split, split + n, split + 2n, ... (n splits that have work), so
         # its first tile is known before the sequence's length: its block ids, K and V go out first,
         # beside the length, and are masked when it arrives. That takes one of three dependent memory
         # latencies (seq_lens, then the block table, then K) off every decode program.
-        if SEQ_INDEX:
-            seq0 = tl.load(seq_index_ptr + tl.num_programs(0) - 1 - tl.program_id(0))
-        else:
-            seq0 = tl.num_programs(0) - 1 - tl.program_id(0)
-        k0, v0, pos0 = _first_tile(block_tables_ptr + seq0.to(tl.int64) * stride_bt, k_head, v_head, split,
-                                   max_blocks, num_blocks, stride_kb, stride_kt, stride_vb, stride_vt, d, d_ok,
-                                   BLOCK_SIZE, TILE_N, EVEN_D, K_ROWS)
-    seq, local_block, q_start, q_len, seq_len = _locate(query_start_loc_ptr, seq_lens_ptr, seq_index_ptr,
-                                                        num_seqs, BLOCK_Q, DECODE, SEQ_INDEX)
+        k0, v0, pos0 = _first_tile(bt_row, k_head, v_head, split, max_blocks, num_blocks, stride_kb, stride_kt,
+                                   stride_vb, stride_vt, d, d_ok, BLOCK_SIZE, TILE_N, EVEN_D, K_ROWS)
+    local_block, q_start, q_len, seq_len = _locate(query_start_loc_ptr, seq_lens_ptr, q_block_id, seq, BLOCK_Q,
+                                                   DECODE)
     if local_block * BLOCK_Q >= q_len:
         return  # past this sequence's last q-block (the grid is an upper bound)
     if SKIP_SINGLE:
@@ -346,7 +355,6 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if STRIDED:
         acc, m_i, l_i = _walk_strided(acc, m_i, l_i, q, q_pos, k0, v0, pos0, split, kv_end, num_splits, min_seg,
                                       bt_row, k_head, v_head, stride_kb, stride_kt, stride_vb, stride_vt,
