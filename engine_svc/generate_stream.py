@@ -130,11 +130,14 @@ class GenerateSession:
 
     def _cancel(self, request_id: str) -> None:
         live = self._live.get(request_id)
-        if live is None:
-            return  # finished (its last response may be on the way) or never admitted
+        if live is not None:  # else finished (its last response may be on the way) or never admitted
+            self._abort(live)
+
+    def _abort(self, live: _Live) -> None:
+        """The client gave the request up: the engine frees its blocks at the next step."""
         if live.req.trace is not None:
             live.req.trace.client_cancelled()
-        self._service.engine.abort(request_id)
+        self._service.engine.abort(live.req.request_id)
 
     def _message(self) -> engine_pb2.GenerateStreamResponse:
         message = engine_pb2.GenerateStreamResponse()
@@ -163,8 +166,6 @@ class GenerateSession:
         """The call ended with requests live: abort each (blocks freed at the next step)."""
         if self._live:
             log.info("GenerateStream ended with %d live request(s): aborting them", len(self._live))
-        for request_id, live in self._live.items():
-            if live.req.trace is not None:
-                live.req.trace.client_cancelled()
-            self._service.engine.abort(request_id)
+        for live in self._live.values():
+            self._abort(live)
         self._live.clear()

@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-import grpc
-
 from kvmesh.serving.errors import DeadlineExceeded, ServiceError, Unavailable, with_status
 from kvmesh.serving.event_loop import deadline_timer_s
 from kvmesh.v1 import router_pb2, tokenizer_pb2
@@ -62,12 +60,10 @@ class SharedStream(SharedCall):
         self._in_flight = 0
         self._pending: dict[int, tokenizer_pb2.SessionInput] = {}  # to go out with the next message
         self._waiting: dict[int, asyncio.Future] = {}  # session id -> its update, once answered
-        self._wake = asyncio.Event()
         self.failure: ServiceError | None = None
         self.num_messages = 0  # request messages sent (the coalescing shows as inputs per message)
         self.num_inputs = 0
-        self._tasks = [asyncio.create_task(self._write_loop(), name="detokenize-sessions-writer"),
-                       asyncio.create_task(self._read_loop(), name="detokenize-sessions-reader")]
+        self._start_tasks("detokenize-sessions")
 
     def send(self, inp: tokenizer_pb2.SessionInput) -> asyncio.Future:
         """Queue a session's input for the next message; the future gets its update (or the stream's failure)."""
@@ -90,22 +86,13 @@ class SharedStream(SharedCall):
             if self._in_flight < self._max_in_flight:
                 self._wake.set()
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()  # set by send(): runs after the callbacks ready now, so they gather
-                self._wake.clear()
-                if not self._pending or self._in_flight >= self._max_in_flight:
-                    continue
-                inputs = self._take_inputs()
-                self._in_flight += 1
-                self.num_messages += 1
-                self.num_inputs += len(inputs)
-                await self._call.write(tokenizer_pb2.DetokenizeSessionsRequest(inputs=inputs))
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
-        except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
-            self._fail("the stream ended")
+    def _outgoing(self):
+        if self._pending and self._in_flight < self._max_in_flight:  # else the reader wakes the writer
+            inputs = self._take_inputs()
+            self._in_flight += 1
+            self.num_messages += 1
+            self.num_inputs += len(inputs)
+            yield tokenizer_pb2.DetokenizeSessionsRequest(inputs=inputs)
 
     def _take_inputs(self) -> list[tokenizer_pb2.SessionInput]:
         """The pending inputs for one message, oldest first, within MESSAGE_BUDGET_BYTES."""

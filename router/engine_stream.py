@@ -157,11 +157,9 @@ class EngineStream(SharedCall):
         self._calls: dict[str, StreamedCall] = {}  # requests sent (or to be sent) and not ended
         self._requests: list[engine_pb2.GenerateRequest] = []  # to go out with the next message
         self._cancels: list[str] = []
-        self._wake = asyncio.Event()
         self.failure: grpc.aio.AioRpcError | None = None
         self.num_messages = 0  # messages written (requests and cancels per message show the coalescing)
-        self._tasks = [asyncio.create_task(self._write_loop(), name="generate-stream-writer"),
-                       asyncio.create_task(self._read_loop(), name="generate-stream-reader")]
+        self._start_tasks("generate-stream")
 
     @property
     def num_live(self) -> int:
@@ -198,21 +196,13 @@ class EngineStream(SharedCall):
     def forget(self, request_id: str) -> None:
         self._calls.pop(request_id, None)
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()  # set by start()/cancel(): runs after the callbacks ready now, so they gather
-                self._wake.clear()
-                while self._requests or self._cancels:
-                    message = engine_pb2.GenerateStreamRequest(requests=self._take_requests(),
-                                                               cancel_request_ids=self._cancels)
-                    self._cancels = []
-                    self.num_messages += 1
-                    await self._call.write(message)
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
-        except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
-            self._fail("the stream ended")
+    def _outgoing(self):
+        while self._requests or self._cancels:
+            message = engine_pb2.GenerateStreamRequest(requests=self._take_requests(),
+                                                       cancel_request_ids=self._cancels)
+            self._cancels = []
+            self.num_messages += 1
+            yield message
 
     def _take_requests(self) -> list[engine_pb2.GenerateRequest]:
         """The pending requests for one message, oldest first, within MESSAGE_BUDGET_BYTES."""

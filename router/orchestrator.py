@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from opentelemetry import trace
 
-from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, ServiceError, Unavailable
+from kvmesh.serving.errors import AlreadyExists, ResourceExhausted, Unavailable
 from kvmesh.telemetry.attributes import EVENT_ROUTE_DECISION
 from kvmesh.telemetry.router import record_pick
 from kvmesh.v1 import common_pb2, engine_pb2, router_pb2

@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class SharedCall:
-    """Base of a shared stream: `_tasks` run it, `_fail(why)` ends it (idempotent), `close()` both.
-    A subclass sets `_call` and `_peer` (who answers on it) and hands each answer to `_on_message`."""
+    """Base of a shared stream: `_start_tasks` runs its writer and reader, `_fail(why)` ends it
+    (idempotent), `close()` both. A subclass sets `_call` and `_peer` (who answers on it), sets
+    `_wake` when it has something to send, yields what to send from `_outgoing()`, and hands each
+    answer to `_on_message`."""
 
     failure: Exception | None = None
     _tasks: list[asyncio.Task]
     _call: grpc.aio.StreamStreamCall
     _peer: str
+    _wake: asyncio.Event
 
     def _fail(self, why: str) -> None:
         raise NotImplementedError
@@ -33,6 +36,29 @@ class SharedCall:
     def _on_message(self, message) -> None:
         """One message from the peer: resolve what waits on it."""
         raise NotImplementedError
+
+    def _outgoing(self):
+        """The messages to write now (a generator, resumed after each write: what queued meanwhile
+        goes in the next one)."""
+        raise NotImplementedError
+
+    def _start_tasks(self, name: str) -> None:
+        self._wake = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._write_loop(), name=f"{name}-writer"),
+                       asyncio.create_task(self._read_loop(), name=f"{name}-reader")]
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                # set when something queued: runs after the callbacks ready now, so they gather
+                await self._wake.wait()
+                self._wake.clear()
+                for message in self._outgoing():
+                    await self._call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            self._fail(f"{exc.code().name}: {exc.details()}")
+        except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
+            self._fail("the stream ended")
 
     async def _read_loop(self) -> None:
         try:

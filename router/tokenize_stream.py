@@ -20,7 +20,6 @@ from kvmesh.v1 import tokenizer_pb2
 from router.shared_call import SharedCall
 
 
-
 class TokenizeStream(SharedCall):
     """One TokenizeStream call with its writer and reader tasks. Lives until it fails or is closed."""
 
@@ -30,10 +29,8 @@ class TokenizeStream(SharedCall):
         self._ids = itertools.count(1)
         self._pending: list[tokenizer_pb2.TokenizeItem] = []  # to go out with the next message
         self._waiting: dict[int, asyncio.Future] = {}  # item id -> its result, once answered
-        self._wake = asyncio.Event()
         self.failure: ServiceError | None = None
-        self._tasks = [asyncio.create_task(self._write_loop(), name="tokenize-stream-writer"),
-                       asyncio.create_task(self._read_loop(), name="tokenize-stream-reader")]
+        self._start_tasks("tokenize-stream")
 
     def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> asyncio.Future:
         """Queue a text for the next message; the future gets its TokenizeResult (or the stream's failure)."""
@@ -46,18 +43,10 @@ class TokenizeStream(SharedCall):
         self._wake.set()
         return future
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()  # set by tokenize(): runs after the callbacks ready now, so they gather
-                self._wake.clear()
-                if self._pending:
-                    items, self._pending = self._pending, []
-                    await self._call.write(tokenizer_pb2.TokenizeStreamRequest(items=items))
-        except grpc.aio.AioRpcError as exc:
-            self._fail(f"{exc.code().name}: {exc.details()}")
-        except asyncio.InvalidStateError:  # the call ended under the write; the reader saw why
-            self._fail("the stream ended")
+    def _outgoing(self):
+        if self._pending:
+            items, self._pending = self._pending, []
+            yield tokenizer_pb2.TokenizeStreamRequest(items=items)
 
     def _on_message(self, response: tokenizer_pb2.TokenizeStreamResponse) -> None:
         for result in response.results:
