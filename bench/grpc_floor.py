@@ -35,7 +35,7 @@ import grpc
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.provenance import cpu_name, git_commit  # noqa: E402
+from bench.provenance import cpu_name, git_commit, write_report  # noqa: E402
 from kvmesh.serving import event_loop  # noqa: E402
 from kvmesh.serving.channels import channel_options  # noqa: E402
 from kvmesh.serving.server import DEFAULT_MAX_MESSAGE_BYTES, server_options  # noqa: E402
@@ -273,10 +273,7 @@ def main() -> None:
               "workload": {"round_trips": args.round_trips, "pace_ms": args.pace_ms, "streams": args.streams,
                            "tokens": args.tokens, "step_ms": args.step_ms},
               "runs": runs}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.overhead_clients import PROMPT, ClientPool, open_paths, worker  # noqa: E402
-from bench.provenance import cpu_name, git_commit  # noqa: E402
+from bench.provenance import cpu_name, git_commit, write_report  # noqa: E402
 from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
@@ -352,10 +352,7 @@ def main() -> None:
                       "requests on one shared GenerateStream, the engine's cheapest client). All tiers and the client "
                       "share the host's cores.",
               "results": results}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -41,3 +42,11 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to `out` when given."""
+    text = json.dumps(report, indent=1)
+    if out:
+        pathlib.Path(out).write_text(text + "\n")
+    print(text)

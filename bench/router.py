@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # bench/ is sys.path[0] when run as a script, where this file would shadow the `router` package;
 # nothing here imports it (routers run as child processes).
-from bench.provenance import cpu_name, git_commit  # noqa: E402
+from bench.provenance import cpu_name, git_commit, write_report  # noqa: E402
 from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
@@ -270,14 +270,6 @@ def main() -> None:
                                      "median": {p: median_summary(runs[w.name][p]) for p in policies},
                                      "runs": runs[w.name]} for w in workloads}}
     write_report(report, args.out)
-
-
-def write_report(report: dict, out: str | None) -> None:
-    """Print the JSON report and write it to `out` when given."""
-    text = json.dumps(report, indent=1)
-    if out:
-        pathlib.Path(out).write_text(text + "\n")
-    print(text)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.provenance import write_report  # noqa: E402
 from kvmesh.procs import ServiceProcess  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
@@ -231,10 +232,7 @@ def main() -> None:
                            "streams": len(sequences), "mean_stream_tokens": round(statistics.mean(map(len, sequences))),
                            "tokenize_concurrency": args.concurrency, "repeats": args.repeats},
               "results": results, "summary": summary}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

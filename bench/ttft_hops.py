@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import pathlib
 import sys
@@ -34,6 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.overhead import PROMPT, tree_commit, environment, percentile, start_mesh  # noqa: E402
+from bench.provenance import write_report  # noqa: E402
 from kvmesh.procs import stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc,  # noqa: E402
@@ -160,10 +160,7 @@ def main() -> None:
               **({"base_git_commit": tree_commit(base), "base_tree": str(base)} if base else {}),
               "model": pathlib.Path(args.model).name, "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": 1, "concurrency": 1}, "results": results}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

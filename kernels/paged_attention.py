@@ -251,7 +251,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
                   scale, sliding_window)
     dev = query.device
     num_tokens, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     num_seqs = block_tables.shape[0]
     kv_fp8 = k_cache.dtype in FP8_DTYPES
     k_scales = kv_scale_tensor("k_scale", k_scale, num_kv_heads, dev) if kv_fp8 else query

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+from kvmesh.serving.channels import create_channel
+from kvmesh.v1 import engine_pb2_grpc
 
 
 async def assert_blocks_baseline(server, num_blocks: int, timeout: float = 5.0) -> None:
@@ -17,3 +21,12 @@ async def assert_blocks_baseline(server, num_blocks: int, timeout: float = 5.0) 
             return
         await server.engine.wait_load_change(0.05)
     raise AssertionError(f"blocks did not return to baseline: {server.engine.load}")
+
+
+@contextlib.asynccontextmanager
+async def checked_engine_stub(server, num_blocks: int):
+    """An Engine stub on its own channel to an in-process EngineServer; on the way out (after the
+    test), the blocks are back at baseline."""
+    async with create_channel(f"127.0.0.1:{server.port}") as ch:
+        yield engine_pb2_grpc.EngineStub(ch)
+    await assert_blocks_baseline(server, num_blocks)

@@ -9,8 +9,6 @@ on it. After each test the free blocks are back at the baseline.
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 import pytest_asyncio
@@ -24,7 +22,7 @@ from engine_svc.core.hooks import EngineHooks
 from engine_svc.server import EngineServer
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from tests.blocks_baseline import assert_blocks_baseline
+from tests.blocks_baseline import assert_blocks_baseline, checked_engine_stub
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 NUM_BLOCKS = 128
@@ -59,9 +57,8 @@ async def server(stories260k_dir):
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def stub(server):
-    async with create_channel(f"127.0.0.1:{server.port}") as ch:
-        yield engine_pb2_grpc.EngineStub(ch)
-    await assert_baseline(server)
+    async with checked_engine_stub(server, NUM_BLOCKS) as s:
+        yield s
 
 
 async def assert_baseline(server) -> None:

@@ -21,6 +21,7 @@ from engine_svc.model_runner import ModelRunner
 from engine_svc.server import WARMUP_REQUEST_ID, EngineServer
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import SCHEMA_REVISION, common_pb2, engine_pb2, engine_pb2_grpc
+from tests.blocks_baseline import assert_blocks_baseline, checked_engine_stub
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 NUM_BLOCKS = 128
@@ -95,9 +96,8 @@ async def server(stories260k_dir):
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def stub(server):
-    async with create_channel(f"127.0.0.1:{server.port}") as ch:
-        yield engine_pb2_grpc.EngineStub(ch)
-    await assert_baseline(server)
+    async with checked_engine_stub(server, NUM_BLOCKS) as s:
+        yield s
 
 
 async def collect(stub, prompt, sampling=None, **kw) -> list[engine_pb2.GenerateResponse]:
@@ -109,15 +109,7 @@ async def collect(stub, prompt, sampling=None, **kw) -> list[engine_pb2.Generate
 async def assert_baseline(server, timeout: float = 5.0) -> None:
     """No block in use (all free, or cached: evictable prefix blocks, prefix caching is on), nothing
     running or waiting (waiting at most `timeout` for the engine thread)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        load = server.engine.load
-        if load.in_use_blocks == 0 and load.free_blocks + load.cached_blocks == NUM_BLOCKS \
-                and load.num_running_requests == load.num_waiting_requests == 0 \
-                and server.engine.num_live == 0:
-            return
-        await server.engine.wait_load_change(0.05)
-    raise AssertionError(f"blocks did not return to baseline: {server.engine.load}")
+    await assert_blocks_baseline(server, NUM_BLOCKS, timeout)
 
 
 def ids(responses) -> list[int]:
