@@ -40,7 +40,7 @@ CONTEXTS = [512, 2048, 4096, 8192, 32768]
 PREFILL_MAX_TOKENS = 65536  # prefill shapes with B * ctx above this are skipped (seconds per call)
 FP8_SCALE = 0.05  # per-tensor K/V scale of the FP8 rows
 FP8_DECODE_SHAPES = [(1, 4096), (8, 4096), (64, 4096), (256, 4096), (256, 8192)]
-ENGINE_MAX_LEN = 131072  # Llama-3.1's max_model_len: what the engine's decode graphs plan with
+ENGINE_MAX_LEN = 131072  # Llama-3.1's max_model_len: the limit the engine's decode graphs are captured under
 
 
 def ms(fn) -> float:
@@ -121,10 +121,19 @@ def sdpa_variants(q, k, v, causal, allow_repeat):
     return out
 
 
+def graph_plan_len(attn, B, ctx, graph_max_len, fp8) -> int:
+    """The max_seq_len an engine graph of B sequences at ctx plans with, for a model of graph_max_len:
+    the shortest of its kernels' decode_graph_lengths >= ctx (the limit for a tree without them)."""
+    lengths = attn.__globals__.get("decode_graph_lengths")  # the attn's own tree (a --baseline's too)
+    if lengths is None:
+        return graph_max_len
+    return min(n for n in lengths(B, H, HKV, D, graph_max_len, torch.device("cuda"), fp8) if n >= ctx)
+
+
 def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=False, graph_max_len=None,
                  attn=paged_attention):
-    """One decode step over B sequences of ctx tokens, as a graph replay. graph_max_len: plan as the
-    engine's graphs do (max_seq_len = the model's limit, block tables that wide)."""
+    """One decode step over B sequences of ctx tokens, as a graph replay. graph_max_len: as the engine's
+    graphs run it for a model of that limit (block tables that wide, the plan of graph_plan_len)."""
     kv_bytes = 2 * B * ctx * HKV * D * (1 if fp8 else 2)
     if 1.15 * kv_bytes > free_bytes():
         return {"B": B, "ctx": ctx, "skipped": f"paged K/V of {kv_bytes / 1e9:.1f} GB does not fit"}
@@ -135,8 +144,10 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
     out = torch.empty_like(q)
     scales = {"k_scale": FP8_SCALE, "v_scale": FP8_SCALE} if fp8 else {}
 
+    plan_len = graph_plan_len(attn, B, ctx, graph_max_len, fp8) if graph_max_len else ctx
+
     def ours():
-        return attn(q, k_cache, v_cache, bt, qsl, lens, 1, graph_max_len or ctx, D ** -0.5, out=out,
+        return attn(q, k_cache, v_cache, bt, qsl, lens, 1, plan_len, D ** -0.5, out=out,
                     plan_overrides=plan_overrides, **scales)
 
     t = graph_ms(ours)
@@ -145,7 +156,7 @@ def bench_decode(B, ctx, copy_gbps, plan_overrides=None, with_sdpa=True, fp8=Fal
     if fp8:
         row["kv_cache"] = "fp8_e4m3"
     if graph_max_len:
-        row["graph_max_len"] = graph_max_len
+        row["graph_max_len"], row["graph_plan_len"] = graph_max_len, plan_len
     if (2 if fp8 else 1) * 1.6 * kv_bytes > free_bytes():  # contiguous bf16 K/V plus the gather's temporary
         row["sdpa"] = "skipped: no room for a contiguous copy of K/V"
         return row

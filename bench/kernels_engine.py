@@ -34,10 +34,12 @@ CONFIG = os.path.join(REPO, "bench", "configs", "llama3-8b")
 
 
 def build_runner(args):
+    import engine_svc.cuda_graphs
     import engine_svc.model_runner as mr
     from engine_svc.config import EngineConfig
 
-    mr.GRAPH_BATCH_SIZES = [args.decode_batch]  # one graph: capturing all 20 sizes costs device time
+    # one batch size: capturing all 20 costs device time (capture_decode_graphs reads this module's list)
+    engine_svc.cuda_graphs.GRAPH_BATCH_SIZES = [args.decode_batch]
     kw = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}
     cfg = EngineConfig(model=CONFIG, device="cuda", load_format="dummy", dtype="bfloat16",
                        max_model_len=args.max_model_len, max_num_seqs=args.decode_batch,

@@ -38,7 +38,7 @@ def sweep(copy_gbps, bench_decode, bench_prefill) -> dict:
             for n in SPLITS:
                 po = {} if n is None else {"num_splits": n, "min_seg": 128}  # exact shares
                 run("decode_splits", lambda: bench_decode(B, ctx, copy_gbps, po or None, with_sdpa=n is None), po)
-    for B in SMALL_BATCHES:  # the engine's graphs: planned at max_model_len, splits cut on the device
+    for B in SMALL_BATCHES:  # as the engine's graphs plan them (graph_plan_len), splits cut on the device
         for ctx in (512, 4096):
             run("decode_graph_plan", lambda: bench_decode(B, ctx, copy_gbps, None, with_sdpa=False,
                                                           graph_max_len=131072), {"graph_max_len": 131072})

@@ -1,8 +1,10 @@
 """Captured steps, all on the runner's fixed input buffers (engine_svc/step_buffers.py).
 
-Decode: one graph per batch size B. It reads ids/pos/slots[:B], qsl[:B + 1], lens[:B] and the
+Decode: graphs per batch size B. Each reads ids/pos/slots[:B], qsl[:B + 1], lens[:B] and the
 full-width block table bt[:B]; a step packs its inputs there (padding rows write nowhere: slot -1)
-and replays. Nothing is copied at replay time.
+and replays. Nothing is copied at replay time. A B has one graph per attention launch plan over the
+context lengths (the backend's decode_graph_lengths: the Triton kernel's split count depends on the
+batch's longest sequence), and a step replays the one captured at the shortest length that holds it.
 
 Mixed (prefill chunks and decode tokens, any mix): one graph per padded token count T in
 MIXED_GRAPH_TOKENS, over every row of the buffers (max_num_seqs + 1). A step of t <= T tokens in
@@ -16,6 +18,8 @@ launches and ~130 GEMMs, more than its GPU time (bench/results/step-profile-*).
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -52,8 +56,9 @@ def _capture(run, device: torch.device, pool):
     return graph, out
 
 
-def _capture_sizes(make, sizes: list[int], device: torch.device) -> dict:
-    """make(size, pool) for every size, largest first: smaller graphs reuse the largest one's pool."""
+def _capture_sizes(make, sizes: list, device: torch.device) -> dict:
+    """make(size, pool) for every size (an int, or a tuple ordered by its first entry), largest first:
+    smaller graphs reuse the largest one's pool."""
     graphs, pool = {}, None
     for size in sorted(sizes, reverse=True):
         graphs[size] = make(size, pool)
@@ -63,21 +68,60 @@ def _capture_sizes(make, sizes: list[int], device: torch.device) -> dict:
 
 
 class DecodeGraph:
-    """One captured pure-decode step for a fixed batch size."""
+    """One captured pure-decode step for a fixed batch size, planned for sequences of up to max_seq_len.
 
-    def __init__(self, model, kv_caches, backend, buffers, batch_size: int, max_model_len: int, pool):
+    capture=False runs the same padded step eagerly (the CPU tests check padding and the choice of
+    graph that way)."""
+
+    def __init__(self, model, kv_caches, backend, buffers, batch_size: int, max_seq_len: int, pool=None,
+                 capture: bool = True):
         d, B = buffers.dev, batch_size
-        self.batch_size = B
+        self.batch_size, self.max_seq_len = B, max_seq_len
         meta = AttentionMetadata(
             query_start_loc=d.qsl[:B + 1], seq_lens=d.lens[:B], block_tables=d.bt[:B], slot_mapping=d.slots[:B],
-            max_query_len=1, max_seq_len=max_model_len, num_seqs=B)
-        self.graph, self.out = _capture(lambda: model(d.ids[:B], d.pos[:B], kv_caches, meta, backend),
-                                        buffers.device, pool)
+            max_query_len=1, max_seq_len=max_seq_len, num_seqs=B)
+        self._run = lambda: model(d.ids[:B], d.pos[:B], kv_caches, meta, backend)
+        self.graph = self.out = None
+        if capture:
+            self.graph, self.out = _capture(self._run, buffers.device, pool)
 
     def replay(self) -> torch.Tensor:
         """Run the step on whatever the input buffers hold; hidden states [B, hidden]."""
+        if self.graph is None:
+            with torch.inference_mode():
+                return self._run()
         self.graph.replay()
         return self.out
+
+
+class DecodeGraphs:
+    """The decode graphs by batch size, and by the longest sequence each was planned for."""
+
+    def __init__(self, graphs):
+        by_size: dict[int, list] = {}
+        for g in graphs:
+            by_size.setdefault(g.batch_size, []).append(g)
+        self.sizes = sorted(by_size)
+        self._graphs = {b: sorted(gs, key=lambda g: g.max_seq_len) for b, gs in by_size.items()}
+        self._lengths = {b: [g.max_seq_len for g in gs] for b, gs in self._graphs.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.sizes)
+
+    def __len__(self) -> int:
+        return sum(len(gs) for gs in self._graphs.values())
+
+    def batch_size_for(self, num_seqs: int) -> int | None:
+        """The captured batch size a step of num_seqs sequences pads to; None: larger than any."""
+        if not self.sizes or num_seqs > self.sizes[-1]:
+            return None
+        return self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
+
+    def graph(self, batch_size: int, max_seq_len: int):
+        """The graph of batch_size planned for the shortest length >= max_seq_len (the limit's graph
+        holds every step the scheduler makes)."""
+        lengths = self._lengths[batch_size]
+        return self._graphs[batch_size][min(bisect.bisect_left(lengths, max_seq_len), len(lengths) - 1)]
 
 
 class MixedGraph:
@@ -127,9 +171,15 @@ def capture_mixed_graphs(model, kv_caches, backend, buffers, max_tokens: int, ro
         [t for t in MIXED_GRAPH_TOKENS if t <= max_tokens], buffers.device)
 
 
-def capture_decode_graphs(model, kv_caches, backend, buffers, max_num_seqs: int,
-                          max_model_len: int) -> dict[int, DecodeGraph]:
-    """Graphs for every size in GRAPH_BATCH_SIZES up to max_num_seqs, into one pool."""
+def capture_decode_graphs(model, kv_caches, backend, buffers, max_num_seqs: int, max_model_len: int,
+                          model_cfg, kv_fp8: bool) -> DecodeGraphs:
+    """Graphs for every size in GRAPH_BATCH_SIZES up to max_num_seqs, at each of the backend's decode
+    graph lengths, into one pool."""
     buffers.reset_for_capture()
-    return _capture_sizes(lambda size, pool: DecodeGraph(model, kv_caches, backend, buffers, size, max_model_len, pool),
-                          [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs], buffers.device)
+    c = model_cfg
+    keys = [(b, n) for b in GRAPH_BATCH_SIZES if b <= max_num_seqs
+            for n in backend.decode_graph_lengths(b, c.num_heads, c.num_kv_heads, c.head_dim, max_model_len,
+                                                  buffers.device, kv_fp8)]
+    graphs = _capture_sizes(lambda key, pool: DecodeGraph(model, kv_caches, backend, buffers, *key, pool),
+                            keys, buffers.device)
+    return DecodeGraphs(graphs.values())

@@ -27,8 +27,8 @@ from engine_svc import kv_sizing
 from engine_svc.attention.base import AttentionMetadata
 from engine_svc.attention.selector import get_attention_backend
 from engine_svc.config import ConfigError, EngineConfig
-from engine_svc.cuda_graphs import (GRAPH_BATCH_SIZES, MIXED_GRAPH_TOKENS, MixedGraph, capture_decode_graphs,
-                                    capture_mixed_graphs, mixed_graph_reserve_bytes)
+from engine_svc.cuda_graphs import (GRAPH_BATCH_SIZES, MIXED_GRAPH_TOKENS, DecodeGraphs, MixedGraph,
+                                    capture_decode_graphs, capture_mixed_graphs, mixed_graph_reserve_bytes)
 from engine_svc.input_batch import MIN_LISTED_SINGLES, InputBatch, PackedStep
 from engine_svc.model import loader
 from engine_svc.model.ops import get_layer_ops
@@ -65,8 +65,7 @@ class ModelRunner:
         self.model = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
-        self.graphs: dict = {}
-        self.graph_sizes: list[int] = []
+        self.graphs = DecodeGraphs([])  # pure-decode graphs (CUDA, after warmup)
         self.mixed_graphs: dict[int, MixedGraph] = {}  # padded token count -> graph (CUDA, after warmup)
         self.mixed_sizes: list[int] = []
         self.memory_baseline = (kv_sizing.MemoryBaseline.take(self.device)
@@ -204,8 +203,8 @@ class ModelRunner:
             log.warning("attention backend %s cannot be captured; running eagerly", self.backend.name)
             return
         self.graphs = capture_decode_graphs(self.model, self.kv_caches, self.backend, self.buffers,
-                                            self.config.max_num_seqs, self.max_model_len)
-        self.graph_sizes = sorted(self.graphs)
+                                            self.config.max_num_seqs, self.max_model_len, self.model_cfg,
+                                            kv_fp8=self.kv_dtype == torch.float8_e4m3fn)
         if mixed_tokens := self._mixed_graph_tokens():
             self.mixed_graphs = capture_mixed_graphs(self.model, self.kv_caches, self.backend, self.buffers,
                                                      mixed_tokens, self.graph_rows, self.max_model_len)
@@ -261,14 +260,14 @@ class ModelRunner:
     def _run_forward(self, plan: StepPlan) -> tuple[PackedStep, torch.Tensor]:
         """Pack, upload and run the model (a graph replay for pure decode): (packed, hidden [T])."""
         n = len(plan.req_ids)
-        graph = mixed = None
+        graph_size = mixed = None
         tokens = sum(plan.num_new_tokens)
-        if self.graphs and n <= self.graph_sizes[-1] and tokens == n:
-            graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]]
-        elif self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
+        if tokens == n:
+            graph_size = self.graphs.batch_size_for(n)
+        if graph_size is None and self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
             mixed = self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
         st = self.buffers.staging()
-        packed = self.batch.pack(plan, st, pad_to=graph.batch_size if graph else None,
+        packed = self.batch.pack(plan, st, pad_to=graph_size,
                                  pad_tokens_to=mixed.num_tokens if mixed else None,
                                  pad_rows_to=mixed.rows if mixed else None)
         self._last_token_index = packed.last_token_index
@@ -279,8 +278,8 @@ class ModelRunner:
             assert prev is not None and prev.token_ids is not None, "no previous step to take tokens from"
             g = packed.num_gathered
             d.ids.index_copy_(0, d.gather_dst[:g], prev.token_ids.index_select(0, d.gather_src[:g]))
-        if graph is not None:
-            return packed, graph.replay()[:packed.num_tokens]
+        if graph_size is not None:
+            return packed, self.graphs.graph(graph_size, packed.max_seq_len).replay()[:packed.num_tokens]
         T = packed.num_tokens
         if mixed is not None:
             return packed, mixed.replay()[:T]

@@ -61,3 +61,10 @@ class AttentionBackend(ABC):
         sliding_window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value at ``meta.slot_mapping``, then attend causally over each sequence's cache."""
+
+    def decode_graph_lengths(self, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                             max_model_len: int, device: torch.device, kv_fp8: bool) -> list[int]:
+        """The max_seq_len values to capture pure-decode CUDA graphs of num_seqs sequences at, ascending,
+        the last max_model_len. One graph at the limit, unless the backend's launches change with the
+        length (TritonAttentionBackend's split counts)."""
+        return [max_model_len]

@@ -6,7 +6,7 @@ import torch
 
 from engine_svc.attention.base import AttentionBackend, AttentionMetadata
 from kernels.kv_cache import write_kv_cache
-from kernels.paged_attention import paged_attention
+from kernels.paged_attention import decode_graph_lengths, paged_attention
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -16,7 +16,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     Capturable in CUDA graphs: nothing reads device tensors on the host; the tile plan and the split
     count depend only on the host ints of the metadata, so a graph captured with
-    ``max_seq_len = max_model_len`` serves every shorter batch of the same shape.
+    ``max_seq_len = max_model_len`` serves every shorter batch of the same shape; the runner captures
+    one per split plan (``decode_graph_lengths``), so that short batches do not replay long ones' splits.
     """
 
     name = "triton"
@@ -31,3 +32,6 @@ class TritonAttentionBackend(AttentionBackend):
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
                                k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index,
                                key=key, value=value)
+
+    def decode_graph_lengths(self, num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8):
+        return decode_graph_lengths(num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8)

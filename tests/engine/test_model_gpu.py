@@ -34,7 +34,7 @@ def cuda_runner(model, **kw) -> ModelRunner:
 
 def test_graphs_captured_and_greedy_examples_reproduced(stories260k_dir):
     runner = cuda_runner(stories260k_dir, max_num_seqs=64, gpu_memory_utilization=0.3)
-    assert runner.backend.name == "triton" and runner.graphs and max(runner.graphs) == 64
+    assert runner.backend.name == "triton" and runner.graphs and runner.graphs.sizes[-1] == 64
     assert max(runner.mixed_graphs) == 2048  # prefill steps replay mixed graphs
     ex = greedy_examples(stories260k_dir)
     outs = generate(runner, [e["prompt_ids"] for e in ex], max_new=128)
@@ -52,6 +52,18 @@ def test_graph_and_eager_decode_agree_with_batch_padding(stories260k_dir):
     params = [SamplingParams(temperature=0.8, seed=i) for i in range(len(prompts))]
     assert generate(graphed, prompts, max_new=64, params=params, stagger=True) == \
         generate(eager, prompts, max_new=64, params=params, stagger=True)
+
+
+def test_decode_graphs_by_context_length_agree_with_eager(stories260k_dir):
+    """Decode batches replay the graph planned for their longest sequence (kernels/paged_attention.py's
+    decode_graph_lengths: here 255 / 511 / 512 positions for 4 sequences over 4 KV heads). Contexts
+    that cross 255 and reach the limit give the tokens the eager steps give."""
+    graphed = cuda_runner(stories260k_dir, max_num_seqs=8, gpu_memory_utilization=0.3)
+    eager = cuda_runner(stories260k_dir, max_num_seqs=8, gpu_memory_utilization=0.3, enforce_eager=True)
+    assert len(graphed.graphs) > len(graphed.graphs.sizes)  # some batch size has graphs of two lengths
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (200, 240, 449)]
+    assert generate(graphed, prompts, max_new=64) == generate(eager, prompts, max_new=64)
 
 
 def test_prefill_logits_match_hf_on_cuda(stories260k_dir):

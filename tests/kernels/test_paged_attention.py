@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_cases import DEVICE, assert_close, make_batch
 
-from kernels.paged_attention import (PREFILL_TILES, SHORT_PREFILL_TILES, SHORT_PREFILL_TOKENS, _plan, paged_attention,
-                                     paged_attention_reference)
+from kernels.paged_attention import (PREFILL_TILES, SHORT_PREFILL_TILES, SHORT_PREFILL_TOKENS, _graph_lengths, _plan,
+                                     paged_attention, paged_attention_reference)
 
 BS = 16  # block size for the CPU cases
 
@@ -179,6 +179,35 @@ def test_plan_heuristic():
     assert _plan(128, 4, 1, 1, 8, 1, 300, 2, num_sms=132, interpret=False)["min_seg"] == 128
     # a forced split count is clamped to the tiles there are
     assert _plan(128, 4, 1, 1, 8, 1, 300, 50, num_sms=132, interpret=False)["num_splits"] == 3
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2, 8, 16, 32, 64, 112, 256])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_graph_lengths_give_each_batch_its_own_plan(num_seqs, fp8):
+    """The graph the runner replays for a decode batch (the shortest length >= its max_seq_len) has the
+    plan the batch gets without a graph, at every length up to the limit (H200-sized, 8 KV heads)."""
+    max_model_len = 8192
+    lengths = _graph_lengths(num_seqs, 4, 8, 128, max_model_len, 132, False, fp8)
+    assert lengths == sorted(set(lengths)) and lengths[-1] == max_model_len
+
+    def plan(max_seq_len):
+        return _plan(128, 4, num_seqs, num_seqs, 8, 1, max_seq_len, None, 132, False, fp8)
+
+    graph_plans = {n: plan(n) for n in lengths}
+    for max_seq_len in range(1, max_model_len + 1):
+        graph_len = next(n for n in lengths if n >= max_seq_len)
+        assert graph_plans[graph_len] == plan(max_seq_len), (num_seqs, max_seq_len, graph_len)
+    assert len({str(p) for p in graph_plans.values()}) == len(lengths)  # no two graphs alike
+
+
+def test_decode_graph_lengths_where_the_split_count_moves():
+    # B=64 splits in two from 4096 positions on (wave fill), so shorter batches get a one-pass graph
+    assert _graph_lengths(64, 4, 8, 128, 131072, 132, False, False) == [4095, 131072]
+    # B=1: 2 per SM needs 33 splits (32), and a split takes >= 128 positions: one graph per doubling
+    assert _graph_lengths(1, 4, 8, 128, 131072, 132, False, False) == [255, 511, 1023, 2047, 4095, 131072]
+    # B=256 never splits: the one graph at the limit; the interpreter plans one pass at every length
+    assert _graph_lengths(256, 4, 8, 128, 131072, 132, False, False) == [131072]
+    assert _graph_lengths(1, 4, 8, 128, 4096, 1, True, False) == [4096]
 
 
 def _valid_args():
