@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.kv_cache import quantize_fp8, write_kv_cache  # noqa: E402
 from kernels.paged_attention import paged_attention  # noqa: E402
+from kernels.prefill_attention import suits as prefill_attention_suits  # noqa: E402
 from kernels.rms_norm import rms_norm  # noqa: E402
 from kernels.rotary import apply_rotary, build_cos_sin_cache  # noqa: E402
 
@@ -195,6 +196,7 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
         # (contiguous: at B=1 the reshape is a view whose heads are ctx rows apart, which the path refuses)
         fresh = {name: c.transpose(1, 2).reshape(B * ctx, HKV, D).contiguous()
                  for name, c in (("key", kc), ("value", vc))}
+        fresh["min_query_len"] = ctx  # the engine's eager steps say so (AttentionMetadata.min_query_len)
 
     def ours():
         return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides,
@@ -205,7 +207,9 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
 
     t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
-    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9, "path": "contiguous" if fresh else "block_table"}
+    takes_contiguous = fresh and prefill_attention_suits(q, fresh["key"], fresh["value"], out, k_cache, None, ctx, ctx)
+    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9,
+           "path": "contiguous" if takes_contiguous else "block_table"}
     if fresh:
         tb = graph_ms(block_table)
         row.update(block_table_ms=tb, block_table_TFLOPs=flops / tb / 1e9, vs_block_table=tb / t)

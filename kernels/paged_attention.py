@@ -242,7 +242,7 @@ def _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_le
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
                     k_scale=1.0, v_scale=1.0, num_splits: int | None = None, plan_overrides: dict | None = None,
-                    decode_seq_index=None, key=None, value=None):
+                    decode_seq_index=None, key=None, value=None, min_query_len: int = 1):
     """Causal attention of packed varlen queries over a paged KV cache.
 
     Args:
@@ -273,6 +273,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             tokens (already in the cache). Given, a prefill batch with a chunk of over 2k tokens runs
             kernels/prefill_attention.py, which reads them contiguously through TMA descriptors and
             only the cached prefix through the block table (0.85-0.94x SDPA against 0.66-0.70x).
+        min_query_len: host int, a lower bound on every sequence's query length (1: unknown). Over 1,
+            a launch of over 2048 tokens takes that path too (prefill_attention.suits).
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -313,7 +315,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
     if prefill_tiles and (key is not None or value is not None):  # decode launches never read them
         _check_fresh_kv(query, key, value, num_kv_heads)
     if (key is not None and prefill_tiles and not plan_overrides and num_splits in (None, 1)
-            and prefill_attention_suits(query, key, value, out, k_cache, sliding_window, max_query_len)):
+            and prefill_attention_suits(query, key, value, out, k_cache, sliding_window, max_query_len,
+                                        min_query_len)):
         prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                           max_query_len, scale, out, skip_single=singles > 0)
     else:

@@ -49,6 +49,13 @@ LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
 # next, 11.1 s (its per-item lookup; ddf20df). Long chunks have few such slots: an 8k prompt's
 # prefill attention runs at 0.94x SDPA against 0.69x (kernels-h200-2026-12-01-ddf20df-prefill.json).
 ENGINE_MIN_CHUNK_TOKENS = SHORT_CHUNK_TOKENS + 1
+# Also taken by launches of over 2048 tokens where every sequence has a chunk (no decode rows): those
+# are never in a mixed-step graph (engine_svc/cuda_graphs.py's MIXED_GRAPH_TOKENS stop at 2048), so
+# their grid holds no empty rows, and they have no one-token rows, whose 32 head slots would each read
+# the row's whole context. There the kernel's own speed counts: 0.69 / 0.69 / 0.82x SDPA against
+# 0.47 / 0.47 / 0.61x for the block-table kernel at B=8 ctx 512, B=64 ctx 512, B=8 ctx 2k
+# (kernels-h200-2026-12-01-3fbe82e.json and -6378ac6.json): a burst of short prompts, offline batches.
+EAGER_MIN_TOKENS = SHORT_CHUNK_TOKENS + 1
 INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -227,12 +234,14 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def suits(query, key, value, out, k_cache, sliding_window, max_query_len) -> bool:
-    """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs).
-    Under the interpreter every prefill batch does, so that the CPU tests exercise it."""
+def suits(query, key, value, out, k_cache, sliding_window, max_query_len, min_query_len=1) -> bool:
+    """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs):
+    on the GPU, a chunk of over 2048 tokens, or over 2048 tokens with no one-token sequence
+    (min_query_len > 1). Under the interpreter every prefill batch does, so that the CPU tests
+    exercise it."""
     dev = query.device
     if dev.type == "cuda":
-        if not _has_tma(dev) or max_query_len < ENGINE_MIN_CHUNK_TOKENS:
+        if not _has_tma(dev) or not gpu_takes(query.shape[0], max_query_len, min_query_len):
             return False
     elif not _interpreting():
         return False
@@ -244,6 +253,11 @@ def suits(query, key, value, out, k_cache, sliding_window, max_query_len) -> boo
         if x.stride(2) != 1 or x.stride(1) != head_dim or x.data_ptr() % 16 or (x.stride(0) * item) % 16:
             return False
     return True
+
+
+def gpu_takes(num_tokens: int, max_query_len: int, min_query_len: int) -> bool:
+    """suits' rule on the GPU by the launch's shape: a long chunk, or an eager batch of chunks only."""
+    return max_query_len >= ENGINE_MIN_CHUNK_TOKENS or (num_tokens >= EAGER_MIN_TOKENS and min_query_len > 1)
 
 
 def _interpreting() -> bool:

@@ -41,6 +41,8 @@ class AttentionMetadata:
     # int32 [n] on the device, or None: the sequences with one query token in a batch that also has
     # longer ones (a mixed step's decode rows), for a backend that runs them with decode tiles.
     decode_seq_index: torch.Tensor | None = None
+    # host copy: smallest query length of a sequence in the batch (1 where unknown: a graph's rows)
+    min_query_len: int = 1
 
 
 class AttentionBackend(ABC):

@@ -31,7 +31,7 @@ class TritonAttentionBackend(AttentionBackend):
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
                                k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index,
-                               key=key, value=value)
+                               key=key, value=value, min_query_len=meta.min_query_len)
 
     def decode_graph_lengths(self, num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8):
         return decode_graph_lengths(num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8)

@@ -45,7 +45,10 @@ def test_prepare_packs_tokens_positions_slots_and_metadata(stories):
     assert meta.seq_lens.tolist() == [5, 13, 9]
     assert meta.block_tables.tolist() == [[3, 0], [7, 2], [4, 9]]
     assert (meta.max_query_len, meta.max_seq_len, meta.num_seqs) == (5, 13, 3)
+    assert meta.min_query_len == 1  # "b" decodes: the batch is not chunks only
     assert stories._last_token_index.tolist() == [4, 5, 8]
+    _, _, meta = stories._prepare([seqs[0], seqs[2]])
+    assert (meta.max_query_len, meta.min_query_len) == (5, 3)
 
 
 def test_prepare_pads_decode_batches_for_graphs(stories):

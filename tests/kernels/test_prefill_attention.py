@@ -12,6 +12,7 @@ from kernel_cases import DEVICE, assert_close, make_batch
 import kernels.paged_attention as pa
 from kernels.kv_cache import quantize_fp8
 from kernels.paged_attention import paged_attention, paged_attention_reference
+from kernels.prefill_attention import EAGER_MIN_TOKENS, gpu_takes
 
 BS = 16
 
@@ -31,7 +32,7 @@ def prefill_calls(monkeypatch):
 
 
 def run(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
-        index_singles=False, pad_tokens=0, device=DEVICE):
+        index_singles=False, pad_tokens=0, device=DEVICE, min_query_len=1):
     b = make_batch(seqs, num_kv_heads=num_kv_heads, qpk=qpk, head_dim=head_dim, block_size=block_size,
                    dtype=dtype, device=device)
     query, key, value = b.query, b.key, b.value
@@ -49,7 +50,8 @@ def run(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.
         singles = torch.nonzero(q_lens == 1).flatten().to(torch.int32).to(device)
     out = torch.full_like(query, float("nan"), memory_format=torch.contiguous_format)
     args = (query, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, b.max_query_len, b.max_seq_len)
-    paged_attention(*args, head_dim ** -0.5, window, out=out, decode_seq_index=singles, key=key, value=value)
+    paged_attention(*args, head_dim ** -0.5, window, out=out, decode_seq_index=singles, key=key, value=value,
+                    min_query_len=min_query_len)
     n = int(b.query_start_loc[-1])
     ref = paged_attention_reference(*args, head_dim ** -0.5, window)
     assert_close(out[:n], ref[:n], dtype)
@@ -106,6 +108,20 @@ def test_sliding_window_and_fp8_keep_the_block_table_kernel(prefill_calls):
     assert prefill_calls == []
 
 
+def test_which_launches_the_gpu_gives_this_path():
+    # a chunk of over 2k tokens; or over 2k tokens (never a mixed-step graph) of chunks only: no decode
+    # row, whose head slots would each read its whole context
+    assert gpu_takes(2049, 2049, 1) and gpu_takes(4096, 512, 512)
+    assert not gpu_takes(4096, 512, 1)  # a decode row, or not known
+    assert not gpu_takes(2048, 512, 512)  # the size of a mixed-step graph
+    assert not gpu_takes(2048, 2048, 2048)
+
+
+def test_graphs_stop_below_the_eager_launches():
+    from engine_svc.cuda_graphs import MIXED_GRAPH_TOKENS
+    assert max(MIXED_GRAPH_TOKENS) < EAGER_MIN_TOKENS
+
+
 def test_decode_batches_ignore_key_and_value(prefill_calls):
     run([(30, 1), (5, 1)])
     assert prefill_calls == []
@@ -140,6 +156,20 @@ def test_gpu_long_prompt_takes_the_path_and_2k_chunks_do_not(prefill_calls):
     # chunks of at most 2k tokens stay on the block-table kernel in the engine (ENGINE_MIN_CHUNK_TOKENS)
     run([(0, 8192)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
+    assert prefill_calls == [False]
+    # ... unless the launch is over 2k tokens of chunks only (an eager step; the runner says so)
+    run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda",
+        min_query_len=2000)
+    run([(0, 1024), (100, 1024)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda",
+        min_query_len=1024)  # 2048 tokens: a graph's size
+    assert prefill_calls == [False, False]
+
+
+@pytest.mark.gpu
+def test_gpu_eager_batch_of_short_prompts(prefill_calls):
+    # a burst of 512-token prompts (8192 tokens, an eager step), one after a cached prefix
+    seqs = [(0, 512)] * 15 + [(700, 512)]
+    run(seqs, num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda", min_query_len=512)
     assert prefill_calls == [False]
 
 
