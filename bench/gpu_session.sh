@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One lent-GPU call's worth of runs, in the order the open issues need them (a machine start costs
+# minutes and a session has ~30 min of device time, so each part fits one 600 s call). On the device:
+#
+#   . scripts/device_env.sh && KVMESH_COMMIT=<sha> bash bench/gpu_session.sh verify
+#
+# Parts (each writes its JSON and logs under $OUT, named with the date and KVMESH_COMMIT):
+#   verify    the GPU suite (kernels, runner, engine), then the ShareGPT-like mix (step_profile.py)
+#   kernels   bench/kernels.py's decode and prefill sections; with .base/ (an extracted `kernels/` of
+#             an earlier commit: `git archive <sha> kernels | tar -x -C .base`) the base kernels beside
+#   overhead  the router/tokenizer overhead with a GPU engine (8 client processes), then per-hop TTFT
+# Each run has its own timeout, so a slow one leaves the others their time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: gpu_session.sh verify|kernels|overhead}
+tag="h200-$(date -u +%Y-%m-%d)-${KVMESH_COMMIT:?set KVMESH_COMMIT to the commit under test}"
+out=${OUT:?run on the device machine, where OUT is set}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+models=${KVMESH_TEST_MODELS:?source scripts/device_env.sh first}
+
+# run SECONDS NAME COMMAND...: one run under a timeout; its output in $out/NAME.log, its tail here.
+run() {
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $? after ${SECONDS}s of the call"
+  tail -n 15 "$out/$name.log"
+}
+
+case $part in
+  verify)
+    run 330 "gpu-tests-$tag" python3 -m pytest -m gpu --ignore=tests/cluster -q -rf -p no:cacheprovider
+    run 240 "step-profile-$tag" python3 bench/step_profile.py --device cuda --model bench/configs/llama3-8b \
+      --load-format dummy --out "$out/step-profile-llama3-8b-$tag.json"
+    ;;
+  kernels)
+    base=()
+    [ -d .base/kernels ] && base=(--baseline .base)
+    run 560 "kernels-$tag" python3 bench/kernels.py --sections decode,prefill "${base[@]}" \
+      --out "$out/kernels-$tag.json"
+    ;;
+  overhead)
+    run 400 "overhead-$tag" python3 bench/overhead.py --model "$models/stories260k" --device cuda --rounds 3 \
+      --client-procs 8 --out "$out/overhead-$tag-clients8.json"
+    run 150 "ttft-hops-$tag" python3 bench/ttft_hops.py --model "$models/stories260k" --device cuda \
+      --samples 100 --out "$out/ttft-hops-$tag.json"
+    ;;
+  *)
+    echo "gpu_session.sh: unknown part $part (verify, kernels, overhead)" >&2
+    exit 2
+    ;;
+esac
