@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from kvmesh.v1 import common_pb2, engine_pb2_grpc
 from engine_svc.config import KV_CACHE_DTYPES, ConfigError, EngineConfig
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request
+from engine_svc import heap
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.service import SERVICE_NAME, EngineService
@@ -91,11 +91,7 @@ class EngineServer:
             self.status.fail(f"{type(exc).__name__}: {exc}")
             raise
         if self.freeze_gc:
-            # Everything built so far (torch, the model, the KV cache's bookkeeping) lives as long
-            # as the process: out of the collector's sight, a full collection no longer walks it
-            # (one took 0.2 s, a stall of every stream, in bench/engine_host.py's profile).
-            gc.collect()
-            gc.freeze()
+            heap.freeze_startup_heap()  # what startup built lives as long as the process (engine_svc/heap.py)
         self.status.enter(Phase.ENGINE_PHASE_READY, "serving")
         self.service.ready = True
         await self.running.set_serving(True)
@@ -179,10 +175,8 @@ class EngineServer:
         self._unfreeze_gc()
 
     def _unfreeze_gc(self) -> None:
-        """Hand the frozen heap back to the collector (at exit, frozen objects are never freed, and
-        native extensions report them as leaks)."""
         if self.freeze_gc:
-            gc.unfreeze()
+            heap.unfreeze_heap()
 
 
 def build_parser() -> argparse.ArgumentParser:
