@@ -233,7 +233,7 @@ def make_workload(args: argparse.Namespace, vocab_size: int, max_model_len: int)
 def main(argv=None, **defaults) -> dict:
     """Run the modes; `defaults` (name, modes, workload_kind) serve bench/baseline_hf.py."""
     from engine_svc.engine_loop import build_engine_core
-    from engine_svc.heap import freeze_startup_heap
+    from kvmesh.serving.heap import freeze_startup_heap
 
     args = parse_args(argv, **defaults)
     cfg = harness.engine_config(args, harness.effective_max_model_len(args))
@@ -246,7 +246,7 @@ def main(argv=None, **defaults) -> dict:
         print("hf_static", json.dumps(results["hf_static"]), flush=True)
     t0 = time.perf_counter()
     core, info = build_engine_core(cfg)
-    freeze_startup_heap()  # as kvmesh-engine does once ready (engine_svc/heap.py)
+    freeze_startup_heap()  # as kvmesh-engine does once ready (kvmesh/serving/heap.py)
     startup_s = time.perf_counter() - t0
     work, described = make_workload(args, info.vocab_size, core.max_model_len)
     assert "hf_static" not in results or work == hf_work, "HF and our engine must see the same requests"

@@ -76,8 +76,9 @@ def main():
         qsl = torch.arange(B + 1, device="cuda", dtype=torch.int32)
         lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
         out = torch.empty_like(q)
-        ours = bk.capture_graph(lambda: bk.paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, bk.ENGINE_MAX_LEN,
-                                                  bk.D ** -0.5, out=out))
+        plan_len = bk.graph_plan_len(bk.paged_attention, B, ctx, bk.ENGINE_MAX_LEN, False)  # as the engine's graphs
+        ours = bk.capture_graph(lambda: bk.paged_attention(q, k_cache, v_cache, bt, qsl, lens, 1, plan_len,
+                                                           bk.D ** -0.5, out=out))
         kc, vc = bk.contiguous(k_cache, bt, ctx), bk.contiguous(v_cache, bt, ctx)
         qs = q.view(B, bk.H, 1, bk.D)
         sdpa = bk.capture_graph(lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True))
@@ -89,7 +90,7 @@ def main():
     report = {"bench": "decode_breakdown", "device": torch.cuda.get_device_name(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "git_commit": os.environ.get("KVMESH_COMMIT", "unknown"), "torch": torch.__version__,
-              "plan": "engine graphs: max_seq_len 131072, block tables that wide", "rows": rows}
+              "plan": "engine graphs: block tables 131072 positions wide, max_seq_len the engine's graph length for ctx", "rows": rows}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
 

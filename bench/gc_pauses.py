@@ -1,5 +1,5 @@
 """Garbage-collector pauses of the engine's host side over the ShareGPT-like mix, with the startup heap
-frozen (engine_svc/heap.py, as `kvmesh-engine` runs) and without, one child process each.
+frozen (kvmesh/serving/heap.py, as `kvmesh-engine` runs) and without, one child process each.
 
     python bench/gc_pauses.py [--num-requests 1000] [--out FILE]
 
@@ -30,7 +30,7 @@ def child(num_requests: int, freeze: bool) -> dict:
     from bench.core_step import FakeRunner, _core
     from bench.harness import GPU_ENGINE, sharegpt_mix
     from engine_svc.core.request import Request
-    from engine_svc.heap import freeze_startup_heap
+    from kvmesh.serving.heap import freeze_startup_heap
     from engine_svc.sampling_params import SamplingParams
 
     core = _core(FakeRunner(), num_blocks=32768, prefix=True, **GPU_ENGINE)

@@ -119,12 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine_svc.engine_loop import build_engine_core
-    from engine_svc.heap import freeze_startup_heap
+    from kvmesh.serving.heap import freeze_startup_heap
 
     copy_mib = args.copy_mib or (4096 if args.device.startswith("cuda") else 256)
     bandwidth = copy_bandwidth(args.device, copy_mib << 20)  # before the engine takes the memory
     core, info = build_engine_core(harness.engine_config(args, harness.effective_max_model_len(args)))
-    freeze_startup_heap()  # as kvmesh-engine does once ready (engine_svc/heap.py)
+    freeze_startup_heap()  # as kvmesh-engine does once ready (kvmesh/serving/heap.py)
     weights = weight_bytes(core)
     kv_token = kv_bytes_per_token(core, info)
     floor_ms = weights / bandwidth * 1e3

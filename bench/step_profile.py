@@ -246,7 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine_svc.engine_loop import build_engine_core
-    from engine_svc.heap import freeze_startup_heap
+    from kvmesh.serving.heap import freeze_startup_heap
 
     if args.no_list_singles:
         import engine_svc.input_batch
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
         engine_svc.input_batch.MIN_LISTED_SINGLES = 1 << 30
     cfg = harness.engine_config(args, harness.effective_max_model_len(args))
     core, info = build_engine_core(cfg)
-    freeze_startup_heap()  # as kvmesh-engine does once ready (engine_svc/heap.py)
+    freeze_startup_heap()  # as kvmesh-engine does once ready (kvmesh/serving/heap.py)
     work = harness.mix_from_args(args, info.vocab_size, core.max_model_len)
     report = {"config": {**harness.engine_settings(args, core, info), "list_singles": not args.no_list_singles}}
     if not args.skip_mix:

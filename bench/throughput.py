@@ -120,12 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine_svc.engine_loop import build_engine_core
-    from engine_svc.heap import freeze_startup_heap
+    from kvmesh.serving.heap import freeze_startup_heap
 
     cfg = harness.engine_config(args, harness.effective_max_model_len(args))
     start = time.perf_counter()
     core, info = build_engine_core(cfg)
-    freeze_startup_heap()  # as kvmesh-engine does once ready (engine_svc/heap.py)
+    freeze_startup_heap()  # as kvmesh-engine does once ready (kvmesh/serving/heap.py)
     startup_s = time.perf_counter() - start
     work = harness.mix_from_args(args, info.vocab_size, core.max_model_len)
     results = {}

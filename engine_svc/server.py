@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 
 from kvmesh import telemetry
-from kvmesh.serving import event_loop
+from kvmesh.serving import event_loop, heap
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (DEFAULT_MAX_MESSAGE_BYTES, RunningServer, install_stop_signals, start_server,
                                    wait_for_stop, write_port_file)
@@ -28,7 +28,6 @@ from kvmesh.v1 import common_pb2, engine_pb2_grpc
 from engine_svc.config import KV_CACHE_DTYPES, ConfigError, EngineConfig
 from engine_svc.core.hooks import EngineHooks
 from engine_svc.core.request import ErrorKind, FinishReason, Request
-from engine_svc import heap
 from engine_svc.engine_loop import EngineLoop
 from engine_svc.sampling_params import SamplingParams
 from engine_svc.service import SERVICE_NAME, EngineService
@@ -91,7 +90,7 @@ class EngineServer:
             self.status.fail(f"{type(exc).__name__}: {exc}")
             raise
         if self.freeze_gc:
-            heap.freeze_startup_heap()  # what startup built lives as long as the process (engine_svc/heap.py)
+            heap.freeze_startup_heap()  # what startup built lives as long as the process (kvmesh/serving/heap.py)
         self.status.enter(Phase.ENGINE_PHASE_READY, "serving")
         self.service.ready = True
         await self.running.set_serving(True)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvmesh import telemetry
-from kvmesh.serving import event_loop
+from kvmesh.serving import event_loop, heap
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
 from kvmesh.serving.server import (RunningServer, install_stop_signals, start_server, wait_for_stop,
                                    write_port_file)
@@ -83,13 +83,15 @@ async def serve(args) -> None:
                                               max_message_bytes=args.max_message_bytes, threads=args.threads)
     stop = asyncio.Event()
     install_stop_signals(stop)
+    frozen = heap.freeze_startup_heap()  # a full collection would walk transformers (kvmesh/serving/heap.py)
     write_port_file(args.port_file, running.port)
-    log.info("tokenizer %s ready: vocab %d, eos %s, chat template %s", tok.name, tok.vocab_size,
-             tok.eos_token_ids, tok.has_chat_template)
+    log.info("tokenizer %s ready: vocab %d, eos %s, chat template %s; startup heap frozen (%d objects)", tok.name,
+             tok.vocab_size, tok.eos_token_ids, tok.has_chat_template, frozen)
     try:
         await wait_for_stop(running, stop, args.grace)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+        heap.unfreeze_heap()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

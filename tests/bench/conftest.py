@@ -11,13 +11,13 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from engine_svc import heap  # noqa: E402
+from kvmesh.serving import heap  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def heap_handed_back():
     """A benchmark freezes the collector's view of the heap after building its engine, as
-    `kvmesh-engine` does (engine_svc/heap.py); gc.freeze is process-wide, so each test here gives the
+    `kvmesh-engine` does (kvmesh/serving/heap.py); gc.freeze is process-wide, so each test here gives the
     heap back for the tests after it."""
     yield
     if gc.get_freeze_count():

@@ -70,7 +70,7 @@ def test_throughput_smoke(tmp_path, capsys):
         assert r["gpu_busy_fraction"] is None  # no device profiler on the CPU
     assert report["workload"]["num_requests"] == 6
     assert "total tok/s" in capsys.readouterr().out
-    assert gc.get_freeze_count() > 0  # timed as served: the startup heap frozen (engine_svc/heap.py)
+    assert gc.get_freeze_count() > 0  # timed as served: the startup heap frozen (kvmesh/serving/heap.py)
 
 
 def test_latency_smoke(tmp_path, capsys):
