@@ -26,7 +26,8 @@ How:
 - Shutdown: SIGTERM (or SIGINT) to the parent sends SIGTERM to every worker; each drains as a single
   router does (NOT_SERVING, in-flight streams get --grace); the parent exits once all have, killing
   a worker still there --grace + 10 s later. Workers die with the parent (PR_SET_PDEATHSIG), even
-  when it is killed with SIGKILL.
+  when it is killed with SIGKILL, and stay in its process group (a launcher that kills the router's
+  group kills them too; Ctrl-C in a terminal reaches each, and each drains).
 - Metrics. With --metrics-port the parent serves one /metrics over every worker's
   (prometheus_client's multiprocess mode: each worker writes its values to files in a directory the
   parent owns): counters and histograms summed over the workers; the report-age gauge as last set by
@@ -123,7 +124,7 @@ def serve_workers(args: argparse.Namespace, argv: list[str]) -> int:
         for i in range(args.workers):
             workers.append(ServiceProcess("router", f"worker-{i}", [*argv, *own, "--worker-index", str(i)],
                                           env={MULTIPROC_ENV: metrics_dir}, host=args.host, listen_port=port,
-                                          die_with_parent=True).start())
+                                          die_with_parent=True, new_session=False).start())
         log.info("%d workers starting on %s:%d", len(workers), args.host, port)
         if not _wait_ready(workers, workdir, stopping):
             return _stop(workers, args.grace, rc=0 if stopping else 1)
