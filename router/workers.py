@@ -36,8 +36,9 @@ How:
 Herding. Every worker reads the same engine load reports, and each counts as pending only the blocks
 it sent itself (router.pending): between an engine's report and the next one that reaches a worker,
 that worker does not see what the other workers sent there. The next report arrives within the
-engine's change-driven report interval (--min-report-interval-ms style rate limit, 20 ms by default,
-plus one loopback transit), and every first response of a worker's own request carries one. So the
+engine's change-driven report interval (WatchLoad pushes a report when the load changes, at most
+one per RouterConfig.min_report_interval_ms, 20 ms, plus one transit), and every first response of
+a worker's own request carries one. So the
 blocks the workers together send an engine beyond what a single router would is at most what the
 other N-1 workers dispatch to it within one report interval, never more than each worker's own
 admission limit (free + cached - reserved - waiting - its own pending blocks, with --queue-ratio's
@@ -91,7 +92,11 @@ def worker_log_prefix(args: argparse.Namespace) -> str:
 
 def worker_ready_file(args: argparse.Namespace) -> str:
     """Where a worker writes its bound port once it serves (the parent waits for it)."""
-    return os.path.join(args.worker_dir, f"worker-{args.worker_index}.ready")
+    return _ready_path(args.worker_dir, args.worker_index)
+
+
+def _ready_path(workdir: str, index: int) -> str:
+    return os.path.join(workdir, f"worker-{index}.ready")
 
 
 def serve_workers(args: argparse.Namespace, argv: list[str]) -> int:
@@ -152,15 +157,14 @@ def serve_workers(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _wait_ready(workers: list[ServiceProcess], workdir: str, stopping: list[int]) -> bool:
     """Wait until every worker wrote its ready file. False when a signal came or a worker exited first."""
-    pending = {w.name: w for w in workers}
+    pending = set(range(len(workers)))  # worker i is workers[i], started with --worker-index i
     while pending:
         if stopping:
             return False
         if (dead := _first_dead(workers)) is not None:
             log.error("%s exited with code %s while starting", dead.name, dead.proc.returncode)
             return False
-        for name in [n for n in pending if os.path.exists(os.path.join(workdir, f"{n}.ready"))]:
-            del pending[name]
+        pending = {i for i in pending if not os.path.exists(_ready_path(workdir, i))}
         time.sleep(POLL_S)
     return True
 
