@@ -257,8 +257,9 @@ class Profiler:
         self._dir.mkdir(parents=True, exist_ok=True)
         for proc in self._procs:
             raw = self._dir / f"{proc.name}.raw.txt"
+            # --subprocesses: a router's --workers (the parent itself only waits)
             cmd = [spy, "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "200", "--nonblocking",
-                   "-o", str(raw)]
+                   "--subprocesses", "-o", str(raw)]
             self._spies.append((proc.name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                             stderr=subprocess.DEVNULL), raw))
         time.sleep(1.0)  # py-spy attaches
@@ -366,7 +367,8 @@ def main() -> None:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
         by_name = {p.name: p for p in procs}
-        profiled = [by_name[name] for name in ("router", "tokenizer", "router_base", "tokenizer_base") if name in by_name]
+        profiled = [by_name[name] for name in ("router", "tokenizer", "router_workers", "router_base", "tokenizer_base")
+                    if name in by_name]
         with Profiler(args.profile, profiled):
             results = asyncio.run(measure(by_name, levels, args.rounds, args.per_worker, args.max_tokens,
                                           args.client_procs, args.router_channels))
