@@ -210,7 +210,9 @@ async def serve(args) -> None:
     if worker:
         # A worker may be told to stop while it still waits for the tokenizer or an engine.
         starting = asyncio.ensure_future(router.start(listen_when_ready=True))
-        await asyncio.wait([starting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()  # wait_for_stop below waits for the signal itself
         if not starting.done():
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)

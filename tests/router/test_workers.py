@@ -108,7 +108,8 @@ def _picks(port: int) -> float:
 
 
 async def _cancel_after_first(stub) -> grpc.StatusCode:
-    call = stub.Generate(router_pb2.RouterGenerateRequest(text="Once upon a time", sampling=greedy(300, ignore_eos=True)))
+    # 7 blocks each: 16 of them fit the two engines' 144 blocks at once, whichever worker admits them
+    call = stub.Generate(router_pb2.RouterGenerateRequest(text="Once upon a time", sampling=greedy(100, ignore_eos=True)))
     async for _ in call:
         call.cancel()
         break
