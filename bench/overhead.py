@@ -25,6 +25,10 @@ tokenized once beforehand (outside the timing); the router path sends the text, 
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
 
+--router-workers N adds a path "router_workers": the same router as N processes on one port
+(`router --workers N`, router/workers.py), beside the one-process router in the same run; its CPU per
+token counts every worker.
+
 --client-procs N spreads each phase's streams over N client processes (bench/overhead_clients.py):
 one Python client receiving every stream's responses caps the router path before the router does
 at high concurrency on a fast engine (`client_cpu_us_per_token` shows it).
@@ -70,11 +74,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc)."""
+def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, and of its live child processes (a
+    router's --workers) (Linux /proc)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+    total = 0
+    for p in pids:
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def run_phase(run_streams, concurrency: int, per_worker: int, pids: dict[str, int]) -> dict:
@@ -129,7 +152,7 @@ def _compare(path: dict, direct: dict) -> dict:
 
 
 async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: int, per_worker: int | None,
-                  max_tokens: int, client_procs: int = 1) -> dict:
+                  max_tokens: int, client_procs: int = 1, router_channels: int = 1) -> dict:
     """Rounds rotate the order of the paths (direct, router[, router_per_request, router_base]) so drift
     hits all alike."""
     routers = [name for name in ROUTER_PATHS if name in procs]
@@ -140,11 +163,12 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
         ids = list((await tokenizer_pb2_grpc.TokenizerStub(tc).Tokenize(
             tokenizer_pb2.TokenizeRequest(text=PROMPT))).token_ids)
         if client_procs > 1:
-            pool = ClientPool(client_procs, addresses, ids, max_tokens)
+            pool = ClientPool(client_procs, addresses, ids, max_tokens, router_channels)
             stack.callback(pool.close)
             paths = {name: functools.partial(pool.run, name) for name in pool.paths}
         else:
-            paths = {name: in_process(fn) for name, fn in (await open_paths(stack, addresses, ids, max_tokens)).items()}
+            paths = {name: in_process(fn) for name, fn in (await open_paths(stack, addresses, ids, max_tokens,
+                                                                                 router_channels)).items()}
         for fn in paths.values():  # warm up every path (connections, caches)
             await run_phase(fn, 4, 2, pids)
         results = {}
@@ -160,6 +184,7 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
             level = {"requests_per_stream_per_round": n, **merged, **_compare(merged["router"], merged["direct"])}
             for name in routers[1:]:
                 level[f"{name}_vs_direct"] = _compare(merged[name], merged["direct"])
+                level[f"{name}_vs_router"] = _compare(merged[name], merged["router"])
             if "direct_stream" in merged:  # what the tiers cost against the engine's cheapest client
                 for name in routers:
                     level[f"{name}_vs_direct_stream"] = _compare(merged[name], merged["direct_stream"])
@@ -169,7 +194,7 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
 
 
 # The router paths measured beside the direct one, in this order (those started).
-ROUTER_PATHS = ("router", "router_per_request", "router_engine_per_request", "router_base")
+ROUTER_PATHS = ("router", "router_workers", "router_per_request", "router_engine_per_request", "router_base")
 
 
 def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
@@ -200,6 +225,8 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
             proc.wait_healthy(600)
         router_flags = ["--tokenizer", tok.address, "--engines", engine.address, "--log-level", "WARNING"]
         start("router", "router", router_flags)
+        if args.router_workers > 1:  # the same router as N processes on one port (router/workers.py)
+            start("router", "router_workers", [*router_flags, "--workers", str(args.router_workers)])
         if args.compare_per_request:  # the same router on one DetokenizeStream per request
             start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
         if args.compare_engine_stream:  # the same router on one Generate call per request to the engine
@@ -230,8 +257,9 @@ class Profiler:
         self._dir.mkdir(parents=True, exist_ok=True)
         for proc in self._procs:
             raw = self._dir / f"{proc.name}.raw.txt"
+            # --subprocesses: a router's --workers (the parent itself only waits)
             cmd = [spy, "record", "--pid", str(proc.pid), "--format", "raw", "--rate", "200", "--nonblocking",
-                   "-o", str(raw)]
+                   "--subprocesses", "-o", str(raw)]
             self._spies.append((proc.name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                             stderr=subprocess.DEVNULL), raw))
         time.sleep(1.0)  # py-spy attaches
@@ -313,6 +341,11 @@ def main() -> None:
     parser.add_argument("--compare-engine-stream", action="store_true",
                         help="also measure a router on one Generate call per request to the engine "
                              "(--engine-stream per-request; path router_engine_per_request)")
+    parser.add_argument("--router-workers", type=int, default=1,
+                        help="also measure a router of N processes on one port (`--workers N`; path router_workers)")
+    parser.add_argument("--router-channels", type=int, default=None,
+                        help="client channels (TCP connections) per router path and client process, calls spread "
+                             "round-robin (default: 1; 4 per worker with --router-workers, for every router path)")
     parser.add_argument("--compare-tiers-from", default=None,
                         help="also measure a router and tokenizer run from this checkout (path router_base), same engine")
     parser.add_argument("--profile", default=None, help="directory for py-spy profiles of router and tokenizer")
@@ -322,6 +355,8 @@ def main() -> None:
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-overhead")
     args = parser.parse_args()
 
+    if args.router_channels is None:  # workers share connections out: give each several
+        args.router_channels = 4 * args.router_workers if args.router_workers > 1 else 1
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     tree = pathlib.Path(args.services_from).resolve()
     base_tree = pathlib.Path(args.compare_tiers_from).resolve() if args.compare_tiers_from else None
@@ -332,21 +367,24 @@ def main() -> None:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
         by_name = {p.name: p for p in procs}
-        profiled = [by_name[name] for name in ("router", "tokenizer", "router_base", "tokenizer_base") if name in by_name]
+        profiled = [by_name[name] for name in ("router", "tokenizer", "router_workers", "router_base", "tokenizer_base")
+                    if name in by_name]
         with Profiler(args.profile, profiled):
             results = asyncio.run(measure(by_name, levels, args.rounds, args.per_worker, args.max_tokens,
-                                          args.client_procs))
+                                          args.client_procs, args.router_channels))
     finally:
         stop_all(procs)
     report = {"bench": "overhead", **environment(args, tree), "loadavg_at_start": load_at_start, "model": pathlib.Path(args.model).name,
               **({"base_git_commit": tree_commit(base_tree), "base_tree": str(base_tree)} if base_tree else {}),
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
-                           "rounds": args.rounds, "engine_kv_blocks": args.blocks, "client_procs": args.client_procs},
+                           "rounds": args.rounds, "engine_kv_blocks": args.blocks, "client_procs": args.client_procs,
+                           "router_workers": args.router_workers, "router_channels": args.router_channels},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
                       "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; "
-                      "router_engine_per_request, when measured: one Generate call per request to the engine; router_base, when measured: "
+                      "router_engine_per_request, when measured: one Generate call per request to the engine; router_workers, when measured: "
+                      "the router as --workers N processes on one port (its CPU: all its processes); router_base, when measured: "
                       "a router and tokenizer of base_git_commit over the same engine); the direct path sends ids tokenized once "
                       "beforehand (direct: one Generate call per request; direct_stream, where the engine has it: the "
                       "requests on one shared GenerateStream, the engine's cheapest client). All tiers and the client "

@@ -17,7 +17,9 @@ import multiprocessing as mp
 import os
 import time
 
-from kvmesh.serving.channels import create_channel
+import grpc
+
+from kvmesh.serving.channels import channel_options, create_channel
 from kvmesh.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from router.engine_stream import EngineStream
 
@@ -44,10 +46,11 @@ async def worker(call_fn, num_requests: int, samples: list) -> None:
 
 
 async def open_paths(stack: contextlib.AsyncExitStack, addresses: dict[str, str], ids: list[int],
-                     max_tokens: int) -> dict:
+                     max_tokens: int, router_channels: int = 1) -> dict:
     """A call function per path on channels of this process: direct and direct_stream to
     addresses["engine"] (prompt as ids), and every other name in `addresses` but "engine" a router
-    (prompt as text)."""
+    (prompt as text), its calls spread round-robin over `router_channels` channels, each its own TCP
+    connection (a router's --workers share connections out, not calls)."""
     sampling = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     engine = engine_pb2_grpc.EngineStub(await stack.enter_async_context(create_channel(addresses["engine"])))
     paths = {"direct": lambda: engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling))}
@@ -59,24 +62,36 @@ async def open_paths(stack: contextlib.AsyncExitStack, addresses: dict[str, str]
         prefix = f"direct-{os.getpid()}"  # unique across client processes
         paths["direct_stream"] = lambda: shared.start(engine_pb2.GenerateRequest(
             request_id=f"{prefix}-{next(numbers)}", prompt_token_ids=ids, sampling=sampling), None)
+    request = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=sampling, return_tokens=True)
     for name, address in addresses.items():
         if name != "engine":
-            stub = router_pb2_grpc.RouterStub(await stack.enter_async_context(create_channel(address)))
-            paths[name] = functools.partial(stub.Generate, router_pb2.RouterGenerateRequest(
-                text=PROMPT, sampling=sampling, return_tokens=True))
+            stubs = [router_pb2_grpc.RouterStub(await stack.enter_async_context(
+                create_channel(address) if router_channels == 1 else _own_connection(address)))
+                for _ in range(router_channels)]
+            paths[name] = functools.partial(_round_robin, itertools.cycle(stubs), request)
     return paths
 
 
-def _client_main(conn, addresses: dict[str, str], ids: list[int], max_tokens: int) -> None:
-    asyncio.run(_serve(conn, addresses, ids, max_tokens))
+def _own_connection(address: str) -> grpc.aio.Channel:
+    """A channel to `address` with a TCP connection of its own (grpc otherwise shares the connection
+    of channels with equal arguments)."""
+    return grpc.aio.insecure_channel(address, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)])
 
 
-async def _serve(conn, addresses, ids, max_tokens) -> None:
+def _round_robin(stubs, request):
+    return next(stubs).Generate(request)
+
+
+def _client_main(conn, addresses: dict[str, str], ids: list[int], max_tokens: int, router_channels: int) -> None:
+    asyncio.run(_serve(conn, addresses, ids, max_tokens, router_channels))
+
+
+async def _serve(conn, addresses, ids, max_tokens, router_channels) -> None:
     """Run the phases the parent asks for ((path, streams, requests per stream), None to stop);
     answer each with (samples, this process's CPU seconds)."""
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
-        paths = await open_paths(stack, addresses, ids, max_tokens)
+        paths = await open_paths(stack, addresses, ids, max_tokens, router_channels)
         conn.send(list(paths))
         while (command := await loop.run_in_executor(None, conn.recv)) is not None:
             name, streams, per_worker = command
@@ -89,12 +104,14 @@ async def _serve(conn, addresses, ids, max_tokens) -> None:
 class ClientPool:
     """N spawned client processes (spawn: this process already holds gRPC channels, which fork breaks)."""
 
-    def __init__(self, num_procs: int, addresses: dict[str, str], ids: list[int], max_tokens: int):
+    def __init__(self, num_procs: int, addresses: dict[str, str], ids: list[int], max_tokens: int,
+                 router_channels: int = 1):
         ctx = mp.get_context("spawn")
         self._conns, self._procs = [], []
         for _ in range(num_procs):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_client_main, args=(child, addresses, ids, max_tokens), daemon=True)
+            proc = ctx.Process(target=_client_main, args=(child, addresses, ids, max_tokens, router_channels),
+                               daemon=True)
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)

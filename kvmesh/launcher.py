@@ -50,6 +50,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"  # where the router listens (the other services stay on loopback)
     port: int = 50051  # the router's gRPC port, `kvmesh generate`'s default; 0 = any free port
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API; None = off, 0 = any free port
+    router_workers: int = 1  # router processes on the router's port(s) (router/workers.py); 1 = one process
     # Engine settings, as `vllm serve` spells them (None = the engine's default).
     dtype: str | None = None
     max_model_len: int | None = None
@@ -71,6 +72,8 @@ class ClusterConfig:
     def validate(self) -> "ClusterConfig":
         if self.num_engines < 1:
             raise ValueError(f"num_engines={self.num_engines}: start at least one engine")
+        if self.router_workers < 1:
+            raise ValueError(f"router_workers={self.router_workers}: must be >= 1 (1 = one router process)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: use cpu or cuda")
         if self.model != "demo" and not os.path.isfile(os.path.join(self.model, "config.json")):
@@ -233,6 +236,8 @@ class LocalCluster:
         http_port_file = os.path.join(self.run_dir, "router-http.port")
         if cfg.http_port is not None:
             router_flags += ["--http-port", str(cfg.http_port), "--http-port-file", http_port_file]
+        if cfg.router_workers > 1:
+            router_flags += ["--workers", str(cfg.router_workers)]
         self.router = self._service("router", "router", router_flags)
         self.router.host, self.router.listen_port = cfg.host, cfg.port
         self.router.start()

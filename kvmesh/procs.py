@@ -40,6 +40,10 @@ class ServiceProcess:
     # leaves no orphans. Call start() from the main thread: the signal fires when the *thread* that
     # started the child exits.
     die_with_parent: bool = False
+    # The child leads its own session (Ctrl-C reaches the launcher, which stops the children in
+    # order). False for a router worker: it stays in its parent router's process group, so that
+    # whatever stops that group stops its workers too.
+    new_session: bool = True
     host: str = "127.0.0.1"  # --host of the child; its address is loopback unless it binds one address
     listen_port: int = 0  # --port of the child; 0 = any free port (read back from the port file)
     proc: subprocess.Popen | None = None
@@ -65,7 +69,7 @@ class ServiceProcess:
             cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=out, stderr=out,
-                                     start_new_session=True)  # Ctrl-C reaches us, not every child
+                                     start_new_session=self.new_session)
         return self
 
     @property
@@ -143,10 +147,11 @@ class ServiceProcess:
         finally:
             self._reaped = True
             # The child led its own session: kill anything it left behind in its process group.
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if self.new_session:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             if os.path.exists(self._port_file):
                 os.unlink(self._port_file)
 

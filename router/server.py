@@ -6,6 +6,9 @@ Kubernetes readiness wait for a router that can answer; it follows the engines f
 
 With --http-port the same process also serves the OpenAI-compatible HTTP API (router.http) on its
 event loop, over the same Orchestrator; it starts with the gRPC server and drains beside it.
+
+With --workers N (N > 1) this process is a parent that runs N such routers on the same ports
+(router.workers); each worker binds only once it can answer (see Router.start).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kvmesh import telemetry
 from kvmesh.serving import event_loop
 from kvmesh.serving.channels import create_channel
 from kvmesh.serving.config import EnvArgumentParser, add_server_flags, configure_logging
+from kvmesh.serving.reuseport import PortTaken
 from kvmesh.serving.server import RunningServer, install_stop_signals, start_server, wait_for_stop, write_port_file
 from kvmesh.telemetry.tracing import tracing_enabled
 from kvmesh.v1 import common_pb2, router_pb2_grpc, tokenizer_pb2_grpc
@@ -35,6 +39,8 @@ from router.policy import make_policy
 from router.prefix_index import PrefixIndex
 from router.servicer import RouterServicer
 from router.tokenizer_client import TokenizerClient
+from router.workers import (add_worker_flags, check_worker_flags, is_worker, serve_workers, worker_log_prefix,
+                            worker_ready_file)
 
 log = logging.getLogger("router")
 
@@ -58,8 +64,10 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
 class Router:
     """The router's parts, wired. `start()` serves; `stop()` drains."""
 
-    def __init__(self, config: RouterConfig, *, host: str, port: int, max_message_bytes: int, grace_s: float = 10.0):
+    def __init__(self, config: RouterConfig, *, host: str, port: int, max_message_bytes: int, grace_s: float = 10.0,
+                 reuse_port: bool = False):
         self.config = config
+        self._reuse_port = reuse_port  # a worker of `--workers N`: binds the shared ports with SO_REUSEPORT
         self._host, self._port, self._max_message_bytes = host, port, max_message_bytes
         self._grace_s = grace_s
         self.running: RunningServer | None = None
@@ -79,6 +87,7 @@ class Router:
                                          limits=self.deployment.limits)
         self.discovery = Discovery(config.engines, self.pool.set_addresses, config.dns_refresh_s)
         self._serving: bool | None = None
+        self._can_serve = asyncio.Event()  # the tokenizer reached and an engine admissible
         self._draining = False
         self.streams = StreamDrain()
         self.http = None  # router.http.server.HttpFront when config.http_port is set
@@ -97,13 +106,14 @@ class Router:
                            token_texts=TokenTexts(tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)),
                            is_serving=self.is_serving, auth_token=self.config.auth_token)
         self.http = HttpFront(build_app(parts), host=self.config.http_host or self._host,
-                              port=self.config.http_port, grace_s=self._grace_s)
+                              port=self.config.http_port, grace_s=self._grace_s, reuse_port=self._reuse_port)
         await self.http.start()
 
     def _on_pool_change(self) -> None:
         if self.kv_followers is not None:
             self.kv_followers.sync(self.pool.engines)
         serving = self.deployment.tokenizer is not None and bool(self.pool.ready())
+        (self._can_serve.set if serving else self._can_serve.clear)()
         if self.running is not None and serving != self._serving:
             self._serving = serving
             log.info("health %s (%d ready engines)", "SERVING" if serving else "NOT_SERVING",
@@ -130,18 +140,30 @@ class Router:
                 log.warning("tokenizer %s not reachable yet: %s", self.config.tokenizer, exc.code().name)
                 await asyncio.sleep(backoff.delay())
 
-    async def start(self) -> None:
+    async def start(self, *, listen_when_ready: bool = False) -> None:
+        """Serve. One router binds first (a port clash fails at once; health says NOT_SERVING until an
+        engine is admissible). A worker of `--workers N` (listen_when_ready) binds only once it can
+        answer: the kernel hands new connections to every listening socket of the port, so a worker
+        still starting would otherwise take its share of connections and refuse their requests."""
+        if listen_when_ready:
+            await self._reach_tokenizer()
+            await self.discovery.start()
+            self._on_pool_change()
+            await self._can_serve.wait()
         servicer = RouterServicer(self.orchestrator, self.deployment, self.streams)
         interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
         self.running = await start_server(
             register=lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
             service_names=[SERVICE_NAME], host=self._host, port=self._port,
-            max_message_bytes=self._max_message_bytes, interceptors=interceptors, serving=False,
-            credentials=server_credentials(self.config))
+            max_message_bytes=self._max_message_bytes, interceptors=interceptors,
+            serving=self._can_serve.is_set(), credentials=server_credentials(self.config),
+            reuse_port=self._reuse_port)
+        self._serving = self._can_serve.is_set() or None
         if self.config.http_port is not None:
             await self._start_http()
-        await self._reach_tokenizer()
-        await self.discovery.start()
+        if not listen_when_ready:
+            await self._reach_tokenizer()
+            await self.discovery.start()
         self._on_pool_change()
 
     async def drain(self, grace_s: float) -> None:
@@ -178,15 +200,31 @@ class Router:
 
 async def serve(args) -> None:
     config = config_from_args(args)
-    telemetry.setup("kvmesh-router", metrics_port=args.metrics_port, host=args.host)
+    worker = is_worker(args)
+    # A worker's metrics go to the parent's /metrics (prometheus_client's multiprocess files).
+    telemetry.setup("kvmesh-router", metrics_port=None if worker else args.metrics_port, host=args.host)
     router = Router(config, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
-                    grace_s=args.grace)
+                    grace_s=args.grace, reuse_port=worker)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    await router.start()
-    if router.http is not None:
-        write_port_file(args.http_port_file, router.http.port)
-    write_port_file(args.port_file, router.running.port)
+    if worker:
+        # A worker may be told to stop while it still waits for the tokenizer or an engine.
+        starting = asyncio.ensure_future(router.start(listen_when_ready=True))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()  # wait_for_stop below waits for the signal itself
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await router.close()
+            return
+        starting.result()
+        write_port_file(worker_ready_file(args), router.running.port)  # the parent writes the port files
+    else:
+        await router.start()
+        if router.http is not None:
+            write_port_file(args.http_port_file, router.http.port)
+        write_port_file(args.port_file, router.running.port)
     await wait_for_stop(router.running, stop, args.grace, before_stop=lambda: router.drain(args.grace))
     await router.close()
 
@@ -195,15 +233,21 @@ def build_parser() -> EnvArgumentParser:
     parser = EnvArgumentParser(prog="kvmesh-router", description="kvmesh router: the public endpoint")
     add_server_flags(parser, default_port=DEFAULT_PORT)
     add_router_flags(parser)
+    add_worker_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, prefix=worker_log_prefix(args))
     try:
+        config_from_args(args)  # a bad flag fails here once, not in every worker
+        check_worker_flags(args)
+        if args.workers > 1 and not is_worker(args):
+            return serve_workers(args, argv)
         event_loop.run(serve(args))
-    except ConfigError as exc:
+    except (ConfigError, PortTaken) as exc:
         print(f"kvmesh-router: {exc}", file=sys.stderr)
         return 2
     return 0

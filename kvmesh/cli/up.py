@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
                    help="router gRPC port, the default of `kvmesh generate --router`; 0 = any free port")
     r.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (e.g. 8000); off when absent")
+    r.add_argument("--router-workers", type=int, default=1,
+                   help="router processes sharing its port(s), each with its own event loop (the router's --workers)")
     e = p.add_argument_group("engines (as `vllm serve` spells them; absent = the engine's default)")
     e.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, num_engines=args.num_engines, device=args.device, load_format=args.load_format,
             run_dir=args.run_dir, log_level=args.log_level, startup_timeout_s=args.startup_timeout,
             grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None, host=args.host, port=args.port,
-            http_port=args.http_port, dtype=args.dtype, max_model_len=args.max_model_len,
+            http_port=args.http_port, router_workers=args.router_workers, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype).validate()
     except ValueError as exc:
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     _raise_interrupt_on(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     rc = 0
     try:
-        _say(f"kvmesh up: {config.num_engines} engine(s) on {config.device}, model {config.model}")
+        workers = f", router in {config.router_workers} processes" if config.router_workers > 1 else ""
+        _say(f"kvmesh up: {config.num_engines} engine(s) on {config.device}, model {config.model}{workers}")
         _say(f"run directory {cluster.run_dir} (logs, pids.json)")
         if "OTEL_TRACES_EXPORTER" in tracing_env(""):
             _say("traces: off (set OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4317 to export them)")

@@ -83,6 +83,7 @@ def add_server_flags(parser: argparse.ArgumentParser, *, default_port: int) -> N
                         help="log level")
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, prefix: str = "") -> None:
+    """Log lines to stderr; `prefix` goes before each logger name (a router worker's "[worker 1] ")."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")

@@ -47,8 +47,10 @@ def _enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) ->
         REFLECTION_V1_SERVICE_NAME, {"ServerReflectionInfo": v1})])
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel arguments for a kvmesh server: size limits and keepalive tolerance."""
+def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments for a kvmesh server: size limits and keepalive tolerance. SO_REUSEPORT is
+    off unless asked for, so that a second server on a taken port fails to bind instead of sharing
+    it; router workers ask for it, behind kvmesh.serving.reuseport's check."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -56,7 +58,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -96,6 +98,7 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     serving: bool = True,
     credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Build, bind and start a grpc.aio server.
 
@@ -105,6 +108,7 @@ async def start_server(
         host, port: where to listen; port 0 picks a free port (read it from the result).
         serving: initial health; engines start NOT_SERVING and flip once warmed up.
         credentials: serve TLS (or mTLS) with these; None = plaintext.
+        reuse_port: bind with SO_REUSEPORT (a router worker, behind kvmesh.serving.reuseport.reserve_port).
     Returns:
         The RunningServer, already started.
     Raises:
@@ -114,7 +118,7 @@ async def start_server(
         # Tracing outermost: every RPC (auth failures included) runs in a SERVER span that continues
         # the caller's trace; exceptions become statuses inside it.
         interceptors=[*server_interceptors(), *interceptors, ExceptionMappingInterceptor()],
-        options=server_options(max_message_bytes),
+        options=server_options(max_message_bytes, reuse_port),
     )
     register(server)
     health_servicer = DrainingHealthServicer()

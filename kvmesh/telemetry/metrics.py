@@ -86,8 +86,10 @@ PREFIX_CACHE_HITS = _CounterFromLoad(
 
 # --- router ---
 ROUTER_PICKS = Counter("kvmesh:router_picks", "Routing decisions, by chosen engine.", ("engine_id",))
+# multiprocess_mode: with `router --workers N`, the value the last worker to pick that engine set.
 ROUTER_REPORT_AGE = Gauge("kvmesh:router_load_report_age_seconds",
-                          "Age of the newest load report from each engine when last used.", ("engine_id",))
+                          "Age of the newest load report from each engine when last used.", ("engine_id",),
+                          multiprocess_mode="mostrecent")
 
 # --- GenAI server histograms (the public endpoint: the router) ---
 _GEN_AI = ("gen_ai_operation_name", "gen_ai_request_model")

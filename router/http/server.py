@@ -28,10 +28,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # a router worker: the parent reserved the port (kvmesh.serving.reuseport)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -45,14 +47,15 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpFront:
     """The running HTTP server. `start()` returns the bound port; `stop()` drains."""
 
-    def __init__(self, app, *, host: str, port: int, grace_s: float):
+    def __init__(self, app, *, host: str, port: int, grace_s: float, reuse_port: bool = False):
         self._app, self._host, self._port, self._grace_s = app, host, port, grace_s
+        self._reuse_port = reuse_port
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
-        sock = _bind(self._host, self._port)
+        sock = _bind(self._host, self._port, self._reuse_port)
         config = uvicorn.Config(self._app, log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(1, int(self._grace_s)), timeout_keep_alive=30)
         self._server = _Server(config)

@@ -19,6 +19,7 @@ def test_tracing_is_off_unless_an_exporter_is_configured():
 
 @pytest.mark.parametrize("changes, message", [
     ({"num_engines": 0}, "num_engines=0"),
+    ({"router_workers": 0}, "router_workers=0"),
     ({"device": "tpu"}, "device='tpu'"),
     ({"model": "/nonexistent/ckpt"}, "no config.json"),
     ({"startup_timeout_s": 0}, "startup_timeout_s"),

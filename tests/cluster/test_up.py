@@ -200,11 +200,13 @@ def test_a_child_that_fails_to_start_stops_the_rest(launch, tmp_path):
 
 
 def test_killed_launcher_leaves_no_orphans(launch, tmp_path):
-    """SIGKILL gives the launcher no chance to clean up: the children stop by themselves."""
+    """SIGKILL gives the launcher no chance to clean up: the children stop by themselves, the router's
+    workers (--router-workers 2) with it."""
     launcher = launch([str(KVMESH), "up", "--port", "0", "--http-port", "0", "--num-engines", "1", "--max-tokens", "4",
-                       "--run-dir", str(tmp_path)])
+                       "--router-workers", "2", "--run-dir", str(tmp_path)])
     launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
     children = _children(launcher)
+    assert "2 workers serving on" in (tmp_path / "router.log").read_text()
     # The OpenAI-compatible API that --http-port adds answers what the printed curl line asks.
     url = launcher.wait_for(r"OpenAI-compatible API on (http://127\.0\.0\.1:\d+)/v1", 1).group(1)
     reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
