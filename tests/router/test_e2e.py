@@ -222,3 +222,24 @@ def test_cli_streams_the_greedy_text(router, examples):
     bad = subprocess.run([sys.executable, "-m", "kvmesh.cli.main", "generate", "--router", router.address,
                           "--prompt", "x", "--max-tokens", "9999"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_router_freezes_its_startup_heap(router):
+    """Once ready, the router process freezes what startup built (kvmesh/serving/heap.py; the
+    tokenizer's: tests/tokenizer/test_cli.py): a full collection would walk grpc and OpenTelemetry,
+    a stall of every stream."""
+    import pathlib
+    import time
+
+    def frozen_line(proc):
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:  # the line follows the port file by a moment
+            lines = [x for x in pathlib.Path(proc.log_path).read_text().splitlines() if "startup heap frozen" in x]
+            if lines:
+                return lines[0]
+            time.sleep(0.1)
+        return None
+
+    line = frozen_line(router)
+    assert line is not None, router.log_path
+    assert int(line.rsplit("(", 1)[1].split()[0]) > 10_000
