@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import grpc
+
 from kvmesh.telemetry.router import RouterRequestTrace
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from router.deployment import Deployment
@@ -25,6 +27,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 async for out in responses:
                     rec.response(out)
                     yield out
+                    if out.error.reason == common_pb2.ERROR_REASON_DEADLINE_EXCEEDED:
+                        # The router's own timer ended it (a hair after the client's deadline): the
+                        # status says so too. With OK here a client whose own timer ran late (a loaded
+                        # host) saw a call that succeeded, with the deadline only in the last message.
+                        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+                        context.set_details(out.error.message)
 
     async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> common_pb2.ServiceInfo:
         return self._deployment.service_info()

@@ -107,6 +107,34 @@ async def test_stop_string_aborts_the_engine_and_counts_its_tokens():
         assert last.usage.completion_tokens == fake.generated[rid] <= 5  # at most one step past the match
 
 
+class DeadlineOnlyContext:
+    """What RouterServicer.Generate reads of a grpc context: a deadline the client side does not
+    enforce (as a client whose own timer runs late), and the status the handler sets."""
+
+    def __init__(self, remaining_s: float):
+        self.remaining_s, self.code, self.details = remaining_s, None, None
+
+    def time_remaining(self) -> float:
+        return self.remaining_s
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+async def test_the_routers_own_deadline_ends_the_call_with_deadline_exceeded():
+    from router.servicer import RouterServicer
+    fake = FakeEngine("e0", step_s=0.05)
+    async with Harness([fake]) as h:
+        servicer = RouterServicer(h.router.orchestrator, h.router.deployment, h.router.streams)
+        context = DeadlineOnlyContext(0.3)
+        outs = [r async for r in servicer.Generate(text_req(max_tokens=200, request_id="d2"), context)]
+        assert outs[-1].error.reason == common_pb2.ERROR_REASON_DEADLINE_EXCEEDED and len(outs) > 1
+        assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline exceeded" in context.details
+
+
 async def test_client_cancel_and_deadline_reach_the_engine():
     fake = FakeEngine("e0", step_s=0.05)
     async with Harness([fake]) as h:
