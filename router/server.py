@@ -146,9 +146,7 @@ class Router:
         answer: the kernel hands new connections to every listening socket of the port, so a worker
         still starting would otherwise take its share of connections and refuse their requests."""
         if listen_when_ready:
-            await self._reach_tokenizer()
-            await self.discovery.start()
-            self._on_pool_change()
+            await self._connect()
             await self._can_serve.wait()
         servicer = RouterServicer(self.orchestrator, self.deployment, self.streams)
         interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
@@ -161,9 +159,15 @@ class Router:
         self._serving = self._can_serve.is_set() or None
         if self.config.http_port is not None:
             await self._start_http()
-        if not listen_when_ready:
-            await self._reach_tokenizer()
-            await self.discovery.start()
+        if listen_when_ready:
+            self._on_pool_change()  # health as the pool is now: it may have moved while binding
+        else:
+            await self._connect()
+
+    async def _connect(self) -> None:
+        """Reach the tokenizer, then start following the engines; health follows from there."""
+        await self._reach_tokenizer()
+        await self.discovery.start()
         self._on_pool_change()
 
     async def drain(self, grace_s: float) -> None:

@@ -27,7 +27,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 async for out in responses:
                     rec.response(out)
                     yield out
-                    if out.error.reason == common_pb2.ERROR_REASON_DEADLINE_EXCEEDED:
+                    if (out.finish_reason == common_pb2.FINISH_REASON_ERROR
+                            and out.error.reason == common_pb2.ERROR_REASON_DEADLINE_EXCEEDED):
                         # The router's own timer ended it (a hair after the client's deadline): the
                         # status says so too. With OK here a client whose own timer ran late (a loaded
                         # host) saw a call that succeeded, with the deadline only in the last message.

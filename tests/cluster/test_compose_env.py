@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.request
 
 import pytest
 import yaml
+
+from tests.ports import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("cluster_otlp_receiver", REPO / "tests/telemetry/otlp_receiver.py")
@@ -37,18 +38,12 @@ def _interpolate(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ComposeService:
     def __init__(self, name: str, spec: dict, log_dir: pathlib.Path):
         self.name = name
         self.spec = spec
-        self.port = _free_port()
-        self.metrics_port = _free_port()
+        self.port = free_port()
+        self.metrics_port = free_port()
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 

@@ -62,9 +62,9 @@ class Mesh:
         return proc
 
     def router(self, engines: list[str], *flags: str, env: dict[str, str] | None = None,
-               tokenizer: ServiceProcess | None = None) -> ServiceProcess:
-        """Start a router over the named engines (and the shared tokenizer unless given another) and
-        wait until it serves (an engine admitted)."""
+               tokenizer: ServiceProcess | None = None, wait: bool = True) -> ServiceProcess:
+        """Start a router over the named engines (and the shared tokenizer unless given another) and,
+        with wait, wait until it serves (an engine admitted)."""
         targets = ",".join(self.engines[n].address for n in engines)
         proc = ServiceProcess("router", f"router-{len(self.routers)}",
                               ["--tokenizer", (tokenizer or self.tokenizer).address, "--engines", targets,
@@ -72,7 +72,8 @@ class Mesh:
                               env={**CHILD_ENV, **(env or {})}, log_path=self._log(f"router-{len(self.routers)}"),
                               die_with_parent=True).start()
         self.routers.append(proc)
-        proc.wait_healthy(START_TIMEOUT_S)
+        if wait:
+            proc.wait_healthy(START_TIMEOUT_S)
         return proc
 
     def stop(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import urllib.request
 
 import grpc
@@ -19,6 +18,7 @@ import pytest
 
 from kvmesh.serving.channels import create_channel
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.ports import free_port
 from tests.router.client import Result, engine_load, engines_idle, generate, greedy, wait_replicas
 
 NAMES = ["b", "c"]  # 48 blocks each
@@ -27,15 +27,9 @@ PROMPT = [1] + [300 + i % 100 for i in range(399)]  # 400 tokens = 25 blocks: on
 MAX_TOKENS = 100
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def metrics_port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")

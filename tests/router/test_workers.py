@@ -22,17 +22,12 @@ import pytest
 
 from kvmesh.procs import ServiceProcess, stop_all
 from kvmesh.v1 import router_pb2, router_pb2_grpc
+from tests.ports import free_port
 from tests.router.client import Result, engines_idle, generate, greedy
 from tests.router.conftest import CHILD_ENV
 
 ENGINES = ["a", "b"]
 NUM_CHANNELS = 16  # all on one worker by chance: 2 ** -15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -82,19 +77,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_router(mesh, name: str, *flags: str) -> ServiceProcess:
-    """A router process over engines a and b, not waited for."""
-    targets = ",".join(mesh.engines[n].address for n in ENGINES)
-    proc = ServiceProcess("router", name, ["--tokenizer", mesh.tokenizer.address, "--engines", targets,
-                                           "--heartbeat-ms", "200", *flags],
-                          env=CHILD_ENV, log_path=str(mesh.log_dir / f"{name}.log"), die_with_parent=True)
-    mesh.routers.append(proc)
-    return proc.start()
-
-
 @pytest.fixture(scope="module")
 def metrics_port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +135,10 @@ async def test_both_workers_serve_and_blocks_return_after_cancels_and_deadlines(
 
 async def test_port_stays_guarded(mesh, router):
     # another worker group, a single router and a plain socket: none may share the workers' port
-    clash = start_router(mesh, "router-clash", "--workers", "2", "--port", str(router.port))
+    clash = mesh.router(ENGINES, "--workers", "2", "--port", str(router.port), wait=False)
     assert clash.proc.wait(30) == 2
     assert "another server holds it" in open(clash.log_path).read()
-    single = start_router(mesh, "router-clash-single", "--port", str(router.port))
+    single = mesh.router(ENGINES, "--port", str(router.port), wait=False)
     assert single.proc.wait(60) != 0
     with socket.socket() as s, pytest.raises(OSError):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -161,7 +146,7 @@ async def test_port_stays_guarded(mesh, router):
 
 
 async def test_workers_listen_only_once_they_can_answer(mesh):
-    port = _free_port()
+    port = free_port()
     targets_down = "127.0.0.1:1"  # no engine: the workers can never answer
     proc = ServiceProcess("router", "router-no-engine", ["--tokenizer", mesh.tokenizer.address, "--engines", targets_down,
                                                          "--workers", "2"],
@@ -179,8 +164,7 @@ async def test_workers_listen_only_once_they_can_answer(mesh):
 
 
 async def test_a_killed_worker_fails_the_router_loudly(mesh):
-    proc = start_router(mesh, "router-kill", "--workers", "2")
-    proc.wait_healthy(120)
+    proc = mesh.router(ENGINES, "--workers", "2")
     workers = children(proc.pid)
     os.kill(workers[0], signal.SIGKILL)
     assert proc.proc.wait(30) == 1

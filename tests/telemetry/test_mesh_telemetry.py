@@ -5,7 +5,6 @@ spans linked to the request; a cancelled and an invalid request; metrics across 
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 
@@ -17,6 +16,7 @@ from prom import scrape
 from kvmesh.procs import ServiceProcess
 from kvmesh.telemetry import attributes as attrs
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +24,12 @@ PROMPT = "Once upon a time, there was a little girl"
 STARTUP_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Mesh:
     def __init__(self, receiver: OtlpReceiver, model_dir: str):
         self.receiver = receiver
         self.log_dir = tempfile.mkdtemp(prefix="kvmesh-telemetry-")
         env = receiver.env(schedule_delay_ms=100)
-        self.metrics_port = {name: _free_port() for name in ("tokenizer", "engine", "router")}
+        self.metrics_port = {name: free_port() for name in ("tokenizer", "engine", "router")}
         common = ["--log-level", "WARNING", "--grace", "2"]
         self.tokenizer = self._proc("tokenizer", ["--model", model_dir, *common], env)
         # A small token budget, so that the prompt is prefilled in more than one chunk.
