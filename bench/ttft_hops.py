@@ -149,6 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     args.model = str(pathlib.Path(args.model).resolve())
     args.compare_per_request = args.compare_engine_stream = False
+    args.router_workers = 1  # start_mesh's one router process (overhead.py measures --workers)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     base = pathlib.Path(args.compare_tiers_from).resolve() if args.compare_tiers_from else None
     procs = start_mesh(args, pathlib.Path(args.log_dir), REPO, base)
