@@ -293,7 +293,9 @@ def bench_fused(copy_gbps) -> list[dict]:
     return rows
 
 
-BASELINE_DECODE = [(1, 512), (1, 2048), (1, 4096), (4, 4096), (8, 512), (8, 4096), (64, 4096), (256, 4096)]
+BASELINE_DECODE = [(1, 512), (1, 2048), (1, 4096), (4, 4096), (8, 512), (8, 4096), (64, 4096), (256, 4096),
+                   # lengths between the powers of 2 (round 6: splits of one tile, rounded up)
+                   (1, 600), (1, 1500), (1, 3000), (2, 900), (4, 700), (4, 2500), (8, 700)]
 BASELINE_PREFILL = [(1, 2048), (1, 8192), (8, 2048)]
 
 

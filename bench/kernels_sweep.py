@@ -48,9 +48,9 @@ def sweep(copy_gbps, bench_decode, bench_prefill) -> dict:
 # Batches between the small ones (split by the heuristic) and 256: one pass today, and at B=64 a
 # wave-quantisation tail (512 programs on ~396 slots, bench/KERNELS_NOTES.md round 2). With the merge
 # done by the last split there is no second launch, so splitting them may pay now.
-MID_BATCHES = [16, 32, 64, 128]
-MID_CONTEXTS = [1024, 4096]
-MID_SPLITS = [1, 2, 4]
+MID_BATCHES = [16, 32, 48, 64, 96, 128]
+MID_CONTEXTS = [1024, 2048, 4096, 8192]
+MID_SPLITS = [1, 2, 3, 4]  # 3: B=64's 1536 programs fill 3.88 of 4 waves of 396 slots
 
 
 def mid_batch_splits(copy_gbps, bench_decode) -> list[dict]:

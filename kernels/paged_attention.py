@@ -92,9 +92,15 @@ def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
     """(KV splits, fewest positions a split) for a decode-like batch of ``programs`` one-pass programs.
 
     Under 1.5 programs per SM: enough splits for ~2 programs per SM (the best of the H200 sweep at
-    B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at most MAX_SPLITS and at least MIN_SPLIT_POSITIONS
-    positions a split, rounded down to a power of 2 (powers of 2 were best in every split sweep; see
-    bench/KERNELS_NOTES.md).
+    B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at most MAX_SPLITS, rounded down to a power of 2
+    (powers of 2 were best in every split sweep; see bench/KERNELS_NOTES.md), but no more than one
+    split per MIN_SPLIT_POSITIONS-position tile, rounded *up* to a power of 2. Up, because a split of
+    two tiles waits on both: rounded down (as until round 6), max_seq_len 513-1023 got 4 splits of up
+    to 2 tiles, and the B=1 decode attention of the mix's steady window at ctx ~520 took 9.0 + 1.5 us
+    a layer (attention + merge) against 6.6 + 2.0 us with 32 splits of one tile
+    (step-profile-llama3-8b-h200-2026-12-02-01c403c.json against *-2026-12-01-6378ac6.json). The
+    splits past a short sequence's tiles exit at once, so a graph of length 128 x 2^k serves every
+    length above 128 x 2^(k-1) with one tile a split.
     More programs: one pass, unless halving the KV fills the waves a sixth better (B=64: 512 programs
     fill 1.29 of 2 waves, 1024 fill 2.59 of 3), and only for splits of >= WAVE_SPLIT_MIN_POSITIONS,
     so shorter sequences of the same graph stay in one split. Measured at B=16-128 (round 4, forced
@@ -108,8 +114,9 @@ def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
                 and _wave_efficiency(2 * programs, slots) > 1.15 * _wave_efficiency(programs, slots)):
             return 2, WAVE_SPLIT_MIN_POSITIONS
         return 1, MIN_SPLIT_POSITIONS
-    n = max(1, min(MAX_SPLITS, math.ceil(2 * num_sms / programs), max_seq_len // MIN_SPLIT_POSITIONS))
-    return 1 << (n.bit_length() - 1), MIN_SPLIT_POSITIONS
+    most = min(MAX_SPLITS, math.ceil(2 * num_sms / programs))
+    tiles = math.ceil(max_seq_len / MIN_SPLIT_POSITIONS)
+    return min(1 << (most.bit_length() - 1), next_pow2(tiles)), MIN_SPLIT_POSITIONS
 
 
 def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
@@ -175,15 +182,14 @@ def decode_graph_lengths(num_seqs: int, num_heads: int, num_kv_heads: int, head_
 
 
 def _graph_lengths(num_seqs, qpk, num_kv_heads, head_dim_pad, max_model_len, num_sms, interpret, kv_fp8):
-    """decode_graph_lengths on plain ints. A decode plan changes with max_seq_len only where it
-    crosses MIN_SPLIT_POSITIONS x 2^k (the split count is a power of 2 under max_seq_len //
-    MIN_SPLIT_POSITIONS; the wave split starts at 2 x WAVE_SPLIT_MIN_POSITIONS), so the candidates
-    are the last length before each crossing, and the limit; of a run of candidates with one plan
-    the longest is kept."""
+    """decode_graph_lengths on plain ints. A decode plan changes with max_seq_len only just past
+    MIN_SPLIT_POSITIONS x 2^k (the split count is a power of 2 at or above its tiles) or at it (the
+    wave split starts at 2 x WAVE_SPLIT_MIN_POSITIONS), so the candidates are each such length and the
+    one before it, and the limit; of a run of candidates with one plan the longest is kept."""
     candidates = {max_model_len}
     k = 0
     while (MIN_SPLIT_POSITIONS << k) <= max_model_len:
-        candidates.add((MIN_SPLIT_POSITIONS << k) - 1)
+        candidates.update({(MIN_SPLIT_POSITIONS << k) - 1, MIN_SPLIT_POSITIONS << k})
         k += 1
     kept, longer_plan = [], None
     for length in sorted(candidates, reverse=True):
@@ -200,7 +206,8 @@ def _derive(plan, qpk, num_tokens, num_seqs, max_seq_len):
     tile_n = plan["tile_n"]
     plan["block_q"] = plan["block_m"] // qpk
     plan["grid0"] = num_seqs if plan["decode"] else num_tokens // plan["block_q"] + num_seqs
-    plan["num_splits"] = max(1, min(int(plan["num_splits"]), MAX_SPLITS, math.ceil(max_seq_len / tile_n)))
+    # no more splits than the power of 2 at or above the tiles there are (the rest would only exit)
+    plan["num_splits"] = max(1, min(int(plan["num_splits"]), MAX_SPLITS, next_pow2(math.ceil(max_seq_len / tile_n))))
     plan["min_seg"] = max(tile_n, plan["min_seg"] // tile_n * tile_n)
     return plan
 

@@ -56,8 +56,8 @@ def test_graph_and_eager_decode_agree_with_batch_padding(stories260k_dir):
 
 def test_decode_graphs_by_context_length_agree_with_eager(stories260k_dir):
     """Decode batches replay the graph planned for their longest sequence (kernels/paged_attention.py's
-    decode_graph_lengths: here 255 / 511 / 512 positions for 4 sequences over 4 KV heads). Contexts
-    that cross 255 and reach the limit give the tokens the eager steps give."""
+    decode_graph_lengths: here 128 / 256 / 512 positions for 4 sequences over 4 KV heads). Contexts
+    that cross 256 and reach the limit give the tokens the eager steps give."""
     graphed = cuda_runner(stories260k_dir, max_num_seqs=8, gpu_memory_utilization=0.3)
     eager = cuda_runner(stories260k_dir, max_num_seqs=8, gpu_memory_utilization=0.3, enforce_eager=True)
     assert len(graphed.graphs) > len(graphed.graphs.sizes)  # some batch size has graphs of two lengths

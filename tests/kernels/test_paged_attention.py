@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kernel_cases import DEVICE, assert_close, make_batch
@@ -160,9 +162,11 @@ def test_plan_heuristic():
     # (the early tile costs registers, so resident programs)
     assert plan(8, 8, 1, 4096)["strided"] and plan(24, 24, 1, 4096)["strided"]
     assert not plan(32, 32, 1, 4096)["strided"] and not plan(2000, 1, 2000, 2000)["strided"]
-    # short context: at least 128 positions per split
+    # short context: no more splits than 128-position tiles, rounded up to a power of 2 (one tile a
+    # split: a split of two waits on both)
     assert plan(1, 1, 1, 512)["num_splits"] == 4
-    assert plan(1, 1, 1, 200)["num_splits"] == 1
+    assert plan(1, 1, 1, 600)["num_splits"] == plan(1, 1, 1, 1024)["num_splits"] == 8
+    assert plan(1, 1, 1, 100)["num_splits"] == 1
     # prefill never splits by heuristic
     assert plan(2000, 1, 2000, 2000)["num_splits"] == 1
     # decode tiles pack a token's QPK heads into 16 rows; prefill takes PREFILL_TILES
@@ -177,8 +181,22 @@ def test_plan_heuristic():
     assert (p["block_m"], p["tile_n"], p["num_warps"], p["num_stages"]) == (bm, tn, warps, stages) != PREFILL_TILES[128]
     # a forced split count cuts exact shares: no floor beyond one tile
     assert _plan(128, 4, 1, 1, 8, 1, 300, 2, num_sms=132, interpret=False)["min_seg"] == 128
-    # a forced split count is clamped to the tiles there are
-    assert _plan(128, 4, 1, 1, 8, 1, 300, 50, num_sms=132, interpret=False)["num_splits"] == 3
+    # a forced split count is clamped to the power of 2 at or above the tiles there are
+    assert _plan(128, 4, 1, 1, 8, 1, 300, 50, num_sms=132, interpret=False)["num_splits"] == 4
+    assert _plan(128, 4, 1, 1, 8, 1, 300, 3, num_sms=132, interpret=False)["num_splits"] == 3
+
+
+@pytest.mark.parametrize("num_seqs", [1, 2, 4, 8, 16])
+def test_latency_bound_decode_splits_take_one_tile_each_below_the_cap(num_seqs):
+    """Every split of a latency-bound decode plan owns at most one 128-position tile of its longest
+    sequence, unless the split count is at its cap (~2 programs per SM, a power of 2)."""
+    def splits(max_seq_len):
+        return _plan(128, 4, num_seqs, num_seqs, 8, 1, max_seq_len, None, 132, False)["num_splits"]
+    cap = splits(1 << 20)
+    for max_seq_len in range(1, 8193):
+        n = splits(max_seq_len)
+        assert n == cap or n >= math.ceil(max_seq_len / 128), (num_seqs, max_seq_len, n)
+        assert n & (n - 1) == 0 and n <= max(1, 2 * math.ceil(max_seq_len / 128))
 
 
 @pytest.mark.parametrize("num_seqs", [1, 2, 8, 16, 32, 64, 112, 256])
@@ -203,8 +221,8 @@ def test_decode_graph_lengths_give_each_batch_its_own_plan(num_seqs, fp8):
 def test_decode_graph_lengths_where_the_split_count_moves():
     # B=64 splits in two from 4096 positions on (wave fill), so shorter batches get a one-pass graph
     assert _graph_lengths(64, 4, 8, 128, 131072, 132, False, False) == [4095, 131072]
-    # B=1: 2 per SM needs 33 splits (32), and a split takes >= 128 positions: one graph per doubling
-    assert _graph_lengths(1, 4, 8, 128, 131072, 132, False, False) == [255, 511, 1023, 2047, 4095, 131072]
+    # B=1: 2 per SM needs 33 splits (32), and a split takes one 128-position tile: one graph per doubling
+    assert _graph_lengths(1, 4, 8, 128, 131072, 132, False, False) == [128, 256, 512, 1024, 2048, 131072]
     # B=256 never splits: the one graph at the limit; the interpreter plans one pass at every length
     assert _graph_lengths(256, 4, 8, 128, 131072, 132, False, False) == [131072]
     assert _graph_lengths(1, 4, 8, 128, 4096, 1, True, False) == [4096]
