@@ -15,7 +15,7 @@ The programs (kernels/paged_attention_kernels.py) run on one of two paths, chose
   * split-KV (flash-decoding): grid (q_blocks, kv_heads, num_splits); each program covers one share
     of its q-block's KV positions and writes an unnormalised partial (acc, max, sum); a second kernel
     merges the splits. Used when the one-pass grid has too few programs to fill the GPU (few
-    sequences), or fills its last wave badly (``_pick_splits``). The shares are cut on the device from
+    sequences, ``_pick_splits``). The shares are cut on the device from
     each sequence's own length, so a plan made for a CUDA graph (num_splits from the batch size alone)
     fits every context length it replays with. Latency-bound decode launches deal the tiles round
     robin instead (split s takes tiles s, s + n, ...), so that a program's first tile is known before
@@ -68,10 +68,6 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-# Decode programs resident per SM (Triton 3.6 on the H200: 168 registers, 74 KB shared, round 2's
-# ptxas) and the fewest positions a split gets where a split only evens out the last wave.
-DECODE_PROGRAMS_PER_SM = 3
-WAVE_SPLIT_MIN_POSITIONS = 2048
 # Decode launches of fewer programs per SM than this are latency-bound: they split for ~2 per SM and
 # take the kernel's STRIDED path (B=32 at 8 KV heads, 256 programs on 132 SMs, is past it).
 LATENCY_BOUND_PROGRAMS_PER_SM = 1.5
@@ -80,12 +76,6 @@ LATENCY_BOUND_PROGRAMS_PER_SM = 1.5
 def _decode_like(max_query_len: int, qpk: int) -> bool:
     """A batch whose q-blocks fit the 16-row decode tiles: its query tokens x QPK heads <= 64 rows."""
     return max_query_len * qpk <= 64
-
-
-def _wave_efficiency(programs: int, slots: int) -> float:
-    """Share of the launch's waves the programs fill: 512 programs on 396 slots fill 1.29 of 2 waves."""
-    waves = programs / slots
-    return waves / math.ceil(waves)
 
 
 def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
@@ -101,18 +91,13 @@ def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
     (step-profile-llama3-8b-h200-2026-12-02-01c403c.json against *-2026-12-01-6378ac6.json). The
     splits past a short sequence's tiles exit at once, so a graph of length 128 x 2^k serves every
     length above 128 x 2^(k-1) with one tile a split.
-    More programs: one pass, unless halving the KV fills the waves a sixth better (B=64: 512 programs
-    fill 1.29 of 2 waves, 1024 fill 2.59 of 3), and only for splits of >= WAVE_SPLIT_MIN_POSITIONS,
-    so shorter sequences of the same graph stay in one split. Measured at B=16-128 (round 4, forced
-    counts): B=64 ctx 4096 0.293 -> 0.275 ms with 2 splits, ctx 1024 0.089 -> 0.092 (2 splits of
-    512); B=32 (256 programs, split in 2 by the old cutoff of 2 per SM) and B=128, whose waves do not
-    fill better, lost 3-12% with 2 splits; B=16 gained 13% at ctx 4096.
+    More programs: one pass. Forced counts at B=32-128, ctx 1k-8k, one run (round 6,
+    kernels-h200-2026-12-02-f951ed4-splits.json): one pass was the fastest of 1-4 splits at every B
+    of 64 and more (B=64 ctx 4096 0.263 ms against 0.276 with 2 splits) and at B=32; so the wave-fill
+    split of round 4 (2 splits at B=50-74 / 100-123 from 4096 positions, when B=64 ctx 4096 measured
+    0.293 in one pass against 0.275) is gone. B=48 was the exception (2 splits 7-9% faster at 4k-8k).
     """
     if programs >= LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
-        slots = DECODE_PROGRAMS_PER_SM * num_sms
-        if (max_seq_len >= 2 * WAVE_SPLIT_MIN_POSITIONS
-                and _wave_efficiency(2 * programs, slots) > 1.15 * _wave_efficiency(programs, slots)):
-            return 2, WAVE_SPLIT_MIN_POSITIONS
         return 1, MIN_SPLIT_POSITIONS
     most = min(MAX_SPLITS, math.ceil(2 * num_sms / programs))
     tiles = math.ceil(max_seq_len / MIN_SPLIT_POSITIONS)
@@ -183,13 +168,13 @@ def decode_graph_lengths(num_seqs: int, num_heads: int, num_kv_heads: int, head_
 
 def _graph_lengths(num_seqs, qpk, num_kv_heads, head_dim_pad, max_model_len, num_sms, interpret, kv_fp8):
     """decode_graph_lengths on plain ints. A decode plan changes with max_seq_len only just past
-    MIN_SPLIT_POSITIONS x 2^k (the split count is a power of 2 at or above its tiles) or at it (the
-    wave split starts at 2 x WAVE_SPLIT_MIN_POSITIONS), so the candidates are each such length and the
-    one before it, and the limit; of a run of candidates with one plan the longest is kept."""
+    MIN_SPLIT_POSITIONS x 2^k (the split count is a power of 2 at or above its tiles), so the
+    candidates are those lengths and the limit; of a run of candidates with one plan the longest is
+    kept."""
     candidates = {max_model_len}
     k = 0
     while (MIN_SPLIT_POSITIONS << k) <= max_model_len:
-        candidates.update({(MIN_SPLIT_POSITIONS << k) - 1, MIN_SPLIT_POSITIONS << k})
+        candidates.add(MIN_SPLIT_POSITIONS << k)
         k += 1
     kept, longer_plan = [], None
     for length in sorted(candidates, reverse=True):

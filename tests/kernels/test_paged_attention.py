@@ -151,13 +151,11 @@ def test_plan_heuristic():
     # B=1 at 4k: 32 splits of 128 positions; B=2: 16
     assert plan(1, 1, 1, 4096)["num_splits"] == 32
     assert plan(2, 2, 1, 4096)["num_splits"] == 16
-    # B=64 at 4k: 512 programs fill 1.29 of 2 waves of 396 (3 per SM); 2 splits fill 2.59 of 3, with
-    # splits of at least 2048 positions (a graph's shorter sequences keep one split)
-    assert (plan(64, 64, 1, 4096)["num_splits"], plan(64, 64, 1, 131072)["min_seg"]) == (2, 2048)
-    # ... but not where 2 splits fill the waves no better (B=32: 256 programs, B=128: 1024), nor
-    # where a split would get under 2048 positions
-    assert plan(32, 32, 1, 4096)["num_splits"] == plan(128, 128, 1, 131072)["num_splits"] == 1
-    assert plan(64, 64, 1, 2048)["num_splits"] == 1 and plan(256, 256, 1, 131072)["num_splits"] == 1
+    # from 1.5 programs per SM on (B=25 at 8 KV heads), one pass at every length (the fastest of 1-4
+    # forced splits at B=32 and B=64-128 on the H200)
+    assert plan(25, 25, 1, 131072)["num_splits"] == plan(64, 64, 1, 4096)["num_splits"] == 1
+    assert plan(112, 112, 1, 131072)["num_splits"] == plan(256, 256, 1, 131072)["num_splits"] == 1
+    assert plan(24, 24, 1, 4096)["num_splits"] == 2
     # the latency-bound decode batches load their first tile before the length; busier ones do not
     # (the early tile costs registers, so resident programs)
     assert plan(8, 8, 1, 4096)["strided"] and plan(24, 24, 1, 4096)["strided"]
@@ -219,11 +217,10 @@ def test_decode_graph_lengths_give_each_batch_its_own_plan(num_seqs, fp8):
 
 
 def test_decode_graph_lengths_where_the_split_count_moves():
-    # B=64 splits in two from 4096 positions on (wave fill), so shorter batches get a one-pass graph
-    assert _graph_lengths(64, 4, 8, 128, 131072, 132, False, False) == [4095, 131072]
     # B=1: 2 per SM needs 33 splits (32), and a split takes one 128-position tile: one graph per doubling
     assert _graph_lengths(1, 4, 8, 128, 131072, 132, False, False) == [128, 256, 512, 1024, 2048, 131072]
-    # B=256 never splits: the one graph at the limit; the interpreter plans one pass at every length
+    # B=64 and B=256 never split: the one graph at the limit; the interpreter plans one pass at every length
+    assert _graph_lengths(64, 4, 8, 128, 131072, 132, False, False) == [131072]
     assert _graph_lengths(256, 4, 8, 128, 131072, 132, False, False) == [131072]
     assert _graph_lengths(1, 4, 8, 128, 4096, 1, True, False) == [4096]
 
