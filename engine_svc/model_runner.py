@@ -264,8 +264,8 @@ class ModelRunner:
         tokens = sum(plan.num_new_tokens)
         if tokens == n:
             graph_size = self.graphs.batch_size_for(n)
-        if graph_size is None and self.mixed_sizes and tokens <= self.mixed_sizes[-1]:
-            mixed = self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
+        if graph_size is None:
+            mixed = self._mixed_graph_for(plan, tokens)
         st = self.buffers.staging()
         packed = self.batch.pack(plan, st, pad_to=graph_size,
                                  pad_tokens_to=mixed.num_tokens if mixed else None,
@@ -285,6 +285,17 @@ class ModelRunner:
             return packed, mixed.replay()[:T]
         hidden = self.model(d.ids[:T], d.pos[:T], self.kv_caches, self._metadata(packed), self.backend)
         return packed, hidden
+
+    def _mixed_graph_for(self, plan: StepPlan, tokens: int):
+        """The smallest mixed-step graph that holds the step, or None (eager): none is big enough, or the
+        step is prefill chunks only and long enough that the backend's eager prefill path is faster
+        (the Triton backend's contiguous prefill kernel, which a graph's padded rows would defeat)."""
+        if not self.mixed_sizes or tokens > self.mixed_sizes[-1]:
+            return None
+        eager_from = self.backend.eager_prefill_min_tokens
+        if eager_from is not None and tokens >= eager_from and min(plan.num_new_tokens) > 1:
+            return None
+        return self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
 
     def _metadata(self, packed: PackedStep) -> AttentionMetadata:
         d, rows = self.buffers.dev, packed.num_rows

@@ -266,7 +266,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             kernels/prefill_attention.py, which reads them contiguously through TMA descriptors and
             only the cached prefix through the block table (0.85-0.94x SDPA against 0.66-0.70x).
         min_query_len: host int, a lower bound on every sequence's query length (1: unknown). Over 1,
-            a launch of over 2048 tokens takes that path too (prefill_attention.suits).
+            a launch of over 1024 tokens takes that path too (prefill_attention.suits).
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.

@@ -49,13 +49,15 @@ LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
 # next, 11.1 s (its per-item lookup; ddf20df). Long chunks have few such slots: an 8k prompt's
 # prefill attention runs at 0.94x SDPA against 0.69x (kernels-h200-2026-12-01-ddf20df-prefill.json).
 ENGINE_MIN_CHUNK_TOKENS = SHORT_CHUNK_TOKENS + 1
-# Also taken by launches of over 2048 tokens where every sequence has a chunk (no decode rows): those
-# are never in a mixed-step graph (engine_svc/cuda_graphs.py's MIXED_GRAPH_TOKENS stop at 2048), so
-# their grid holds no empty rows, and they have no one-token rows, whose 32 head slots would each read
-# the row's whole context. There the kernel's own speed counts: 0.69 / 0.69 / 0.82x SDPA against
-# 0.47 / 0.47 / 0.61x for the block-table kernel at B=8 ctx 512, B=64 ctx 512, B=8 ctx 2k
-# (kernels-h200-2026-12-01-3fbe82e.json and -6378ac6.json): a burst of short prompts, offline batches.
-EAGER_MIN_TOKENS = SHORT_CHUNK_TOKENS + 1
+# Also taken by launches of over 1024 tokens where every sequence has a chunk (no decode rows): the
+# engine runs those eagerly, not as a mixed-step graph (TritonAttentionBackend.eager_prefill_min_tokens),
+# so their grid holds no empty rows, and they have no one-token rows, whose 32 head slots would each
+# read the row's whole context. There the kernel's own speed counts: 0.70 / 0.69 / 0.83x SDPA against
+# 0.48 / 0.47 / 0.62x for the block-table kernel at B=8 ctx 512, B=64 ctx 512, B=8 ctx 2k, and 0.87
+# against 0.63x for one 2k prompt in round 3 (kernels-h200-2026-12-02-01c403c.json, -3fbe82e.json).
+# Why not shorter: eagerly, a step's ~200 Triton launches cost ~8 ms of host time (~40 us each), under
+# the ~24 ms a 1k-token step of an 8B model takes on the GPU; a 256-token step would wait on them.
+EAGER_MIN_TOKENS = SHORT_CHUNK_TOKENS // 2 + 1
 INTERPRET_TILES = (32, 16, 4, 1)  # small, and BLOCK_N < BLOCK_M: CPU tests walk sub-tiles of the diagonal
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -236,7 +238,7 @@ def _has_tma(device: torch.device) -> bool:
 
 def suits(query, key, value, out, k_cache, sliding_window, max_query_len, min_query_len=1) -> bool:
     """Whether ``prefill_attention`` takes this batch (else paged_attention's own prefill programs):
-    on the GPU, a chunk of over 2048 tokens, or over 2048 tokens with no one-token sequence
+    on the GPU, a chunk of over 2048 tokens, or over 1024 tokens with no one-token sequence
     (min_query_len > 1). Under the interpreter every prefill batch does, so that the CPU tests
     exercise it."""
     dev = query.device

@@ -49,6 +49,9 @@ class AttentionBackend(ABC):
     """Writes a layer's new K/V into its paged cache and computes attention for the packed queries."""
 
     name: str = "abstract"
+    # Steps of prefill chunks only (no one-token row) of at least this many tokens run eagerly, not as
+    # a mixed-step CUDA graph, where the backend's eager path is faster for them (None: never).
+    eager_prefill_min_tokens: int | None = None
 
     @abstractmethod
     def forward(

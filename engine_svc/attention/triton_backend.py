@@ -7,6 +7,7 @@ import torch
 from engine_svc.attention.base import AttentionBackend, AttentionMetadata
 from kernels.kv_cache import write_kv_cache
 from kernels.paged_attention import decode_graph_lengths, paged_attention
+from kernels.prefill_attention import EAGER_MIN_TOKENS
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -23,6 +24,8 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     k_scale = v_scale = 1.0  # FP8 caches: per-tensor scales (vLLM's default without calibrated ones)
+    # eagerly, such a step's attention takes the contiguous prefill kernel (prefill_attention.gpu_takes)
+    eager_prefill_min_tokens = EAGER_MIN_TOKENS
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

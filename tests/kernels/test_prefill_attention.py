@@ -109,17 +109,20 @@ def test_sliding_window_and_fp8_keep_the_block_table_kernel(prefill_calls):
 
 
 def test_which_launches_the_gpu_gives_this_path():
-    # a chunk of over 2k tokens; or over 2k tokens (never a mixed-step graph) of chunks only: no decode
-    # row, whose head slots would each read its whole context
+    # a chunk of over 2k tokens; or over 1k tokens of chunks only (the engine runs those eagerly): no
+    # decode row, whose head slots would each read its whole context
     assert gpu_takes(2049, 2049, 1) and gpu_takes(4096, 512, 512)
+    assert gpu_takes(2048, 2048, 2048) and gpu_takes(1025, 512, 513)
     assert not gpu_takes(4096, 512, 1)  # a decode row, or not known
-    assert not gpu_takes(2048, 512, 512)  # the size of a mixed-step graph
-    assert not gpu_takes(2048, 2048, 2048)
+    assert not gpu_takes(1024, 512, 512)  # short: the engine's mixed-step graph, with the block-table kernel
+    assert not gpu_takes(2048, 2048, 1)
 
 
-def test_graphs_stop_below_the_eager_launches():
-    from engine_svc.cuda_graphs import MIXED_GRAPH_TOKENS
-    assert max(MIXED_GRAPH_TOKENS) < EAGER_MIN_TOKENS
+def test_the_engine_runs_these_launches_eagerly():
+    """The chunks-only launches this path takes are the ones the runner does not replay as a mixed-step
+    graph (whose padded rows have no chunk): one threshold."""
+    from engine_svc.attention.triton_backend import TritonAttentionBackend
+    assert TritonAttentionBackend.eager_prefill_min_tokens == EAGER_MIN_TOKENS
 
 
 def test_decode_batches_ignore_key_and_value(prefill_calls):
