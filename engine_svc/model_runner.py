@@ -369,9 +369,11 @@ def eager_warmup_steps(max_num_seqs: int, max_num_batched_tokens: int, max_model
     Attention picks its programs by the step's shape (kernels/paged_attention.py): decode rows listed
     beside prefill chunks or not; short chunks; launches of more than SHORT_PREFILL_TOKENS tokens take
     the large block-table tiles while every chunk is at most that long, and a chunk longer than that
-    goes to kernels/prefill_attention.py. Each class is run alone and beside listed decode rows.
+    goes to kernels/prefill_attention.py, as does a step of chunks only of EAGER_MIN_TOKENS or more.
+    Each class is run alone and beside listed decode rows. No step has more than max_num_seqs rows.
     """
     from kernels.paged_attention import SHORT_PREFILL_TOKENS
+    from kernels.prefill_attention import EAGER_MIN_TOKENS
 
     num_decode = min(MIN_LISTED_SINGLES, max_num_seqs - 1)
     chunk = min(64, max_model_len, max(max_num_batched_tokens, max_num_seqs) - num_decode)
@@ -386,9 +388,15 @@ def eager_warmup_steps(max_num_seqs: int, max_num_batched_tokens: int, max_model
     steps = [decode + [seq(chunk, "chunk")], decode[:1] + [short], decode + [short]]
     room = min(max_model_len, max_num_batched_tokens - num_decode)
     half = SHORT_PREFILL_TOKENS // 2 + 1  # two such chunks: a launch over the limit, each chunk under it
-    if max_num_batched_tokens - num_decode >= 2 * half and max_model_len >= half:
+    if max_num_batched_tokens - num_decode >= 2 * half and max_model_len >= half and max_num_seqs >= 3:
         pair = [seq(half, "half-a"), seq(half, "half-b")]
-        steps += [pair, decode + pair]
+        # alone (chunks only: the contiguous kernel), beside one decode row and beside listed ones
+        steps += [pair, decode[:1] + pair, decode[:max_num_seqs - 2] + pair]
+    else:  # chunks only, at least EAGER_MIN_TOKENS in all (eager, kernels/prefill_attention.py's short tiles)
+        n = min(max_model_len, EAGER_MIN_TOKENS)
+        k = -(-EAGER_MIN_TOKENS // n)
+        if k <= max_num_seqs and k * n <= max_num_batched_tokens:
+            steps.append([seq(n, f"eager-{i}") for i in range(k)])
     if room >= SHORT_PREFILL_TOKENS + 1:
         big = seq(SHORT_PREFILL_TOKENS + 1, "long")
         steps += [[big], decode + [big]]

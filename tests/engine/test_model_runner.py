@@ -225,14 +225,16 @@ def test_sharded_index_with_missing_shard_is_named(tmp_path, stories260k_dir):
         make_runner(tmp_path)
 
 
-@pytest.mark.parametrize("max_num_seqs,budget,max_len", [(256, 8192, 4096), (256, 16384, 16384), (8, 2048, 1024)])
+@pytest.mark.parametrize("max_num_seqs,budget,max_len", [(256, 8192, 4096), (256, 16384, 16384), (8, 2048, 1024),
+                                                     (8, 8192, 8192), (2, 8192, 8192), (256, 2048, 2048)])
 def test_eager_warmup_steps_cover_each_attention_class(max_num_seqs, budget, max_len):
     # fb90367's mix compiled the block-table kernel's large tiles mid-run (~2.9 s): its only warm-up step
-    # over 2048 tokens had become a 2049-token chunk, which kernels/prefill_attention.py takes
+    # over 2048 tokens had become a 2049-token chunk, which kernels/prefill_attention.py takes; and with
+    # 8 rows a warm-up step of 9 sequences failed the engine's start on the GPU (IndexError)
     from engine_svc.input_batch import MIN_LISTED_SINGLES
     from engine_svc.model_runner import eager_warmup_steps
     from kernels.paged_attention import SHORT_PREFILL_TOKENS
-    from kernels.prefill_attention import ENGINE_MIN_CHUNK_TOKENS
+    from kernels.prefill_attention import EAGER_MIN_TOKENS, ENGINE_MIN_CHUNK_TOKENS, gpu_takes
 
     classes = set()
     for seqs in eager_warmup_steps(max_num_seqs, budget, max_len, width=4):
@@ -240,15 +242,19 @@ def test_eager_warmup_steps_cover_each_attention_class(max_num_seqs, budget, max
         assert sum(lens) <= budget and max(lens) <= max_len and len(seqs) <= max_num_seqs
         listed = sum(n == 1 for n in lens) >= MIN_LISTED_SINGLES
         if max(lens) >= ENGINE_MIN_CHUNK_TOKENS:
-            classes.add(("contiguous", listed))
+            classes.add(("contiguous_long", listed))
+        elif gpu_takes(sum(lens), max(lens), min(lens)):
+            classes.add(("contiguous_short", listed))
         elif sum(lens) > SHORT_PREFILL_TOKENS:
             classes.add(("block_table_large", listed))
         else:
             classes.add(("block_table_short", listed))
     listings = (True, False) if max_num_seqs > MIN_LISTED_SINGLES else (False,)  # fewer rows are never listed
-    kinds = ["block_table_short"]
-    if budget - MIN_LISTED_SINGLES > SHORT_PREFILL_TOKENS + 1:
-        kinds.append("block_table_large")
+    wanted = {("block_table_short", listed) for listed in listings}
+    if budget - MIN_LISTED_SINGLES > SHORT_PREFILL_TOKENS + 1 and max_num_seqs >= 3:
+        wanted |= {("block_table_large", listed) for listed in listings}
     if min(max_len, budget - MIN_LISTED_SINGLES) >= ENGINE_MIN_CHUNK_TOKENS:
-        kinds.append("contiguous")
-    assert {(k, listed) for k in kinds for listed in listings} <= classes
+        wanted |= {("contiguous_long", listed) for listed in listings}
+    if budget >= EAGER_MIN_TOKENS and max_num_seqs * min(max_len, SHORT_PREFILL_TOKENS) >= EAGER_MIN_TOKENS:
+        wanted.add(("contiguous_short", False))  # chunks only: never a decode row
+    assert wanted <= classes
