@@ -9,6 +9,9 @@
 #   kernels   bench/kernels.py's decode and prefill sections; with .base/ (an extracted `kernels/` of
 #             an earlier commit: `git archive <sha> kernels | tar -x -C .base`) the base kernels beside
 #   overhead  the router/tokenizer overhead with a GPU engine (8 client processes), then per-hop TTFT
+#   ttft      kernels_engine.py (TTFT 2k / 8k at batch 1, decode B=256) of a whole earlier tree in
+#             .base-tree/ (`git archive <sha> engine_svc kernels kvmesh | tar -x -C .base-tree`) and of this
+#             one, alternating, twice (carry .base-tree)
 # Each run has its own timeout, so a slow one leaves the others their time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +49,19 @@ case $part in
     run 150 "ttft-hops-$tag" python3 bench/ttft_hops.py --model "$models/stories260k" --device cuda \
       --samples 100 --out "$out/ttft-hops-$tag.json"
     ;;
+  ttft)
+    [ -d .base-tree/engine_svc ] || { echo "gpu_session.sh ttft: extract a base tree into .base-tree first" >&2; exit 2; }
+    for pass in 1 2; do  # alternating, so a drift of the machine shows as a gap between the passes
+      for tree in .base-tree .; do
+        label=$([ "$tree" = . ] && echo "$KVMESH_COMMIT" || echo base)
+        PYTHONPATH=$PWD/$tree:$PYTHONPATH run 150 "kernels-engine-$label-pass$pass-$tag" python3 bench/kernels_engine.py \
+          --label "$label" --max-model-len 8192 --reps 10 --decode-steps 5 \
+          --out "$out/kernels-engine-$label-pass$pass-$tag.json"
+      done
+    done
+    ;;
   *)
-    echo "gpu_session.sh: unknown part $part (verify, kernels, overhead)" >&2
+    echo "gpu_session.sh: unknown part $part (verify, kernels, overhead, ttft)" >&2
     exit 2
     ;;
 esac
