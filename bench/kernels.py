@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -191,12 +192,15 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
     out = torch.empty_like(q)
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
     fresh = {}
-    if fresh_kv and attn is paged_attention and plan_overrides is None:
+    if fresh_kv and plan_overrides is None and "key" in inspect.signature(attn).parameters:
         # [B, HKV, ctx, D] -> [B * ctx, HKV, D], as the engine's k/v rows of the q|k|v projection
-        # (contiguous: at B=1 the reshape is a view whose heads are ctx rows apart, which the path refuses)
+        # (contiguous: at B=1 the reshape is a view whose heads are ctx rows apart, which the path refuses).
+        # A --baseline tree's launcher gets them too, so that its row is its engine path as well (until
+        # 2026-12-02 it ran the block-table programs at every shape: 1.33x "speedups" at 8k).
         fresh = {name: c.transpose(1, 2).reshape(B * ctx, HKV, D).contiguous()
                  for name, c in (("key", kc), ("value", vc))}
-        fresh["min_query_len"] = ctx  # the engine's eager steps say so (AttentionMetadata.min_query_len)
+        if "min_query_len" in inspect.signature(attn).parameters:  # trees before 0b940dc lack it
+            fresh["min_query_len"] = ctx  # the engine's eager steps say so (AttentionMetadata.min_query_len)
 
     def ours():
         return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides,
@@ -207,9 +211,11 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
 
     t = graph_ms(ours)
     flops = 4 * B * H * D * ctx * (ctx + 1) / 2  # QK^T and PV over the causal triangle
-    takes_contiguous = fresh and prefill_attention_suits(q, fresh["key"], fresh["value"], out, k_cache, None, ctx, ctx)
-    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9,
-           "path": "contiguous" if takes_contiguous else "block_table"}
+    row = {"B": B, "ctx": ctx, "ms": t, "TFLOPs": flops / t / 1e9}
+    if attn is paged_attention:  # this tree's rule names the path (a baseline's may differ)
+        takes_contiguous = fresh and prefill_attention_suits(q, fresh["key"], fresh["value"], out, k_cache, None,
+                                                             ctx, ctx)
+        row["path"] = "contiguous" if takes_contiguous else "block_table"
     if fresh:
         tb = graph_ms(block_table)
         row.update(block_table_ms=tb, block_table_TFLOPs=flops / tb / 1e9, vs_block_table=tb / t)
