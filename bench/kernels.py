@@ -192,14 +192,15 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
     out = torch.empty_like(q)
     kc, vc = contiguous(k_cache, bt, ctx), contiguous(v_cache, bt, ctx)
     fresh = {}
-    if fresh_kv and plan_overrides is None and "key" in inspect.signature(attn).parameters:
+    takes = inspect.signature(attn).parameters  # a --baseline tree's launcher may predate some
+    if fresh_kv and plan_overrides is None and "key" in takes:
         # [B, HKV, ctx, D] -> [B * ctx, HKV, D], as the engine's k/v rows of the q|k|v projection
         # (contiguous: at B=1 the reshape is a view whose heads are ctx rows apart, which the path refuses).
         # A --baseline tree's launcher gets them too, so that its row is its engine path as well (until
         # 2026-12-02 it ran the block-table programs at every shape: 1.33x "speedups" at 8k).
         fresh = {name: c.transpose(1, 2).reshape(B * ctx, HKV, D).contiguous()
                  for name, c in (("key", kc), ("value", vc))}
-        if "min_query_len" in inspect.signature(attn).parameters:  # trees before 0b940dc lack it
+        if "min_query_len" in takes:  # trees before 0b940dc lack it
             fresh["min_query_len"] = ctx  # the engine's eager steps say so (AttentionMetadata.min_query_len)
 
     def ours():

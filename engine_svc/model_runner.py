@@ -288,12 +288,10 @@ class ModelRunner:
 
     def _mixed_graph_for(self, plan: StepPlan, tokens: int):
         """The smallest mixed-step graph that holds the step, or None (eager): none is big enough, or the
-        step is prefill chunks only and long enough that the backend's eager prefill path is faster
-        (the Triton backend's contiguous prefill kernel, which a graph's padded rows would defeat)."""
+        backend runs the step faster eagerly (the Triton backend: long steps of prefill chunks only)."""
         if not self.mixed_sizes or tokens > self.mixed_sizes[-1]:
             return None
-        eager_from = self.backend.eager_prefill_min_tokens
-        if eager_from is not None and tokens >= eager_from and min(plan.num_new_tokens) > 1:
+        if self.backend.runs_eagerly(tokens, plan.num_new_tokens):
             return None
         return self.mixed_graphs[self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, tokens)]]
 

@@ -78,8 +78,9 @@ def _decode_like(max_query_len: int, qpk: int) -> bool:
     return max_query_len * qpk <= 64
 
 
-def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
-    """(KV splits, fewest positions a split) for a decode-like batch of ``programs`` one-pass programs.
+def _pick_splits(programs, max_seq_len, num_sms) -> int:
+    """KV splits for a decode-like batch of ``programs`` one-pass programs (each split gets at least
+    MIN_SPLIT_POSITIONS positions: the plan's min_seg).
 
     Under 1.5 programs per SM: enough splits for ~2 programs per SM (the best of the H200 sweep at
     B=1-8, ctx 512-8192: 4 per SM lost 5-15%), at most MAX_SPLITS, rounded down to a power of 2
@@ -98,10 +99,10 @@ def _pick_splits(programs, max_seq_len, num_sms) -> tuple[int, int]:
     0.293 in one pass against 0.275) is gone. B=48 was the exception (2 splits 7-9% faster at 4k-8k).
     """
     if programs >= LATENCY_BOUND_PROGRAMS_PER_SM * num_sms:
-        return 1, MIN_SPLIT_POSITIONS
+        return 1
     most = min(MAX_SPLITS, math.ceil(2 * num_sms / programs))
     tiles = math.ceil(max_seq_len / MIN_SPLIT_POSITIONS)
-    return min(1 << (most.bit_length() - 1), next_pow2(tiles)), MIN_SPLIT_POSITIONS
+    return min(1 << (most.bit_length() - 1), next_pow2(tiles))
 
 
 def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
@@ -145,7 +146,7 @@ def _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, 
     if num_splits is None:
         plan["num_splits"] = 1
         if not interpret and max_query_len <= 16:
-            plan["num_splits"], plan["min_seg"] = _pick_splits(programs, max_seq_len, num_sms)
+            plan["num_splits"] = _pick_splits(programs, max_seq_len, num_sms)
     return _derive(plan, qpk, num_tokens, num_seqs, max_seq_len)
 
 

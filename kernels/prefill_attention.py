@@ -50,7 +50,7 @@ LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
 # prefill attention runs at 0.94x SDPA against 0.69x (kernels-h200-2026-12-01-ddf20df-prefill.json).
 ENGINE_MIN_CHUNK_TOKENS = SHORT_CHUNK_TOKENS + 1
 # Also taken by launches of over 1024 tokens where every sequence has a chunk (no decode rows): the
-# engine runs those eagerly, not as a mixed-step graph (TritonAttentionBackend.eager_prefill_min_tokens),
+# engine runs those eagerly, not as a mixed-step graph (TritonAttentionBackend.runs_eagerly),
 # so their grid holds no empty rows, and they have no one-token rows, whose 32 head slots would each
 # read the row's whole context. There the kernel's own speed counts: 0.70 / 0.69 / 0.83x SDPA against
 # 0.48 / 0.47 / 0.62x for the block-table kernel at B=8 ctx 512, B=64 ctx 512, B=8 ctx 2k, and 0.87

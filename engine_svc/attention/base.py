@@ -49,9 +49,6 @@ class AttentionBackend(ABC):
     """Writes a layer's new K/V into its paged cache and computes attention for the packed queries."""
 
     name: str = "abstract"
-    # Steps of prefill chunks only (no one-token row) of at least this many tokens run eagerly, not as
-    # a mixed-step CUDA graph, where the backend's eager path is faster for them (None: never).
-    eager_prefill_min_tokens: int | None = None
 
     @abstractmethod
     def forward(
@@ -66,6 +63,11 @@ class AttentionBackend(ABC):
         sliding_window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value at ``meta.slot_mapping``, then attend causally over each sequence's cache."""
+
+    def runs_eagerly(self, num_tokens: int, query_lens: list[int]) -> bool:
+        """Whether a step of these query lengths (num_tokens in all) is faster run eagerly than as a
+        mixed-step CUDA graph that would hold it. None is, unless the backend has such a path."""
+        return False
 
     def decode_graph_lengths(self, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
                              max_model_len: int, device: torch.device, kv_fp8: bool) -> list[int]:

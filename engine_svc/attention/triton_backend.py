@@ -7,7 +7,7 @@ import torch
 from engine_svc.attention.base import AttentionBackend, AttentionMetadata
 from kernels.kv_cache import write_kv_cache
 from kernels.paged_attention import decode_graph_lengths, paged_attention
-from kernels.prefill_attention import EAGER_MIN_TOKENS
+from kernels.prefill_attention import EAGER_MIN_TOKENS, gpu_takes
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -24,8 +24,6 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     k_scale = v_scale = 1.0  # FP8 caches: per-tensor scales (vLLM's default without calibrated ones)
-    # eagerly, such a step's attention takes the contiguous prefill kernel (prefill_attention.gpu_takes)
-    eager_prefill_min_tokens = EAGER_MIN_TOKENS
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -35,6 +33,12 @@ class TritonAttentionBackend(AttentionBackend):
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
                                k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index,
                                key=key, value=value, min_query_len=meta.min_query_len)
+
+    def runs_eagerly(self, num_tokens, query_lens):
+        """A step the contiguous prefill kernel takes (chunks only, EAGER_MIN_TOKENS or more): a graph's
+        padded rows would keep it on the block-table kernel. The length test first: most steps are
+        shorter, and they skip the scan of their rows."""
+        return num_tokens >= EAGER_MIN_TOKENS and gpu_takes(num_tokens, max(query_lens), min(query_lens))
 
     def decode_graph_lengths(self, num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8):
         return decode_graph_lengths(num_seqs, num_heads, num_kv_heads, head_dim, max_model_len, device, kv_fp8)

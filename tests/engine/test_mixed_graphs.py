@@ -57,14 +57,15 @@ print("ok")
 
 @pytest.mark.parametrize("eager_from_offset,replays", [(0, 7), (1, 8)])
 def test_long_chunks_only_steps_run_eagerly(runner, stories260k_dir, monkeypatch, eager_from_offset, replays):
-    """A step of prefill chunks only, of at least the backend's eager_prefill_min_tokens, runs eagerly
-    (the Triton backend's contiguous prefill kernel); a shorter one, and every step with a one-token
-    row, replays a mixed-step graph. The tokens are the same either way."""
+    """A step the backend says runs eagerly (here: chunks only, of at least a threshold, as the Triton
+    backend's runs_eagerly) does; a shorter one, and every step with a one-token row, replays a
+    mixed-step graph. The tokens are the same either way."""
     ex = greedy_examples(stories260k_dir)
     prompts = [e["prompt_ids"] for e in ex]
     first_step = sum(map(len, prompts))  # all prompts at once, unchunked: the one chunks-only step
     assert first_step <= 256
-    monkeypatch.setattr(runner.backend, "eager_prefill_min_tokens", first_step + eager_from_offset, raising=False)
+    eager_from = first_step + eager_from_offset
+    monkeypatch.setattr(runner.backend, "runs_eagerly", lambda tokens, lens: tokens >= eager_from and min(lens) > 1)
     use_mixed_graphs(runner, [64, 128, 256])
     calls = []
     for graph in runner.mixed_graphs.values():

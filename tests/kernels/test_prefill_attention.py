@@ -120,9 +120,15 @@ def test_which_launches_the_gpu_gives_this_path():
 
 def test_the_engine_runs_these_launches_eagerly():
     """The chunks-only launches this path takes are the ones the runner does not replay as a mixed-step
-    graph (whose padded rows have no chunk): one threshold."""
+    graph (whose padded rows have no chunk): one rule."""
     from engine_svc.attention.triton_backend import TritonAttentionBackend
-    assert TritonAttentionBackend.eager_prefill_min_tokens == EAGER_MIN_TOKENS
+    backend = TritonAttentionBackend()
+    assert backend.runs_eagerly(EAGER_MIN_TOKENS, [EAGER_MIN_TOKENS // 2, EAGER_MIN_TOKENS - EAGER_MIN_TOKENS // 2])
+    assert backend.runs_eagerly(2048, [2048])
+    assert not backend.runs_eagerly(EAGER_MIN_TOKENS - 1, [EAGER_MIN_TOKENS - 1])  # short: the graph
+    assert not backend.runs_eagerly(2048, [2047, 1])  # a decode row
+    for tokens, lens in [(EAGER_MIN_TOKENS, [512, 513]), (2048, [2047, 1]), (1024, [1024])]:
+        assert backend.runs_eagerly(tokens, lens) == gpu_takes(tokens, max(lens), min(lens))
 
 
 def test_decode_batches_ignore_key_and_value(prefill_calls):
