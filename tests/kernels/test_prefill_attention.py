@@ -161,16 +161,18 @@ def test_gpu_prefill_chunks(prefill_calls, dtype, head_dim):
 
 
 @pytest.mark.gpu
-def test_gpu_long_prompt_takes_the_path_and_2k_chunks_do_not(prefill_calls):
-    # chunks of at most 2k tokens stay on the block-table kernel in the engine (ENGINE_MIN_CHUNK_TOKENS)
+def test_gpu_long_prompt_takes_the_path_and_graph_sized_chunks_do_not(prefill_calls):
+    # chunks of at most 2k tokens beside a decode row stay on the block-table kernel in the engine
+    # (ENGINE_MIN_CHUNK_TOKENS)
     run([(0, 8192)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     assert prefill_calls == [False]
-    # ... unless the launch is over 2k tokens of chunks only (an eager step; the runner says so)
+    # ... unless the launch is EAGER_MIN_TOKENS or more of chunks only (an eager step; the runner says so)
     run([(0, 2048), (100, 2000)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda",
         min_query_len=2000)
-    run([(0, 1024), (100, 1024)], num_kv_heads=8, qpk=4, head_dim=128, dtype=torch.bfloat16, device="cuda",
-        min_query_len=1024)  # 2048 tokens: a graph's size
+    half = (EAGER_MIN_TOKENS - 1) // 2  # one token short of it: a mixed-step graph's launch
+    run([(0, half), (100, EAGER_MIN_TOKENS - 1 - half)], num_kv_heads=8, qpk=4, head_dim=128,
+        dtype=torch.bfloat16, device="cuda", min_query_len=half)
     assert prefill_calls == [False, False]
 
 
