@@ -202,6 +202,8 @@ def bench_prefill(B, ctx, plan_overrides=None, with_sdpa=True, attn=paged_attent
                  for name, c in (("key", kc), ("value", vc))}
         if "min_query_len" in takes:  # trees before 0b940dc lack it
             fresh["min_query_len"] = ctx  # the engine's eager steps say so (AttentionMetadata.min_query_len)
+        if "max_prefix_len" in takes:  # fresh prompts, as the engine says for them (trees before 2026-12-02 lack it)
+            fresh["max_prefix_len"] = 0
 
     def ours():
         return attn(q, k_cache, v_cache, bt, qsl, lens, ctx, ctx, D ** -0.5, out=out, plan_overrides=plan_overrides,

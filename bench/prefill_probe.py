@@ -228,11 +228,11 @@ def mixed_graph_rows() -> list[dict]:
     rows = []
 
     def both_launches(fresh):  # prefill + decode launches, as the engine's mixed graph runs them
-        return lambda: paged_attention(q, k_cache, v_cache, bt, qsl, lens, T, 513, D ** -0.5, out=out,
+        return lambda: paged_attention(q, k_cache, v_cache, bt, qsl, lens, 512, 513, D ** -0.5, out=out,
                                        decode_seq_index=singles, **fresh)
 
     def prefill_only(variant):
-        return lambda: prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, T, D ** -0.5, out,
+        return lambda: prefill_attention(q, key, value, k_cache, v_cache, bt, qsl, lens, 512, D ** -0.5, out,
                                          skip_single=True, variant=variant)
 
     cases = {"block_table+decode": both_launches({}),

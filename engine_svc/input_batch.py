@@ -41,6 +41,7 @@ class PackedStep:
     block_width: int  # block-table columns the step reads
     max_query_len: int
     min_query_len: int  # over the real sequences
+    max_prefix_len: int  # over the real sequences: their tokens computed before this step
     max_seq_len: int
     num_sampled: int  # rows that sample: staging sample_idx[:num_sampled]
     num_gathered: int  # input tokens fed from the previous step's device ids: gather_dst/src[:n]
@@ -203,7 +204,7 @@ class InputBatch:
         return PackedStep(
             step_id=step_id, num_seqs=n, num_tokens=T, num_rows=R, padded_tokens=pad_to or pad_tokens_to or T,
             block_width=width, max_query_len=int(q.max()), min_query_len=int(q.min()),
-            max_seq_len=int(seq_lens.max()), num_sampled=k,
+            max_prefix_len=int(start.max()), max_seq_len=int(seq_lens.max()), num_sampled=k,
             num_gathered=num_gathered, num_singles=num_singles, sampled_rows=sampled_rows,
             sampled_epochs=self.epoch[sampled_rows],
             sampled_positions=sampled, last_token_index=last)

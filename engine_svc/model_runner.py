@@ -301,6 +301,7 @@ class ModelRunner:
             query_start_loc=d.qsl[:rows + 1], seq_lens=d.lens[:rows], block_tables=d.bt[:rows, :packed.block_width],
             slot_mapping=d.slots[:packed.padded_tokens], max_query_len=packed.max_query_len,
             max_seq_len=packed.max_seq_len, num_seqs=rows, min_query_len=packed.min_query_len,
+            max_prefix_len=packed.max_prefix_len,
             decode_seq_index=d.singles[:packed.num_singles] if packed.num_singles else None)
 
     def _launch_sampling(self, packed: PackedStep, hidden: torch.Tensor, num_reqs: int) -> PendingStep:

@@ -235,7 +235,8 @@ def _check_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_le
 def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                     max_seq_len: int, scale: float, sliding_window: int | None = None, out=None, *,
                     k_scale=1.0, v_scale=1.0, num_splits: int | None = None, plan_overrides: dict | None = None,
-                    decode_seq_index=None, key=None, value=None, min_query_len: int = 1):
+                    decode_seq_index=None, key=None, value=None, min_query_len: int = 1,
+                    max_prefix_len: int | None = None):
     """Causal attention of packed varlen queries over a paged KV cache.
 
     Args:
@@ -268,6 +269,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             only the cached prefix through the block table (0.85-0.94x SDPA against 0.66-0.70x).
         min_query_len: host int, a lower bound on every sequence's query length (1: unknown). Over 1,
             a launch of over 1024 tokens takes that path too (prefill_attention.suits).
+        max_prefix_len: host int, an upper bound on every sequence's cached prefix (seq_len - query
+            length; None: unknown). 0 (fresh prompts only) lets that path compile out its prefix loop.
 
     Returns:
         ``out`` (allocated when not given). Rows of tokens past ``query_start_loc[-1]`` are not written.
@@ -311,7 +314,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
             and prefill_attention_suits(query, key, value, out, k_cache, sliding_window, max_query_len,
                                         min_query_len)):
         prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                          max_query_len, scale, out, skip_single=singles > 0)
+                          max_query_len, scale, out, skip_single=singles > 0, has_prefix=max_prefix_len != 0)
     else:
         plan = _plan(head_dim_pad, qpk, num_tokens, num_seqs, num_kv_heads, max_query_len, max_seq_len, num_splits,
                      _num_sms(dev), interpret=dev.type != "cuda", kv_fp8=kv_fp8)

@@ -268,7 +268,8 @@ def _interpreting() -> bool:
 
 def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                       max_query_len: int, scale: float, out: torch.Tensor, *, skip_single: bool = False,
-                      tiles: tuple[int, int, int, int] | None = None, variant: dict | None = None) -> torch.Tensor:
+                      tiles: tuple[int, int, int, int] | None = None, variant: dict | None = None,
+                      has_prefix: bool = True) -> torch.Tensor:
     """Causal attention of packed query chunks over [cached prefix | the chunk's own key/value].
 
     Arguments as ``paged_attention`` (the caller has checked them and ``suits``), plus ``key`` /
@@ -277,6 +278,10 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning (bench/); None = by chunk length.
     variant: kernel switches for tuning (bench/prefill_probe.py): PREFIX (compile the cached-prefix
     loop), STATIC_DIAG, TMA_STORE.
+    has_prefix: False when no sequence has a cached prefix (the caller knows: seq_len == query length
+    for every one): the prefix loop is compiled out, +4-8% at every shape of one H200 run with fresh
+    prompts, B=1-64, ctx 512-4k (prefill-probe-h200-2026-12-02-835a405-short.log), where the loop
+    that runs no iteration still costs its registers and branches.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -288,7 +293,12 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
         else:
             tiles = LONG_CHUNK_TILES if long_chunks else SHORT_CHUNK_TILES
     block_m, block_n, num_warps, num_stages = tiles
-    switches = {**(LONG_CHUNK_VARIANT if long_chunks else SHORT_CHUNK_VARIANT), **(variant or {})}
+    if block_m % block_n:  # the unmasked loop below a q-block's rows ends at its first row, m0
+        raise ValueError(f"prefill tiles {tiles}: BLOCK_N must divide BLOCK_M")
+    switches = dict(LONG_CHUNK_VARIANT if long_chunks else SHORT_CHUNK_VARIANT)
+    if not has_prefix:
+        switches["PREFIX"] = False
+    switches.update(variant or {})
     grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
     _prefill_attention_kernel[(grid0, num_heads)](
         _rows_descriptor(query, block_m), _rows_descriptor(key, block_n), _rows_descriptor(value, block_n),

@@ -43,6 +43,9 @@ class AttentionMetadata:
     decode_seq_index: torch.Tensor | None = None
     # host copy: smallest query length of a sequence in the batch (1 where unknown: a graph's rows)
     min_query_len: int = 1
+    # host copy: largest cached prefix (seq_len - query length) of a sequence in the batch; None where
+    # unknown (a graph's rows). 0: fresh prompts only, whose prefill needs no prefix loop.
+    max_prefix_len: int | None = None
 
 
 class AttentionBackend(ABC):

@@ -32,7 +32,8 @@ class TritonAttentionBackend(AttentionBackend):
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window,
                                k_scale=self.k_scale, v_scale=self.v_scale, decode_seq_index=meta.decode_seq_index,
-                               key=key, value=value, min_query_len=meta.min_query_len)
+                               key=key, value=value, min_query_len=meta.min_query_len,
+                               max_prefix_len=meta.max_prefix_len)
 
     def runs_eagerly(self, num_tokens, query_lens):
         """A step the contiguous prefill kernel takes (chunks only, EAGER_MIN_TOKENS or more): a graph's

@@ -46,9 +46,12 @@ def test_prepare_packs_tokens_positions_slots_and_metadata(stories):
     assert meta.block_tables.tolist() == [[3, 0], [7, 2], [4, 9]]
     assert (meta.max_query_len, meta.max_seq_len, meta.num_seqs) == (5, 13, 3)
     assert meta.min_query_len == 1  # "b" decodes: the batch is not chunks only
+    assert meta.max_prefix_len == 12  # "b"'s context
     assert stories._last_token_index.tolist() == [4, 5, 8]
     _, _, meta = stories._prepare([seqs[0], seqs[2]])
-    assert (meta.max_query_len, meta.min_query_len) == (5, 3)
+    assert (meta.max_query_len, meta.min_query_len, meta.max_prefix_len) == (5, 3, 6)
+    _, _, meta = stories._prepare([seqs[0], _seq("d", [1, 2], 0, [5])])
+    assert meta.max_prefix_len == 0  # fresh prompts only: the prefill kernel drops its prefix loop
 
 
 def test_prepare_pads_decode_batches_for_graphs(stories):

@@ -31,8 +31,22 @@ def prefill_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def prefix_loops(monkeypatch):
+    """has_prefix of each prefill_attention launch."""
+    calls = []
+    real = pa.prefill_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("has_prefix", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pa, "prefill_attention", spy)
+    return calls
+
+
 def run(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
-        index_singles=False, pad_tokens=0, device=DEVICE, min_query_len=1):
+        index_singles=False, pad_tokens=0, device=DEVICE, min_query_len=1, max_prefix_len=None):
     b = make_batch(seqs, num_kv_heads=num_kv_heads, qpk=qpk, head_dim=head_dim, block_size=block_size,
                    dtype=dtype, device=device)
     query, key, value = b.query, b.key, b.value
@@ -51,7 +65,7 @@ def run(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.
     out = torch.full_like(query, float("nan"), memory_format=torch.contiguous_format)
     args = (query, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc, b.seq_lens, b.max_query_len, b.max_seq_len)
     paged_attention(*args, head_dim ** -0.5, window, out=out, decode_seq_index=singles, key=key, value=value,
-                    min_query_len=min_query_len)
+                    min_query_len=min_query_len, max_prefix_len=max_prefix_len)
     n = int(b.query_start_loc[-1])
     ref = paged_attention_reference(*args, head_dim ** -0.5, window)
     assert_close(out[:n], ref[:n], dtype)
@@ -129,6 +143,24 @@ def test_the_engine_runs_these_launches_eagerly():
     assert not backend.runs_eagerly(2048, [2047, 1])  # a decode row
     for tokens, lens in [(EAGER_MIN_TOKENS, [512, 513]), (2048, [2047, 1]), (1024, [1024])]:
         assert backend.runs_eagerly(tokens, lens) == gpu_takes(tokens, max(lens), min(lens))
+
+
+@pytest.mark.parametrize("num_kv_heads,qpk", [(2, 2), (1, 4)])
+def test_fresh_prompts_drop_the_prefix_loop(prefix_loops, num_kv_heads, qpk):
+    # the engine says 0 when no sequence has a cached prefix (fresh prompts: seq_len == query length)
+    fresh = [(0, 19), (0, 1), (0, 40), (0, 65), (0, 32)]
+    run(fresh, num_kv_heads=num_kv_heads, qpk=qpk, max_prefix_len=0)
+    run(fresh, num_kv_heads=num_kv_heads, qpk=qpk)  # unknown: the loop stays
+    run([(0, 40), (21, 33)], num_kv_heads=num_kv_heads, qpk=qpk, max_prefix_len=21)
+    assert prefix_loops == [False, True, True]
+
+
+def test_prefill_tiles_need_block_n_to_divide_block_m():
+    b = make_batch([(0, 200)], num_kv_heads=1, qpk=2, head_dim=64, block_size=BS, device=DEVICE)
+    out = torch.empty_like(b.query)
+    with pytest.raises(ValueError, match="BLOCK_N must divide BLOCK_M"):
+        pa.prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                             b.seq_lens, b.max_query_len, 0.125, out, tiles=(32, 64, 4, 1))
 
 
 def test_decode_batches_ignore_key_and_value(prefill_calls):
