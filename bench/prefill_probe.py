@@ -21,6 +21,7 @@ projection's output) and only the cached prefix through the block table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -156,7 +157,7 @@ ENGINE_VARIANTS = [{}, {"PREFIX": False}]  # the defaults, and the prefix loop c
 ENGINE_TILES = [(64, 64, 4, 3), (128, 128, 8, 3)]
 
 
-def engine_kernel_rows(B, ctx, prefix, tiles_list=ENGINE_TILES) -> list[dict]:
+def engine_kernel_rows(B, ctx, prefix, tiles_list=ENGINE_TILES, variants=ENGINE_VARIANTS) -> list[dict]:
     """kernels/prefill_attention.py at B prompts of ctx tokens whose first ``prefix`` tokens are cached
     (read through the block table), the rest this chunk's (through TMA), against SDPA over all of it."""
     k_cache, v_cache, bt = make_paged(B, ctx)
@@ -173,7 +174,7 @@ def engine_kernel_rows(B, ctx, prefix, tiles_list=ENGINE_TILES) -> list[dict]:
     flops = 4 * B * H * D * (chunk * prefix + chunk * (chunk + 1) / 2)
     rows = []
     for tiles in tiles_list:
-        for variant in ENGINE_VARIANTS:
+        for variant in variants:
             if prefix and variant.get("PREFIX") is False:
                 continue
             row = {"B": B, "ctx": ctx, "prefix": prefix, "tiles": list(tiles), "variant": variant}
@@ -255,6 +256,8 @@ def main():
     ap.add_argument("--engine-shapes", default="1x2048x0,1x8192x0,8x2048x0,8x2048x1024,1x8192x4096",
                     help="BxCTXxPREFIX for kernels/prefill_attention.py's variants ('' to skip)")
     ap.add_argument("--skip-forms", action="store_true", help="only the engine kernel's variants")
+    ap.add_argument("--engine-variants", default=None, type=json.loads,
+                    help='a JSON list of kernel switch dicts, e.g. \'[{}, {"PREFIX": false}]\' (default: those two)')
     ap.add_argument("--engine-tiles", default=None,
                     help="BLOCK_M/BLOCK_N/warps/stages,... for the engine kernel (default: its two classes)")
     a = ap.parse_args()
@@ -272,7 +275,7 @@ def main():
         B, ctx, prefix = (int(x) for x in s.split("x"))
         tiles = ENGINE_TILES if not a.engine_tiles else [tuple(int(x) for x in t.split("/"))
                                                          for t in a.engine_tiles.split(",")]
-        engine.extend(engine_kernel_rows(B, ctx, prefix, tiles))
+        engine.extend(engine_kernel_rows(B, ctx, prefix, tiles, a.engine_variants or ENGINE_VARIANTS))
     mixed = mixed_graph_rows()
     save_report("prefill-probe", {"triton": triton.__version__, "heads": {"q": H, "kv": HKV, "d": D},
                                   "rows": rows, "engine_kernel": engine, "mixed_graph_prefill": mixed}, "cuda", a.out)
