@@ -38,8 +38,10 @@ LONG_CHUNK_TILES = (128, 128, 8, 3)
 # With 128x128 tiles a static diagonal loop and TMA stores of whole output blocks gave +10% at an
 # 8k prompt (465 -> 514 TFLOP/s) and were neutral with a cached prefix; with 64x64 tiles neutral
 # (bench/results/prefill-probe-h200-2026-12-01-cf61666-variants.json).
-SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False}
-LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True}
+# HEADS_INNER (a tuning switch, off): the grid's fast axis walks the query heads of one q-block
+# instead of the q-blocks of one head, so that the QPK heads of a KV head read its tiles together.
+SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False, "HEADS_INNER": False}
+LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True, "HEADS_INNER": False}
 # The engine takes this path only for batches whose longest chunk exceeds SHORT_CHUNK_TOKENS. Below
 # that the kernel alone is faster too (0.82x SDPA against 0.62x at B=8 ctx 2k), but in the engine's
 # batches it is not: one program per query head (32) instead of per KV head (8), and each decode row
@@ -204,11 +206,15 @@ def _prefill_attention_kernel(
         stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         NUM_HEADS: tl.constexpr, QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr, IEEE_DOT: tl.constexpr,
-        PREFIX: tl.constexpr, STATIC_DIAG: tl.constexpr, TMA_STORE: tl.constexpr):
+        PREFIX: tl.constexpr, STATIC_DIAG: tl.constexpr, TMA_STORE: tl.constexpr, HEADS_INNER: tl.constexpr):
     """One program per (q-block slot, head); the grid is an upper bound, programs without rows exit."""
     # the last q-blocks (most keys) first, so the longest programs do not start in the last wave
-    q_block_id = grid0 - 1 - tl.program_id(0)
-    h = tl.program_id(1)
+    if HEADS_INNER:
+        q_block_id = grid0 - 1 - tl.program_id(1)
+        h = tl.program_id(0)
+    else:
+        q_block_id = grid0 - 1 - tl.program_id(0)
+        h = tl.program_id(1)
     s, q_start, q_len, ctx_len = _locate(query_start_loc_ptr, seq_lens_ptr, q_block_id, num_seqs, BLOCK_M)
     m0 = (q_block_id - (q_start // BLOCK_M + s)) * BLOCK_M  # first row of this block, within the chunk
     if m0 >= q_len:
@@ -277,7 +283,7 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
     written to the cache. skip_single: leave one-token sequences to the caller's decode launch.
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for tuning (bench/); None = by chunk length.
     variant: kernel switches for tuning (bench/prefill_probe.py): PREFIX (compile the cached-prefix
-    loop), STATIC_DIAG, TMA_STORE.
+    loop), STATIC_DIAG, TMA_STORE, HEADS_INNER.
     has_prefix: False when no sequence has a cached prefix (the caller knows: seq_len == query length
     for every one): the prefix loop is compiled out, +4-8% at every shape of one H200 run with fresh
     prompts, B=1-64, ctx 512-4k (prefill-probe-h200-2026-12-02-835a405-short.log), where the loop
@@ -300,7 +306,8 @@ def prefill_attention(query, key, value, k_cache, v_cache, block_tables, query_s
         switches["PREFIX"] = False
     switches.update(variant or {})
     grid0 = num_tokens // block_m + num_seqs  # an upper bound on the q-blocks; the rest exit at once
-    _prefill_attention_kernel[(grid0, num_heads)](
+    grid = (num_heads, grid0) if switches["HEADS_INNER"] else (grid0, num_heads)
+    _prefill_attention_kernel[grid](
         _rows_descriptor(query, block_m), _rows_descriptor(key, block_n), _rows_descriptor(value, block_n),
         _rows_descriptor(out, block_m), out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, num_seqs,
         grid0, scale * LOG2E,
