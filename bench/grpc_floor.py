@@ -14,7 +14,9 @@ Two measurements, each between processes on loopback, as the tiers run:
 - the same relay with the backend -> proxy hop multiplexed: one backend message per step carries
   that step's token of every stream (what one engine -> router stream per channel would cost),
   the proxy fans them out to the clients' streams as before.
-Each measurement runs for the channel-option sets given (kvmesh's own by default).
+Each measurement runs for the channel-option sets given (kvmesh's own by default), on each transport
+given: loopback TCP (the default), or unix-domain sockets (`--transports tcp,unix`: what co-located
+tiers can use instead).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import grpc
@@ -60,15 +63,25 @@ def _handler(service: str, method: str, kind, fn, request_cls, response_cls):
         fn, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)})
 
 
-async def _serve(handlers, options, port_queue) -> None:
+def bind_address(transport: str, name: str) -> str:
+    """Where a server of this bench listens: a free loopback port, or a unix socket in a fresh directory."""
+    if transport == "unix":
+        return f"unix:{tempfile.mkdtemp(prefix='grpc-floor-')}/{name}.sock"
+    assert transport == "tcp", transport
+    return "127.0.0.1:0"
+
+
+async def _serve(handlers, options, port_queue, address: str) -> None:
+    """Serve on `address` (bind_address); put the target a client dials on the queue."""
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers(handlers)
-    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    port = server.add_insecure_port(address)
+    port_queue.put(address if address.startswith("unix:") else f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
-def echo_server(port_queue, options) -> None:
+def echo_server(port_queue, address: str, options) -> None:
     """Unary and bidi echo of a small message."""
     req, resp = tokenizer_pb2.DetokenizeStreamRequest, tokenizer_pb2.DetokenizeStreamResponse
 
@@ -80,10 +93,10 @@ def echo_server(port_queue, options) -> None:
             yield resp(text="x")
     event_loop.run(_serve([_handler("t.Echo", "Unary", grpc.unary_unary_rpc_method_handler, unary, req, resp),
                         _handler("t.Echo", "Bidi", grpc.stream_stream_rpc_method_handler, bidi, req, resp)],
-                       options, port_queue))
+                       options, port_queue, address))
 
 
-def backend_server(port_queue, options, num_tokens: int, step_s: float) -> None:
+def backend_server(port_queue, address: str, options, num_tokens: int, step_s: float) -> None:
     """An engine stand-in: one token per step on every stream."""
     async def generate(request, context):
         for i in range(num_tokens):
@@ -92,10 +105,10 @@ def backend_server(port_queue, options, num_tokens: int, step_s: float) -> None:
             out.tokens.add(id=300 + i, index=i)
             yield out
     event_loop.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
-                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
+                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue, address))
 
 
-def backend_mux_server(port_queue, options, num_tokens: int, step_s: float) -> None:
+def backend_mux_server(port_queue, address: str, options, num_tokens: int, step_s: float) -> None:
     """The multiplexed engine stand-in: one message per step with a token for each of `streams`
     streams (Token.index names the stream; the request's max_tokens says how many streams)."""
     async def generate(request, context):
@@ -106,15 +119,15 @@ def backend_mux_server(port_queue, options, num_tokens: int, step_s: float) -> N
                 out.tokens.add(id=300 + i, index=stream)
             yield out
     event_loop.run(_serve([_handler("kvmesh.v1.Engine", "Generate", grpc.unary_stream_rpc_method_handler, generate,
-                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue))
+                                 engine_pb2.GenerateRequest, engine_pb2.GenerateResponse)], options, port_queue, address))
 
 
-def proxy_mux_server(port_queue, options, channel_opts, backend_port: int) -> None:
+def proxy_mux_server(port_queue, address: str, options, channel_opts, backend_target: str) -> None:
     """The router stand-in over the multiplexed backend. A client's request_id is "i/n" (stream i of
     n starting together); once all n are in, one backend stream serves them and a reader task fans
     its tokens out to their inboxes."""
     async def main():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}", options=channel_opts)
+        channel = grpc.aio.insecure_channel(backend_target, options=channel_opts)
         backend = channel.unary_stream("/kvmesh.v1.Engine/Generate",
                                        request_serializer=engine_pb2.GenerateRequest.SerializeToString,
                                        response_deserializer=engine_pb2.GenerateResponse.FromString)
@@ -143,14 +156,14 @@ def proxy_mux_server(port_queue, options, channel_opts, backend_port: int) -> No
                 out.tokens.append(token)
                 yield out
         await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
-                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
+                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue, address)
     event_loop.run(main())
 
 
-def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
+def proxy_server(port_queue, address: str, options, channel_opts, backend_target: str) -> None:
     """A router stand-in: each backend response becomes one client response, nothing else."""
     async def main():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}", options=channel_opts)
+        channel = grpc.aio.insecure_channel(backend_target, options=channel_opts)
         backend = channel.unary_stream("/kvmesh.v1.Engine/Generate",
                                        request_serializer=engine_pb2.GenerateRequest.SerializeToString,
                                        response_deserializer=engine_pb2.GenerateResponse.FromString)
@@ -161,21 +174,22 @@ def proxy_server(port_queue, options, channel_opts, backend_port: int) -> None:
                 out.tokens.extend(resp.tokens)
                 yield out
         await _serve([_handler("kvmesh.v1.Router", "Generate", grpc.unary_stream_rpc_method_handler, generate,
-                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue)
+                               router_pb2.RouterGenerateRequest, router_pb2.RouterGenerateResponse)], options, port_queue, address)
     event_loop.run(main())
 
 
-def _start(target, *args) -> tuple[mp.Process, int]:
+def _start(target, address: str, *args) -> tuple[mp.Process, str]:
+    """A server process on `address` (bind_address); returns it and the target to dial."""
     queue = mp.Queue()
-    proc = mp.Process(target=target, args=(queue, *args), daemon=True)
+    proc = mp.Process(target=target, args=(queue, address, *args), daemon=True)
     proc.start()
     return proc, queue.get(timeout=60)
 
 
-async def _round_trips(port: int, channel_opts, n: int, pace_s: float) -> dict:
+async def _round_trips(target: str, channel_opts, n: int, pace_s: float) -> dict:
     req = tokenizer_pb2.DetokenizeStreamRequest(finish=True)
     ser, de = tokenizer_pb2.DetokenizeStreamRequest.SerializeToString, tokenizer_pb2.DetokenizeStreamResponse.FromString
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_opts) as channel:
+    async with grpc.aio.insecure_channel(target, options=channel_opts) as channel:
         unary = channel.unary_unary("/t.Echo/Unary", request_serializer=ser, response_deserializer=de)
         bidi = channel.stream_stream("/t.Echo/Bidi", request_serializer=ser, response_deserializer=de)
         for _ in range(50):  # connection, caches
@@ -198,8 +212,8 @@ async def _round_trips(port: int, channel_opts, n: int, pace_s: float) -> dict:
             "bidi_message_pair_rtt_p50_ms": round(statistics.median(pair_s) * 1e3, 3)}
 
 
-async def _relay_client(port: int, channel_opts, streams: int) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_opts) as channel:
+async def _relay_client(target: str, channel_opts, streams: int) -> int:
+    async with grpc.aio.insecure_channel(target, options=channel_opts) as channel:
         generate = channel.unary_stream("/kvmesh.v1.Router/Generate",
                                         request_serializer=router_pb2.RouterGenerateRequest.SerializeToString,
                                         response_deserializer=router_pb2.RouterGenerateResponse.FromString)
@@ -211,15 +225,16 @@ async def _relay_client(port: int, channel_opts, streams: int) -> int:
         return sum(await asyncio.gather(*(one(i, streams) for i in range(streams))))
 
 
-def _relay(args, server_opts, channel_opts, backend_target, proxy_target) -> dict:
+def _relay(args, transport: str, server_opts, channel_opts, backend_target, proxy_target) -> dict:
     """CPU per token of a backend and a proxy relaying `args.streams` streams to this process."""
-    backend, backend_port = _start(backend_target, server_opts, args.tokens, args.step_ms / 1e3)
-    proxy, proxy_port = _start(proxy_target, server_opts, channel_opts, backend_port)
+    backend, backend_at = _start(backend_target, bind_address(transport, "backend"), server_opts, args.tokens,
+                                 args.step_ms / 1e3)
+    proxy, proxy_at = _start(proxy_target, bind_address(transport, "proxy"), server_opts, channel_opts, backend_at)
     try:
         time.sleep(0.3)
         cpu_before = {"proxy": cpu_seconds(proxy.pid), "backend": cpu_seconds(backend.pid)}
         start = time.monotonic()
-        tokens = event_loop.run(_relay_client(proxy_port, channel_opts, args.streams))
+        tokens = event_loop.run(_relay_client(proxy_at, channel_opts, args.streams))
         wall = time.monotonic() - start
         return {"streams": args.streams, "tokens": tokens, "wall_s": round(wall, 3),
                 "proxy_cpu_us_per_token": round(1e6 * (cpu_seconds(proxy.pid) - cpu_before["proxy"]) / tokens, 1),
@@ -229,21 +244,21 @@ def _relay(args, server_opts, channel_opts, backend_target, proxy_target) -> dic
         backend.kill()
 
 
-def measure(name: str, loop: str, args) -> dict:
-    """One option set on one event loop (every process of the measurement: forked after the choice)."""
+def measure(name: str, loop: str, transport: str, args) -> dict:
+    """One option set on one event loop and transport (every process of the measurement: forked after the choice)."""
     os.environ[event_loop.EVENT_LOOP_ENV] = loop
     server_opts, channel_opts = OPTION_SETS[name]
-    echo, port = _start(echo_server, server_opts)
+    echo, echo_at = _start(echo_server, bind_address(transport, "echo"), server_opts)
     try:
         time.sleep(0.3)
         before = cpu_seconds(echo.pid)
-        rtts = event_loop.run(_round_trips(port, channel_opts, args.round_trips, args.pace_ms / 1e3))
+        rtts = event_loop.run(_round_trips(echo_at, channel_opts, args.round_trips, args.pace_ms / 1e3))
         rtts["server_cpu_us_per_call"] = round(1e6 * (cpu_seconds(echo.pid) - before) / (2 * args.round_trips), 1)
     finally:
         echo.kill()
-    relay = _relay(args, server_opts, channel_opts, backend_server, proxy_server)
-    relay_mux = _relay(args, server_opts, channel_opts, backend_mux_server, proxy_mux_server)
-    result = {"options": name, "event_loop": event_loop.loop_name(), **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
+    relay = _relay(args, transport, server_opts, channel_opts, backend_server, proxy_server)
+    relay_mux = _relay(args, transport, server_opts, channel_opts, backend_mux_server, proxy_mux_server)
+    result = {"options": name, "event_loop": event_loop.loop_name(), "transport": transport, **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
               "loadavg_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(result), flush=True)
     return result
@@ -254,6 +269,8 @@ def main() -> None:
     parser.add_argument("--options", default="kvmesh,grpc_defaults,latency,no_retries",
                         help=f"channel-option sets, in order: {', '.join(OPTION_SETS)}")
     parser.add_argument("--loops", default="asyncio", help="event loops, in order: asyncio, uvloop")
+    parser.add_argument("--transports", default="tcp",
+                        help="tcp (loopback), unix (a unix-domain socket: co-located tiers), in order")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the option sets (noise shows as spread)")
     parser.add_argument("--round-trips", type=int, default=300)
     parser.add_argument("--pace-ms", type=float, default=2.0, help="pause between round trips")
@@ -264,8 +281,8 @@ def main() -> None:
     args = parser.parse_args()
     names = args.options.split(",")
     load_at_start = round(os.getloadavg()[0], 2)
-    runs = [measure(name, loop, args) for _ in range(args.repeats) for name in names
-            for loop in args.loops.split(",")]
+    runs = [measure(name, loop, transport, args) for _ in range(args.repeats) for name in names
+            for loop in args.loops.split(",") for transport in args.transports.split(",")]
     report = {"bench": "grpc_floor", "device": f"cpu: {cpu_name()} x{os.cpu_count()}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": git_commit(), "python": sys.version.split()[0], "grpcio": grpc.__version__,
