@@ -3,7 +3,7 @@ with no kvmesh code in it.
 
     python bench/grpc_floor.py --out bench/results/grpc-floor-<device>-<date>.json
 
-Two measurements, each between processes on loopback, as the tiers run:
+Measurements, each between processes on loopback, as the tiers run:
 - round trips: a unary call, and one message pair on an open bidirectional stream (the shape of
   the shared DetokenizeSessions stream), paced a few milliseconds apart as one stream's requests
   are; p50 latency and the server's CPU per call;
@@ -11,6 +11,8 @@ Two measurements, each between processes on loopback, as the tiers run:
   turns each into a RouterGenerateResponse and streams it on to the client, nothing else (no
   tokenizer, no choice of engine, no bookkeeping). Its CPU per token is the least any router hop
   in Python grpc can cost; the backend's is what an engine pays to stream a token;
+- for comparison, the message pair with no gRPC: length-prefixed protobuf on a plain asyncio
+  stream (`raw_socket_pair_rtt_p50_ms`, the server's CPU per pair);
 - the same relay with the backend -> proxy hop multiplexed: one backend message per step carries
   that step's token of every stream (what one engine -> router stream per channel would cost),
   the proxy fans them out to the clients' streams as before.
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import multiprocessing as mp
 import os
 import pathlib
+import socket
 import statistics
 import sys
 import tempfile
@@ -94,6 +98,56 @@ def echo_server(port_queue, address: str, options) -> None:
     event_loop.run(_serve([_handler("t.Echo", "Unary", grpc.unary_unary_rpc_method_handler, unary, req, resp),
                         _handler("t.Echo", "Bidi", grpc.stream_stream_rpc_method_handler, bidi, req, resp)],
                        options, port_queue, address))
+
+
+def raw_echo_server(port_queue, address: str) -> None:
+    """The same echo with no gRPC: length-prefixed protobuf messages on a plain asyncio stream (the
+    least a round trip between two Python processes can cost on this host, for comparison)."""
+    req, resp = tokenizer_pb2.DetokenizeStreamRequest, tokenizer_pb2.DetokenizeStreamResponse
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "little")
+                req.FromString(await reader.readexactly(size))
+                out = resp(text="x").SerializeToString()
+                writer.write(len(out).to_bytes(4, "little") + out)
+
+    async def main() -> None:
+        if address.startswith("unix:"):
+            server = await asyncio.start_unix_server(echo, path=address.removeprefix("unix:"))
+            port_queue.put(address)
+        else:
+            server = await asyncio.start_server(echo, "127.0.0.1", 0)
+            port_queue.put(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        async with server:
+            await server.serve_forever()
+    event_loop.run(main())
+
+
+async def _raw_round_trips(target: str, n: int, pace_s: float) -> float:
+    """p50 ms of a message pair on raw_echo_server's stream."""
+    if target.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(target.removeprefix("unix:"))
+    else:
+        host, port = target.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as gRPC sets it
+    msg = tokenizer_pb2.DetokenizeStreamRequest(finish=True).SerializeToString()
+    frame = len(msg).to_bytes(4, "little") + msg
+    times = []
+    for i in range(n + 50):  # the first 50 warm up
+        t = time.perf_counter()
+        writer.write(frame)
+        size = int.from_bytes(await reader.readexactly(4), "little")
+        tokenizer_pb2.DetokenizeStreamResponse.FromString(await reader.readexactly(size))
+        if i >= 50:
+            times.append(time.perf_counter() - t)
+        await asyncio.sleep(pace_s)
+    writer.close()
+    return round(statistics.median(times) * 1e3, 3)
 
 
 def backend_server(port_queue, address: str, options, num_tokens: int, step_s: float) -> None:
@@ -256,6 +310,15 @@ def measure(name: str, loop: str, transport: str, args) -> dict:
         rtts["server_cpu_us_per_call"] = round(1e6 * (cpu_seconds(echo.pid) - before) / (2 * args.round_trips), 1)
     finally:
         echo.kill()
+    raw, raw_at = _start(raw_echo_server, bind_address(transport, "raw"))
+    try:
+        time.sleep(0.3)
+        before = cpu_seconds(raw.pid)
+        rtts["raw_socket_pair_rtt_p50_ms"] = event_loop.run(_raw_round_trips(raw_at, args.round_trips,
+                                                                             args.pace_ms / 1e3))
+        rtts["raw_server_cpu_us_per_pair"] = round(1e6 * (cpu_seconds(raw.pid) - before) / args.round_trips, 1)
+    finally:
+        raw.kill()
     relay = _relay(args, transport, server_opts, channel_opts, backend_server, proxy_server)
     relay_mux = _relay(args, transport, server_opts, channel_opts, backend_mux_server, proxy_mux_server)
     result = {"options": name, "event_loop": event_loop.loop_name(), "transport": transport, **rtts, "relay": relay, "relay_multiplexed_backend": relay_mux,
