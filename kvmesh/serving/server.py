@@ -111,7 +111,8 @@ async def start_server(
         credentials: serve TLS (or mTLS) with these; None = plaintext.
         reuse_port: bind with SO_REUSEPORT (a router worker, behind kvmesh.serving.reuseport.reserve_port).
         unix_socket: also listen on this unix-domain socket path (plaintext: co-located clients dial
-            "unix:PATH"; the file's permissions guard it); the path must not exist yet.
+            "unix:PATH"; the file's permissions guard it). A socket file already there is replaced (grpc
+            unlinks it); any other file there fails the bind.
     Returns:
         The RunningServer, already started.
     Raises:
@@ -132,8 +133,12 @@ async def start_server(
         else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {address}")
-    if unix_socket is not None and server.add_insecure_port(f"unix:{unix_socket}") == 0:
-        raise RuntimeError(f"could not bind unix:{unix_socket}")
+    if unix_socket is not None:
+        try:
+            server.add_insecure_port(f"unix:{unix_socket}")
+        except RuntimeError:  # grpc's own message names no cause
+            raise RuntimeError(f"could not bind unix:{unix_socket}: a file other than a socket is there, "
+                               "or its directory is missing or not writable") from None
     await server.start()
     running = RunningServer(server=server, health=health_servicer, port=bound,
                             service_names=list(service_names))
