@@ -137,7 +137,7 @@ async def measure(procs, samples: int, unix_socket: pathlib.Path | None = None) 
         if hops.router_base is not None:
             fns["router_base"] = hops.router_base_first_token
         unix_hops = None
-        if unix_socket is not None:  # the same tokenizer and the same router code, the tokenizer hops on its unix socket
+        if unix_socket is not None:  # the same tokenizer and router code; the tokenizer hops on its unix socket
             unix_tok = await stack.enter_async_context(create_channel(f"unix:{unix_socket}"))
             unix_hops = hops.on(tokenizer_pb2_grpc.TokenizerStub(unix_tok))
             hops.router_unix = router_pb2_grpc.RouterStub(
