@@ -9,13 +9,15 @@
 #   kernels   bench/kernels.py's decode and prefill sections; with .base/ (an extracted `kernels/` of
 #             an earlier commit: `git archive <sha> kernels | tar -x -C .base`) the base kernels beside
 #   overhead  the router/tokenizer overhead with a GPU engine (8 client processes), then per-hop TTFT
+#   unix      the same two, each with a second router that reaches the tokenizer on a unix socket
+#             (--compare-unix-tokenizer), then grpc_floor.py on tcp and unix and with no gRPC
 #   ttft      kernels_engine.py (TTFT 2k / 8k at batch 1, decode B=256) of a whole earlier tree in
 #             .base-tree/ (`git archive <sha> engine_svc kernels kvmesh | tar -x -C .base-tree`) and of this
 #             one, alternating, twice (carry .base-tree)
 # Each run has its own timeout, so a slow one leaves the others their time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh verify|kernels|overhead}
+part=${1:?usage: gpu_session.sh verify|kernels|overhead|unix|ttft}
 tag="h200-$(date -u +%Y-%m-%d)-${KVMESH_COMMIT:?set KVMESH_COMMIT to the commit under test}"
 out=${OUT:?run on the device machine, where OUT is set}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -49,6 +51,14 @@ case $part in
     run 150 "ttft-hops-$tag" python3 bench/ttft_hops.py --model "$models/stories260k" --device cuda \
       --samples 100 --out "$out/ttft-hops-$tag.json"
     ;;
+  unix)
+    run 150 "ttft-hops-unix-$tag" python3 bench/ttft_hops.py --model "$models/stories260k" --device cuda \
+      --samples 200 --compare-unix-tokenizer --out "$out/ttft-hops-unix-$tag.json"
+    run 300 "overhead-unix-$tag" python3 bench/overhead.py --model "$models/stories260k" --device cuda --rounds 3 \
+      --client-procs 8 --compare-unix-tokenizer --out "$out/overhead-unix-$tag-clients8.json"
+    run 120 "grpc-floor-$tag" python3 bench/grpc_floor.py --options kvmesh --transports tcp,unix --repeats 3 \
+      --round-trips 400 --out "$out/grpc-floor-unix-raw-$tag.json"
+    ;;
   ttft)
     [ -d .base-tree/engine_svc ] || { echo "gpu_session.sh ttft: extract a base tree into .base-tree first" >&2; exit 2; }
     for pass in 1 2; do  # alternating, so a drift of the machine shows as a gap between the passes
@@ -61,7 +71,7 @@ case $part in
     done
     ;;
   *)
-    echo "gpu_session.sh: unknown part $part (verify, kernels, overhead, ttft)" >&2
+    echo "gpu_session.sh: unknown part $part (verify, kernels, overhead, unix, ttft)" >&2
     exit 2
     ;;
 esac

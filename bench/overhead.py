@@ -25,6 +25,9 @@ tokenized once beforehand (outside the timing); the router path sends the text, 
 include tokenization, the choice of engine and streaming detokenization. Greedy, ignore_eos, a
 fixed max_tokens: both paths generate exactly the same tokens.
 
+--compare-unix-tokenizer adds a path "router_unix": the same router, dialing the same tokenizer on a
+unix-domain socket (tokenizer_svc --unix-socket) instead of loopback TCP.
+
 --router-workers N adds a path "router_workers": the same router as N processes on one port
 (`router --workers N`, router/workers.py), beside the one-process router in the same run; its CPU per
 token counts every worker.
@@ -194,7 +197,13 @@ async def measure(procs: dict[str, ServiceProcess], levels: list[int], rounds: i
 
 
 # The router paths measured beside the direct one, in this order (those started).
-ROUTER_PATHS = ("router", "router_workers", "router_per_request", "router_engine_per_request", "router_base")
+ROUTER_PATHS = ("router", "router_workers", "router_per_request", "router_engine_per_request", "router_unix",
+                "router_base")
+
+
+def tokenizer_unix_socket(log_dir: pathlib.Path) -> pathlib.Path:
+    """Where start_mesh's tokenizer also listens with --compare-unix-tokenizer."""
+    return log_dir / "tokenizer.sock"
 
 
 def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
@@ -216,8 +225,13 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
         procs.append(proc)
         return proc
 
+    # --compare-unix-tokenizer: the tokenizer also listens on a unix socket, a second router dials it there
+    unix_socket = tokenizer_unix_socket(log_dir) if args.compare_unix_tokenizer else None
+    if unix_socket is not None:
+        unix_socket.unlink(missing_ok=True)  # a bind needs a fresh path
     try:
-        tok = start("tokenizer", "tokenizer", ["--model", args.model])
+        tok = start("tokenizer", "tokenizer",
+                    ["--model", args.model, *(["--unix-socket", str(unix_socket)] if unix_socket else [])])
         engine = start("engine", "engine", ["--model", args.model, "--device", args.device,
                                             "--num-gpu-blocks-override", str(args.blocks)])
         base_tok = start("tokenizer", "tokenizer_base", ["--model", args.model], base_tree) if base_tree else None
@@ -231,6 +245,8 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
             start("router", "router_per_request", [*router_flags, "--detokenize", "per-request"])
         if args.compare_engine_stream:  # the same router on one Generate call per request to the engine
             start("router", "router_engine_per_request", [*router_flags, "--engine-stream", "per-request"])
+        if unix_socket is not None:  # the same router, its tokenizer hops on the unix socket
+            start("router", "router_unix", ["--tokenizer", f"unix:{unix_socket}", *router_flags[2:]])
         if base_tok is not None:
             start("router", "router_base", ["--tokenizer", base_tok.address, "--engines", engine.address,
                                             "--log-level", "WARNING"], base_tree)
@@ -341,6 +357,8 @@ def main() -> None:
     parser.add_argument("--compare-engine-stream", action="store_true",
                         help="also measure a router on one Generate call per request to the engine "
                              "(--engine-stream per-request; path router_engine_per_request)")
+    parser.add_argument("--compare-unix-tokenizer", action="store_true",
+                        help="also measure a router that dials the tokenizer on a unix-domain socket (path router_unix)")
     parser.add_argument("--router-workers", type=int, default=1,
                         help="also measure a router of N processes on one port (`--workers N`; path router_workers)")
     parser.add_argument("--router-channels", type=int, default=None,
@@ -379,7 +397,8 @@ def main() -> None:
               "engine_device": args.device,
               "workload": {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
                            "rounds": args.rounds, "engine_kv_blocks": args.blocks, "client_procs": args.client_procs,
-                           "router_workers": args.router_workers, "router_channels": args.router_channels},
+                           "router_workers": args.router_workers, "router_channels": args.router_channels,
+                           "compare_unix_tokenizer": args.compare_unix_tokenizer},
               "note": "ttft = time to the first generated token as the client sees it; the router path includes "
                       "Tokenize, the engine choice and streaming detokenization (router: the shared DetokenizeSessions "
                       "stream, and the shared GenerateStream to the engine where the router and engine have it; router_per_request, when measured: one DetokenizeStream per request; "

@@ -13,6 +13,9 @@ checkout) and, from one client, one request at a time, alternating, times:
 - engine_stream: the engine's first response on an open GenerateStream (the router's engine hop);
 - router: the router's first response with a token (text in: every hop above, plus the client <->
   router hop and the router's own work);
+- with --compare-unix-tokenizer the tokenizer also listens on a unix-domain socket:
+  tokenize_stream_unix and detokenize_unix time the same hops on it, router_unix a second router
+  that dials the tokenizer there (transport side by side in one run);
 - router_base, with --compare-tiers-from CHECKOUT: the same through a router and tokenizer run
   from that checkout's code over the same engine (a before/after of the tiers in one run).
 `router_rest_ms` = router - (tokenize_stream + engine_stream + detokenize): the client <-> router hop and the
@@ -32,7 +35,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.overhead import PROMPT, tree_commit, environment, percentile, start_mesh  # noqa: E402
+from bench.overhead import (PROMPT, environment, percentile, start_mesh, tokenizer_unix_socket,  # noqa: E402
+                            tree_commit)
 from bench.provenance import write_report  # noqa: E402
 from kvmesh.procs import stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
@@ -48,10 +52,17 @@ class Hops:
     def __init__(self, tokenizer, engine, router, ids: list[int], router_base=None):
         self.tokenizer, self.engine, self.router, self.ids = tokenizer, engine, router, ids
         self.router_base = router_base
+        self.router_unix = None  # with --compare-unix-tokenizer: the router dialing the tokenizer's unix socket
         self._detok = tokenizer.DetokenizeSessions()
         self._tok = tokenizer.TokenizeStream()
         self._gen = engine.GenerateStream()
         self._n = 0
+
+    def on(self, tokenizer) -> "Hops":
+        """The tokenizer hops of these, on another channel to the tokenizer (its unix socket)."""
+        hops = Hops(tokenizer, self.engine, self.router, self.ids)
+        hops._n = 1 << 40  # session and item ids apart from this one's
+        return hops
 
     async def tokenize(self) -> float:
         t = time.perf_counter()
@@ -95,6 +106,9 @@ class Hops:
     async def router_base_first_token(self) -> float:
         return await self._first_token(self.router_base)
 
+    async def router_unix_first_token(self) -> float:
+        return await self._first_token(self.router_unix)
+
     @staticmethod
     async def _first_token(router) -> float:
         t = time.perf_counter()
@@ -110,7 +124,7 @@ class Hops:
         self._gen.cancel()
 
 
-async def measure(procs, samples: int) -> dict:
+async def measure(procs, samples: int, unix_socket: pathlib.Path | None = None) -> dict:
     async with contextlib.AsyncExitStack() as stack:
         names = ["tokenizer", "engine", "router", *(["router_base"] if "router_base" in procs else [])]
         channels = [await stack.enter_async_context(create_channel(procs[n].address)) for n in names]
@@ -122,6 +136,14 @@ async def measure(procs, samples: int) -> dict:
                "engine_stream": hops.engine_stream, "router": hops.router_first_token}
         if hops.router_base is not None:
             fns["router_base"] = hops.router_base_first_token
+        unix_hops = None
+        if unix_socket is not None:  # the same tokenizer and router code; the tokenizer hops on its unix socket
+            unix_tok = await stack.enter_async_context(create_channel(f"unix:{unix_socket}"))
+            unix_hops = hops.on(tokenizer_pb2_grpc.TokenizerStub(unix_tok))
+            hops.router_unix = router_pb2_grpc.RouterStub(
+                await stack.enter_async_context(create_channel(procs["router_unix"].address)))
+            fns.update({"tokenize_stream_unix": unix_hops.tokenize_stream, "detokenize_unix": unix_hops.detokenize,
+                        "router_unix": hops.router_unix_first_token})
         times: dict[str, list[float]] = {name: [] for name in fns}
         for i in range(samples + 5):  # the first 5 rounds warm up (connections, caches)
             for name, fn in (fns.items() if i % 2 else reversed(fns.items())):
@@ -130,8 +152,13 @@ async def measure(procs, samples: int) -> dict:
                 if i >= 5:
                     times[name].append(elapsed)
         hops.close()
+        if unix_hops is not None:
+            unix_hops.close()
     p50 = {name: round(percentile(v, 50) * 1e3, 3) for name, v in times.items()}
     p50["router_rest_ms"] = round(p50["router"] - p50["tokenize_stream"] - p50["engine_stream"] - p50["detokenize"], 3)
+    if "router_unix" in p50:
+        p50["router_unix_rest_ms"] = round(p50["router_unix"] - p50["tokenize_stream_unix"] - p50["engine_stream"]
+                                           - p50["detokenize_unix"], 3)
     return {"p50_ms": p50, "p90_ms": {name: round(percentile(v, 90) * 1e3, 3) for name, v in times.items()},
             "samples": samples}
 
@@ -144,6 +171,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--compare-tiers-from", default=None,
                         help="a checkout whose router and tokenizer are timed too (path router_base)")
+    parser.add_argument("--compare-unix-tokenizer", action="store_true",
+                        help="the tokenizer also on a unix socket: its hops and a router dialing it there, timed too")
     parser.add_argument("--out", default=None)
     parser.add_argument("--log-dir", default="/tmp/kvmesh-bench-ttft-hops")
     args = parser.parse_args()
@@ -154,13 +183,15 @@ def main() -> None:
     base = pathlib.Path(args.compare_tiers_from).resolve() if args.compare_tiers_from else None
     procs = start_mesh(args, pathlib.Path(args.log_dir), REPO, base)
     try:
-        results = asyncio.run(measure({p.name: p for p in procs}, args.samples))
+        unix_socket = tokenizer_unix_socket(pathlib.Path(args.log_dir)) if args.compare_unix_tokenizer else None
+        results = asyncio.run(measure({p.name: p for p in procs}, args.samples, unix_socket))
     finally:
         stop_all(procs)
     report = {"bench": "ttft_hops", **environment(args, REPO), "loadavg_at_start": load_at_start,
               **({"base_git_commit": tree_commit(base), "base_tree": str(base)} if base else {}),
               "model": pathlib.Path(args.model).name, "engine_device": args.device,
-              "workload": {"prompt": PROMPT, "max_tokens": 1, "concurrency": 1}, "results": results}
+              "workload": {"prompt": PROMPT, "max_tokens": 1, "concurrency": 1,
+                           "compare_unix_tokenizer": args.compare_unix_tokenizer}, "results": results}
     write_report(report, args.out)
 
 

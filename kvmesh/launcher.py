@@ -5,7 +5,8 @@ weights, KV cache, warm-up), the router starts once all of them are SERVING, bec
 their addresses. Shutdown is the reverse: the router drains first so no new work reaches an engine,
 then engines and tokenizer drain in parallel. Every child runs in its own session with its log in
 the run directory, and `pids.json` there names each child's pid and port (tests check that they
-are all gone afterwards).
+are all gone afterwards). The router reaches the tokenizer on a unix socket in the run directory
+(`tokenizer.sock`; ClusterConfig.unix_sockets), beside the tokenizer's TCP port.
 
 Imports no torch: the launcher only starts processes and speaks gRPC to them.
 """
@@ -51,6 +52,9 @@ class ClusterConfig:
     port: int = 50051  # the router's gRPC port, `kvmesh generate`'s default; 0 = any free port
     http_port: int | None = None  # the router's OpenAI-compatible HTTP API; None = off, 0 = any free port
     router_workers: int = 1  # router processes on the router's port(s) (router/workers.py); 1 = one process
+    # The router reaches the tokenizer on a unix socket in the run directory (the tokenizer's TCP port
+    # stays for other clients); False = loopback TCP.
+    unix_sockets: bool = True
     # Engine settings, as `vllm serve` spells them (None = the engine's default).
     dtype: str | None = None
     max_model_len: int | None = None
@@ -154,6 +158,16 @@ def tracing_env(name: str, environ: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
+# sun_path holds 108 bytes on Linux (104 on macOS), its terminating NUL included.
+MAX_UNIX_SOCKET_PATH = 103
+
+
+def tokenizer_socket(run_dir: str) -> str | None:
+    """The tokenizer's unix socket in `run_dir`, or None where the path is too long for one."""
+    path = os.path.join(os.path.abspath(run_dir), "tokenizer.sock")
+    return path if len(path.encode()) <= MAX_UNIX_SOCKET_PATH else None
+
+
 class LocalCluster:
     """A tokenizer, N engines and a router on 127.0.0.1, started and stopped as one.
 
@@ -209,7 +223,12 @@ class LocalCluster:
         deadline = time.monotonic() + cfg.startup_timeout_s
         common = ["--log-level", cfg.log_level, "--grace", str(cfg.grace_s)]
         model = cfg.model if cfg.model == "demo" else os.path.abspath(cfg.model)
-        self.tokenizer = self._service("tokenizer", "tokenizer", ["--model", model, *common])
+        socket_path = tokenizer_socket(self.run_dir) if cfg.unix_sockets else None
+        if cfg.unix_sockets and socket_path is None:
+            self.report("note: the run directory's path is too long for a unix socket; the router reaches the"
+                        " tokenizer on loopback TCP (a shorter --run-dir avoids that)")
+        unix_flags = ["--unix-socket", socket_path] if socket_path else []
+        self.tokenizer = self._service("tokenizer", "tokenizer", ["--model", model, *common, *unix_flags])
         engine_flags = ["--model", model, "--device", cfg.device, *common, *cfg.engine_flags()]
         if cfg.load_format:
             engine_flags += ["--load-format", cfg.load_format]
@@ -232,7 +251,8 @@ class LocalCluster:
         self._wait_serving([self.tokenizer, *self.engines], deadline)
 
         engines = ",".join(e.address for e in self.engines)
-        router_flags = ["--tokenizer", self.tokenizer.address, "--engines", engines, *common]
+        tokenizer = f"unix:{socket_path}" if socket_path else self.tokenizer.address
+        router_flags = ["--tokenizer", tokenizer, "--engines", engines, *common]
         http_port_file = os.path.join(self.run_dir, "router-http.port")
         if cfg.http_port is not None:
             router_flags += ["--http-port", str(cfg.http_port), "--http-port-file", http_port_file]

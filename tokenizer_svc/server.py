@@ -45,6 +45,8 @@ def build_parser() -> EnvArgumentParser:
                         help="longest stop string, in UTF-8 bytes")
     parser.add_argument("--max-sessions-per-stream", type=int, default=defaults.max_sessions_per_stream,
                         help="most detokenize sessions open at once on one DetokenizeSessions stream")
+    parser.add_argument("--unix-socket", default=None,
+                        help="also listen on this unix-domain socket (co-located clients dial unix:PATH); off when absent")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads for tokenizer work (encode, decode, chat templates)")
     return parser
@@ -58,14 +60,15 @@ def limits_from_args(args) -> TokenizerLimits:
 
 async def serve_tokenizer(tok: LoadedTokenizer, limits: TokenizerLimits, *, host: str = "127.0.0.1", port: int = 0,
                           max_message_bytes: int = 16 * 1024 * 1024, threads: int = 2,
-                          ) -> tuple[RunningServer, ThreadPoolExecutor]:
+                          unix_socket: str | None = None) -> tuple[RunningServer, ThreadPoolExecutor]:
     """Start a tokenizer server for an already loaded tokenizer (also used by tests and the benchmark).
     The caller stops the server, then shuts the executor down."""
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenizer")
     servicer = TokenizerServicer(tok, limits, executor)
     running = await start_server(
         register=lambda server: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server),
-        service_names=[SERVICE_NAME], host=host, port=port, max_message_bytes=max_message_bytes)
+        service_names=[SERVICE_NAME], host=host, port=port, max_message_bytes=max_message_bytes,
+        unix_socket=unix_socket)
     return running, executor
 
 
@@ -80,7 +83,8 @@ async def serve(args) -> None:
         log.error("cannot load tokenizer %s: %s", args.model, exc)
         raise SystemExit(2) from None
     running, executor = await serve_tokenizer(tok, limits, host=args.host, port=args.port,
-                                              max_message_bytes=args.max_message_bytes, threads=args.threads)
+                                              max_message_bytes=args.max_message_bytes, threads=args.threads,
+                                              unix_socket=args.unix_socket)
     stop = asyncio.Event()
     install_stop_signals(stop)
     frozen = heap.freeze_startup_heap()  # a full collection would walk transformers (kvmesh/serving/heap.py)

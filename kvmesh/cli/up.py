@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
                    help="also serve the OpenAI-compatible HTTP API on this port (e.g. 8000); off when absent")
     r.add_argument("--router-workers", type=int, default=1,
                    help="router processes sharing its port(s), each with its own event loop (the router's --workers)")
+    r.add_argument("--unix-sockets", action=argparse.BooleanOptionalAction, default=True,
+                   help="the router reaches the tokenizer on a unix socket in the run directory (--no-unix-sockets:"
+                        " loopback TCP)")
     e = p.add_argument_group("engines (as `vllm serve` spells them; absent = the engine's default)")
     e.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             model=args.model, num_engines=args.num_engines, device=args.device, load_format=args.load_format,
             run_dir=args.run_dir, log_level=args.log_level, startup_timeout_s=args.startup_timeout,
             grace_s=args.grace, gpus=args.gpus.split(",") if args.gpus else None, host=args.host, port=args.port,
-            http_port=args.http_port, router_workers=args.router_workers, dtype=args.dtype, max_model_len=args.max_model_len,
+            http_port=args.http_port, router_workers=args.router_workers, unix_sockets=args.unix_sockets,
+            dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype).validate()
     except ValueError as exc:

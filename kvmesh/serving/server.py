@@ -99,6 +99,7 @@ async def start_server(
     serving: bool = True,
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    unix_socket: str | None = None,
 ) -> RunningServer:
     """Build, bind and start a grpc.aio server.
 
@@ -109,6 +110,9 @@ async def start_server(
         serving: initial health; engines start NOT_SERVING and flip once warmed up.
         credentials: serve TLS (or mTLS) with these; None = plaintext.
         reuse_port: bind with SO_REUSEPORT (a router worker, behind kvmesh.serving.reuseport.reserve_port).
+        unix_socket: also listen on this unix-domain socket path (plaintext: co-located clients dial
+            "unix:PATH"; the file's permissions guard it). A socket file already there is replaced (grpc
+            unlinks it); any other file there fails the bind.
     Returns:
         The RunningServer, already started.
     Raises:
@@ -129,6 +133,12 @@ async def start_server(
         else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {address}")
+    if unix_socket is not None:
+        try:
+            server.add_insecure_port(f"unix:{unix_socket}")
+        except RuntimeError:  # grpc's own message names no cause
+            raise RuntimeError(f"could not bind unix:{unix_socket}: a file other than a socket is there, "
+                               "or its directory is missing or not writable") from None
     await server.start()
     running = RunningServer(server=server, health=health_servicer, port=bound,
                             service_names=list(service_names))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.launcher import ClusterConfig, cuda_problem, detect_gpus, tracing_env
+from kvmesh.launcher import (MAX_UNIX_SOCKET_PATH, ClusterConfig, cuda_problem, detect_gpus, tokenizer_socket,
+                             tracing_env)
 
 
 def test_tracing_is_off_unless_an_exporter_is_configured():
@@ -46,3 +47,9 @@ def test_cuda_problem_explains_a_cpu_build(tmp_path):
     fake_python.chmod(0o755)
     problem = cuda_problem(str(fake_python))
     assert "PyTorch 2.13.0+cpu sees no CUDA GPU" in problem and "KVMESH_TORCH_SPEC=torch" in problem
+
+
+def test_the_tokenizer_socket_lies_in_the_run_directory_unless_its_path_is_too_long(tmp_path):
+    assert tokenizer_socket(str(tmp_path)) == str(tmp_path / "tokenizer.sock")
+    deep = tmp_path / ("d" * (MAX_UNIX_SOCKET_PATH - len(str(tmp_path))))
+    assert tokenizer_socket(str(deep)) is None  # the launcher falls back to loopback TCP

@@ -19,8 +19,11 @@ import sys
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
+
+from kvmesh.v1 import engine_pb2, engine_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KVMESH = pathlib.Path(sys.executable).parent / "kvmesh"
@@ -231,6 +234,39 @@ def test_a_real_checkpoint_answers_like_the_reference(launch, stories260k_dir, t
     sample = launcher.output.split(f"prompt: {example['prompt']!r}\n", 1)[1].split("\nsample generation done")[0]
     expected = example["expected_text"].removeprefix(example["prompt"])
     assert len(sample) > 20 and expected.startswith(sample), f"{sample!r} vs {expected!r}"
+    _assert_all_gone(children)
+
+
+def test_the_router_reaches_the_tokenizer_on_its_unix_socket(launch, stories260k_dir, tmp_path):
+    """The default: the tokenizer listens on tokenizer.sock in the run directory beside its TCP port, the
+    router dials it there; a generation through the router matches the reference and frees its blocks."""
+    with open(stories260k_dir / "greedy_examples.json") as f:
+        example = json.load(f)["examples"][0]
+    launcher = launch([str(KVMESH), "up", "--port", "0", "--model", str(stories260k_dir), "--num-engines", "1",
+                       "--max-tokens", "4", "--run-dir", str(tmp_path)])
+    launcher.wait_for(r"cluster is up: .*; Ctrl-C to stop", STARTUP_S)
+    children = _children(launcher)
+    by_kind = {c["kind"]: c for c in children}
+    socket_path = tmp_path / "tokenizer.sock"
+    assert socket_path.is_socket()
+    with open(f"/proc/{by_kind['router']['pid']}/cmdline") as f:
+        router_args = f.read().split("\0")
+    assert router_args[router_args.index("--tokenizer") + 1] == f"unix:{socket_path}"
+    address = launcher.wait_for(r"router listening on (127\.0\.0\.1:\d+)", 1).group(1)
+    generated = subprocess.run([str(KVMESH), "generate", "--router", address, "--prompt", example["prompt"],
+                                "--max-tokens", "16", "--temperature", "0"], capture_output=True, text=True, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    expected = example["expected_text"].removeprefix(example["prompt"])
+    text = generated.stdout.strip()
+    assert len(text) > 20 and expected.strip().startswith(text), f"{text!r} vs {expected!r}"
+    with grpc.insecure_channel(f"127.0.0.1:{by_kind['engine']['port']}") as channel:
+        deadline = time.monotonic() + 10
+        while (load := engine_pb2_grpc.EngineStub(channel).GetLoad(engine_pb2.GetLoadRequest(), timeout=10)) \
+                .in_use_blocks and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert load.in_use_blocks == 0 and load.num_running_requests == 0, load
+    launcher.proc.send_signal(signal.SIGINT)
+    assert launcher.finish(60) == 0, launcher.output
     _assert_all_gone(children)
 
 
