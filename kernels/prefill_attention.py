@@ -38,9 +38,13 @@ LONG_CHUNK_TILES = (128, 128, 8, 3)
 # With 128x128 tiles a static diagonal loop and TMA stores of whole output blocks gave +10% at an
 # 8k prompt (465 -> 514 TFLOP/s) and were neutral with a cached prefix; with 64x64 tiles neutral
 # (bench/results/prefill-probe-h200-2026-12-01-cf61666-variants.json).
-# HEADS_INNER (a tuning switch, off): the grid's fast axis walks the query heads of one q-block
-# instead of the q-blocks of one head, so that the QPK heads of a KV head read its tiles together.
-SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False, "HEADS_INNER": False}
+# HEADS_INNER: the grid's fast axis walks the query heads of one q-block instead of the q-blocks of
+# one head, so the heaviest q-blocks of every head start first (longest first over the whole grid,
+# not per head) and a KV head's QPK query heads read its tiles together. Short chunks: one 2k prompt
+# 358 -> 414 TFLOP/s (+16%: its 1056 programs are few waves, where the tail counts), B=8 ctx 512 / 2k
+# +1% / +1.4%, B=64 ctx 512 -0.4% (prefill-probe-h200-2026-12-02-32e5b01-variants.json). Long chunks:
+# not measured yet, off.
+SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False, "HEADS_INNER": True}
 LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True, "HEADS_INNER": False}
 # The engine takes this path only for batches whose longest chunk exceeds SHORT_CHUNK_TOKENS. Below
 # that the kernel alone is faster too (0.82x SDPA against 0.62x at B=8 ctx 2k), but in the engine's
