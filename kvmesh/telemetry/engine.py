@@ -71,6 +71,9 @@ class RequestTrace:
             gap = (now - self.last_token_time) / num_new_tokens
             for _ in range(num_new_tokens):
                 self.metrics.itl.observe(gap)
+        else:  # the first output: tokens after the first reached the client with it, 0 s apart
+            for _ in range(num_new_tokens - 1):  # (one observation a token after the first, always)
+                self.metrics.itl.observe(0.0)
         self.last_token_time = now
 
     def queued(self) -> None:

@@ -5,6 +5,7 @@ requests they served; the engine's metrics."""
 from __future__ import annotations
 
 from opentelemetry import trace
+from prometheus_client import REGISTRY
 
 from engine_svc.core.engine_core import EngineCore
 from engine_svc.core.request import FinishReason, Request
@@ -13,6 +14,7 @@ from engine_svc.step import SampledToken
 from engine_svc.telemetry_hooks import TelemetryHooks
 from kvmesh.telemetry import attributes as attrs
 from kvmesh.telemetry.engine import RequestTrace, StepTracer
+from kvmesh.telemetry.metrics import EngineMetrics
 
 BLOCK = 4
 
@@ -148,3 +150,20 @@ def test_non_recording_requests_count_in_metrics_and_warmup_does_not():
     _run(core)
     assert hooks.metrics.ttft._sum.get() > 0
     assert hooks.metrics.prompt_tokens._value.get() == 3  # the warm-up request is not counted
+
+
+def test_inter_token_latency_counts_every_token_after_the_first():
+    # Outputs reach the handler in batches when the host falls behind the steps: a first output of 3
+    # tokens, then 1, then 2 make 6 tokens, 5 inter-token gaps (the first output's extra two at 0 s).
+    rt = RequestTrace(trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT), EngineMetrics("m-itl"))
+    for n in (3, 1, 2):
+        rt.output(n)
+
+    def sample(suffix, **labels):
+        return REGISTRY.get_sample_value(f"kvmesh:inter_token_latency_seconds_{suffix}",
+                                         {"model_name": "m-itl", **labels})
+
+    assert sample("count") == 5 and rt.num_output_tokens == 6
+    lowest = min((b.labels["le"] for b in REGISTRY.collect() for b in b.samples
+                  if b.name == "kvmesh:inter_token_latency_seconds_bucket"), key=float)
+    assert sample("bucket", le=lowest) >= 2  # the two 0 s gaps
