@@ -42,10 +42,10 @@ LONG_CHUNK_TILES = (128, 128, 8, 3)
 # one head, so the heaviest q-blocks of every head start first (longest first over the whole grid,
 # not per head) and a KV head's QPK query heads read its tiles together. Short chunks: one 2k prompt
 # 358 -> 414 TFLOP/s (+16%: its 1056 programs are few waves, where the tail counts), B=8 ctx 512 / 2k
-# +1% / +1.4%, B=64 ctx 512 -0.4% (prefill-probe-h200-2026-12-02-32e5b01-variants.json). Long chunks:
-# not measured yet, off.
+# +1% / +1.4%, B=64 ctx 512 -0.4% (prefill-probe-h200-2026-12-02-32e5b01-variants.json). Long chunks
+# (128x128): one 4k / 8k prompt +8% / +2.5%, B=8 ctx 4k +2% (prefill-probe-*-548de64-long.json).
 SHORT_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": False, "TMA_STORE": False, "HEADS_INNER": True}
-LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True, "HEADS_INNER": False}
+LONG_CHUNK_VARIANT = {"PREFIX": True, "STATIC_DIAG": True, "TMA_STORE": True, "HEADS_INNER": True}
 # The engine takes this path only for batches whose longest chunk exceeds SHORT_CHUNK_TOKENS. Below
 # that the kernel alone is faster too (0.82x SDPA against 0.62x at B=8 ctx 2k), but in the engine's
 # batches it is not: one program per query head (32) instead of per KV head (8), and each decode row
