@@ -133,7 +133,8 @@ class Router:
                 # A traced request keeps its Tokenize call (and the tokenizer's span of it) likewise.
                 if "tokenize_stream" in info.service.capabilities and not tracing_enabled():
                     self.tokenizer.use_tokenize_stream()
-                log.info("detokenization: %s", "one shared DetokenizeSessions stream" if self.tokenizer.sessions
+                log.info("tokenizer %s; detokenization: %s", self.config.tokenizer,
+                         "one shared DetokenizeSessions stream" if self.tokenizer.sessions
                          else "one DetokenizeStream per request")
                 return
             except grpc.aio.AioRpcError as exc:
