@@ -63,6 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.overhead_clients import PROMPT, ClientPool, open_paths, worker  # noqa: E402
 from bench.provenance import cpu_name, git_commit, write_report  # noqa: E402
+from kvmesh.launcher import tokenizer_socket  # noqa: E402
 from kvmesh.procs import ServiceProcess, stop_all  # noqa: E402
 from kvmesh.serving.channels import create_channel  # noqa: E402
 from kvmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
@@ -202,8 +203,11 @@ ROUTER_PATHS = ("router", "router_workers", "router_per_request", "router_engine
 
 
 def tokenizer_unix_socket(log_dir: pathlib.Path) -> pathlib.Path:
-    """Where start_mesh's tokenizer also listens with --compare-unix-tokenizer."""
-    return log_dir / "tokenizer.sock"
+    """Where start_mesh's tokenizer also listens with --compare-unix-tokenizer: where `kvmesh up` puts it."""
+    path = tokenizer_socket(str(log_dir))
+    if path is None:
+        raise SystemExit(f"--compare-unix-tokenizer: {log_dir} is too long a path for a unix socket (--log-dir)")
+    return pathlib.Path(path)
 
 
 def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
@@ -246,7 +250,7 @@ def start_mesh(args, log_dir: pathlib.Path, tree: pathlib.Path,
         if args.compare_engine_stream:  # the same router on one Generate call per request to the engine
             start("router", "router_engine_per_request", [*router_flags, "--engine-stream", "per-request"])
         if unix_socket is not None:  # the same router, its tokenizer hops on the unix socket
-            start("router", "router_unix", ["--tokenizer", f"unix:{unix_socket}", *router_flags[2:]])
+            start("router", "router_unix", [*router_flags, "--tokenizer", f"unix:{unix_socket}"])  # the later wins
         if base_tok is not None:
             start("router", "router_base", ["--tokenizer", base_tok.address, "--engines", engine.address,
                                             "--log-level", "WARNING"], base_tree)

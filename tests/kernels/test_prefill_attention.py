@@ -17,32 +17,29 @@ from kernels.prefill_attention import EAGER_MIN_TOKENS, gpu_takes
 BS = 16
 
 
-@pytest.fixture
-def prefill_calls(monkeypatch):
-    """How many launches went through prefill_attention (the path under test, not the fallback)."""
+def _spy_launches(monkeypatch, keyword: str, default) -> list:
+    """One entry per launch through prefill_attention: the value it got for `keyword`."""
     calls = []
     real = pa.prefill_attention
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("skip_single"))
+        calls.append(kwargs.get(keyword, default))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pa, "prefill_attention", spy)
     return calls
+
+
+@pytest.fixture
+def prefill_calls(monkeypatch):
+    """How many launches went through prefill_attention (the path under test, not the fallback)."""
+    return _spy_launches(monkeypatch, "skip_single", None)
 
 
 @pytest.fixture
 def prefix_loops(monkeypatch):
     """has_prefix of each prefill_attention launch."""
-    calls = []
-    real = pa.prefill_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("has_prefix", True))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pa, "prefill_attention", spy)
-    return calls
+    return _spy_launches(monkeypatch, "has_prefix", True)
 
 
 def run(seqs, *, num_kv_heads=2, qpk=2, head_dim=64, block_size=BS, dtype=torch.float32, window=None,
