@@ -24,12 +24,28 @@ from tests.router.client import Result, engine_load, engines_idle, generate, gre
 NAMES = ["b", "c"]  # 48 blocks each
 N = 10
 PROMPT = [1] + [300 + i % 100 for i in range(399)]  # 400 tokens = 25 blocks: one running at a time
+
+
+def burst_prompt(i: int) -> list[int]:
+    """PROMPT with a second token of its own: no two requests of the burst share a cached block, so the
+    prefix cache cannot let several run at once on one engine (the same prompt did, once the first's
+    blocks were cached: all of the victim's requests then had a token at the kill and none moved)."""
+    return [PROMPT[0], 200 + i, *PROMPT[2:]]
 MAX_TOKENS = 100
 
 
 @pytest.fixture(scope="module")
 def metrics_port():
     return free_port()
+
+
+@pytest.fixture(autouse=True)
+def victim_revived(mesh):
+    """Engine b runs again after the test whatever its outcome: later modules share the mesh (a failure
+    before the test's own restart left them a dead engine and failed them too)."""
+    yield
+    if mesh.engines["b"].proc.poll() is not None:
+        mesh.restart_engine("b")
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +80,14 @@ async def test_kill_mid_burst_failover_stream_error_and_readmission(mesh, router
     survivor_id = (await engine_load(survivor.address)).engine_id
     await engines_idle([victim.address, survivor.address])
     picks_before = _picks(metrics_port)
-    req = router_pb2.RouterGenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT),
-                                           sampling=greedy(MAX_TOKENS, ignore_eos=True), return_tokens=True)
+    reqs = [router_pb2.RouterGenerateRequest(token_ids=common_pb2.TokenIds(ids=burst_prompt(i)),
+                                             sampling=greedy(MAX_TOKENS, ignore_eos=True), return_tokens=True)
+            for i in range(N)]
     async with create_channel(router.address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         await wait_replicas(stub, 2)
         seen = [""] * N
-        tasks = [asyncio.create_task(_stream(stub, req, seen, i)) for i in range(N)]
+        tasks = [asyncio.create_task(_stream(stub, reqs[i], seen, i)) for i in range(N)]
         for _ in range(1200):  # kill as soon as a stream from the victim has begun
             if victim_id in seen:
                 break
